@@ -1,0 +1,90 @@
+"""Checking who calls the webhook: pure functions, no IO."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import ipaddress
+from collections.abc import Sequence
+
+from tcbridge.config import WebhookSettings
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def check_credentials(settings: WebhookSettings, authorization: str | None) -> bool:
+    """True when the ``Authorization`` header matches the configured scheme (constant time)."""
+    if settings.auth == "none":
+        return True
+    if not authorization:
+        return False
+    scheme, _, value = authorization.strip().partition(" ")
+    value = value.strip()
+    if settings.auth == "bearer":
+        token = settings.bearer_token
+        return (
+            scheme.lower() == "bearer"
+            and token is not None
+            and _same(value, token.get_secret_value())
+        )
+    return scheme.lower() == "basic" and _check_basic(settings, value)
+
+
+def _check_basic(settings: WebhookSettings, value: str) -> bool:
+    try:
+        decoded = base64.b64decode(value, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    user, sep, password = decoded.partition(":")
+    if not sep or settings.basic_username is None or settings.basic_password is None:
+        return False
+    # Evaluate both comparisons, so timing does not tell which one failed.
+    user_ok = _same(user, settings.basic_username.get_secret_value())
+    password_ok = _same(password, settings.basic_password.get_secret_value())
+    return user_ok and password_ok
+
+
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+def challenge(settings: WebhookSettings) -> str:
+    """The ``WWW-Authenticate`` header value for a 401."""
+    if settings.auth == "basic":
+        return 'Basic realm="tcbridge", charset="UTF-8"'
+    return 'Bearer realm="tcbridge"'
+
+
+def parse_networks(values: Sequence[str]) -> tuple[Network, ...]:
+    """Parse an allow-list of addresses and CIDR networks (validated in config)."""
+    return tuple(ipaddress.ip_network(value, strict=False) for value in values)
+
+
+def client_ip(
+    peer: str | None, forwarded_for: str | None, trusted_proxies: Sequence[Network]
+) -> str | None:
+    """The caller's address: the peer, or the last untrusted hop of X-Forwarded-For
+    when the peer is a trusted proxy."""
+    if peer is None or not trusted_proxies or not _in(peer, trusted_proxies):
+        return peer
+    hops = [hop.strip() for hop in (forwarded_for or "").split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _in(hop, trusted_proxies):
+            return hop
+    return hops[0] if hops else peer
+
+
+def ip_allowed(ip: str | None, allowed: Sequence[Network]) -> bool:
+    """True when no allow-list is set or the address is on it."""
+    if not allowed:
+        return True
+    return ip is not None and _in(ip, allowed)
+
+
+def _in(ip: str, networks: Sequence[Network]) -> bool:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)

@@ -1,0 +1,213 @@
+"""The command line: parse, set up logging, call into the app, return an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tcbridge import __version__, app, logs
+from tcbridge.config import Settings, load_settings
+from tcbridge.errors import ConfigError, InvalidEvent, StoreError
+from tcbridge.store import Store
+
+EXIT_USAGE = 2
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tcbridge`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command: Command = args.func
+    try:
+        return command(args)
+    except ConfigError as e:
+        print(f"tcbridge: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except StoreError as e:
+        print(f"tcbridge: store: {e}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All subcommands and their options."""
+    parser = argparse.ArgumentParser(prog="tcbridge", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"tcbridge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = _command(sub, "run", "run the daemon in the foreground", cmd_run)
+    run.add_argument("--log-format", choices=["auto", "json", "console"], default=None)
+    _command(sub, "check-config", "validate the configuration and exit", cmd_check_config)
+    events = _command(sub, "events", "list stored events, newest first", cmd_events)
+    events.add_argument("--entity", help="only this order or shipment id")
+    events.add_argument("--limit", type=int, default=50)
+    events.add_argument("--json", action="store_true", help="one JSON object per line")
+    cursor = _command(sub, "cursor", "show or set the poll cursors", cmd_cursor)
+    cursor.add_argument("--set", metavar="KIND=TIMESTAMP", action="append", default=[],
+                        help="set a cursor, e.g. order=2024-01-01T00:00:00.000Z")
+    deliveries = _command(sub, "deliveries", "list deliveries to handlers, newest first",
+                          cmd_deliveries)
+    deliveries.add_argument("--status", choices=["pending", "running", "done", "dead"])
+    deliveries.add_argument("--handler", help="only this handler")
+    deliveries.add_argument("--limit", type=int, default=50)
+    deliveries.add_argument("--json", action="store_true", help="one JSON object per line")
+    replay = _command(sub, "replay", "deliver events again", cmd_replay)
+    what = replay.add_mutually_exclusive_group(required=True)
+    what.add_argument("--event", metavar="ID", help="deliver this event again, even if done")
+    what.add_argument("--dead", action="store_true", help="re-queue dead deliveries")
+    replay.add_argument("--handler", help="only this handler")
+    _add_simulate(sub)
+    return parser
+
+
+def _command(
+    sub: Any, name: str, help_text: str, func: Command, *, config: bool = True
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text,
+                                                     description=help_text)
+    if config:
+        parser.add_argument("--config", "-c", type=Path, required=True,
+                            help="the TOML configuration file")
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _add_simulate(sub: Any) -> None:
+    from tcbridge import simulator
+
+    parser = _command(sub, "simulate", "run the Tradecloud simulator (a local stand-in)",
+                      cmd_simulate, config=False)
+    simulator.add_arguments(parser)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``tcbridge run``."""
+    settings = load_settings(args.config)
+    logs.configure(settings.log.level, args.log_format or settings.log.format)
+    return app.run(settings)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """``tcbridge check-config``."""
+    settings = load_settings(args.config)
+    print(f"{args.config}: ok (mode {settings.mode}, {len(settings.handlers)} handler(s))")
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """``tcbridge events``."""
+    settings = _quiet_settings(args)
+    rows = asyncio.run(_with_store(settings, lambda s: s.events(
+        entity_id=args.entity, limit=args.limit)))
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    _table(rows, ["seq", "id", "kind", "entityId", "lastUpdatedAt", "eventName", "source",
+                  "late", "duplicates"])
+    return 0
+
+
+def cmd_cursor(args: argparse.Namespace) -> int:
+    """``tcbridge cursor``."""
+    settings = _quiet_settings(args)
+    updates = [_parse_assignment(text) for text in args.set]
+    cursors = asyncio.run(_with_store(settings, lambda s: _cursor_op(s, updates)))
+    for kind in sorted(set(cursors) | set(settings.poll.kinds)):
+        value, updated = cursors.get(kind, (None, None))
+        shown = value or f"(none; starts at {settings.poll.start_from})"
+        print(f"{kind:<10} {shown}" + (f"  (set {updated})" if updated else ""))
+    return 0
+
+
+def cmd_deliveries(args: argparse.Namespace) -> int:
+    """``tcbridge deliveries``."""
+    settings = _quiet_settings(args)
+    rows = asyncio.run(_with_store(settings, lambda s: s.deliveries(
+        status=args.status, handler=args.handler, limit=args.limit)))
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    _table(rows, ["id", "eventId", "handler", "kind", "entityId", "eventName", "status",
+                  "attempts", "lastError"])
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """``tcbridge replay``: new attempts of the same event ids, picked up by the daemon."""
+    settings = _quiet_settings(args)
+    names = {h.name for h in settings.handlers}
+    if args.handler is not None and args.handler not in names:
+        raise ConfigError(f"{args.config}: no handler named {args.handler!r}")
+    handlers = None if args.handler is None else [args.handler]
+    if args.dead:
+        count = asyncio.run(_with_store(settings, lambda s: s.requeue_dead(args.handler)))
+        print(f"re-queued {count} dead deliveries")
+    else:
+        count = asyncio.run(_with_store(settings, lambda s: s.replay(args.event, handlers)))
+        print(f"queued {count} deliveries of event {args.event}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """``tcbridge simulate``."""
+    from tcbridge import simulator
+
+    logs.configure("info", "auto")
+    return asyncio.run(_simulate(args, simulator.run_from_args))
+
+
+async def _simulate(args: argparse.Namespace, run: Any) -> int:
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    result: int = await run(args, stop)
+    return result
+
+
+async def _cursor_op(store: Store, updates: list[tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    for kind, value in updates:
+        await store.set_cursor(kind, value)
+    return await store.cursors()
+
+
+def _parse_assignment(text: str) -> tuple[str, str]:
+    kind, sep, value = text.partition("=")
+    if not sep or kind not in ("order", "shipment"):
+        raise ConfigError(f"--set {text!r}: expected order=TIMESTAMP or shipment=TIMESTAMP")
+    try:
+        from tcbridge.timefmt import parse_instant
+
+        parse_instant(value)
+    except InvalidEvent as e:
+        raise ConfigError(f"--set {text!r}: {e}") from e
+    return kind, value
+
+
+def _quiet_settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config)
+    logs.configure("warning", "console", stream=sys.stderr)
+    return settings
+
+
+async def _with_store(settings: Settings, op: Callable[[Store], Any]) -> Any:
+    async with Store(settings.store.path, settings.store) as store:
+        return await op(store)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    cells = [[("" if row[c] is None else str(row[c])) for c in columns] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())

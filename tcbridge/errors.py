@@ -1,0 +1,67 @@
+"""The one exception tree of tcbridge, rooted at :class:`TcbridgeError`."""
+
+from __future__ import annotations
+
+
+class TcbridgeError(Exception):
+    """Base of every error tcbridge raises on purpose."""
+
+
+class ConfigError(TcbridgeError):
+    """The configuration is invalid; the message names the key and the file."""
+
+
+class InvalidEvent(TcbridgeError):
+    """A payload is not a Tradecloud event or object we can store (a 400 for a webhook)."""
+
+
+class AuthError(TcbridgeError):
+    """A webhook request failed authentication."""
+
+
+class StoreError(TcbridgeError):
+    """The store failed."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot commit right now; the caller should answer 503 and be retried."""
+
+
+class ApiError(TcbridgeError):
+    """A call to the Tradecloud API failed.
+
+    Messages never contain credentials or tokens.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ApiTransientError(ApiError):
+    """A failure worth retrying later: 5xx, 429, timeout, connection error."""
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message, status=status)
+        self.retry_after_s = retry_after_s
+
+
+class ApiAuthError(ApiError):
+    """Tradecloud refused our credentials (401/403 even after a fresh login)."""
+
+
+class ApiPermanentError(ApiError):
+    """A failure that retrying will not fix: another 4xx, or a response we cannot read."""
+
+
+class HandlerError(TcbridgeError):
+    """A handler failed to deliver; the delivery is retried."""
+
+
+class PermanentError(HandlerError):
+    """A handler failure that retrying cannot fix; the delivery goes dead at once.
+
+    Python handlers raise this to say so.
+    """

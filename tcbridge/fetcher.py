@@ -1,0 +1,124 @@
+"""The fetch worker: answers legacy GET webhooks by fetching the whole object.
+
+A GET webhook carries only an id. The webhook stores a durable fetch request and answers
+202; this worker fetches the object (``GET /v2/order/{id}``, ``GET /v2/shipment/{id}``),
+ingests it as a snapshot and closes the request in the same transaction. Failed attempts
+are rescheduled in the store, so a restart resumes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any, Literal, Protocol
+
+import structlog
+
+from tcbridge.aio import wait_any
+from tcbridge.config import FetchSettings
+from tcbridge.envelope import parse_snapshot
+from tcbridge.errors import (
+    ApiError,
+    ApiPermanentError,
+    InvalidEvent,
+    StoreError,
+)
+from tcbridge.store import FetchRequest, Rejected, Store
+
+log = structlog.get_logger(__name__)
+
+
+class FetchClient(Protocol):
+    """The part of the Tradecloud client the fetch worker needs."""
+
+    async def get_object(
+        self, kind: Literal["order", "shipment"], entity_id: str
+    ) -> dict[str, Any]: ...
+
+
+def retry_delay_s(settings: FetchSettings, attempts: int, retry_after_s: float | None) -> float:
+    """Exponential backoff with jitter; a server's Retry-After is a floor."""
+    ceiling = min(settings.retry_max_s, settings.retry_initial_s * 2.0 ** min(attempts, 30))
+    delay = random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not crypto
+    return max(delay, retry_after_s or 0.0)
+
+
+class Fetcher:
+    """Works through due fetch requests; woken by new GET webhooks."""
+
+    def __init__(
+        self,
+        settings: FetchSettings,
+        client: FetchClient,
+        store: Store,
+        wake: asyncio.Event,
+        dispatch_wake: asyncio.Event,
+    ) -> None:
+        self._settings = settings
+        self._client = client
+        self._store = store
+        self._wake = wake
+        self._dispatch_wake = dispatch_wake
+
+    async def run_once(self) -> int:
+        """Attempt every due request once; returns how many were attempted."""
+        attempted = 0
+        while batch := await self._store.due_fetches():
+            for request in batch:
+                await self._attempt(request)
+            attempted += len(batch)
+        return attempted
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Fetch until ``stop`` is set, sleeping until the next due request or a wake-up."""
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                await self.run_once()
+                due = await self._store.next_fetch_due_at()
+            except StoreError as e:
+                log.warning("fetch.store_failed", error=str(e))
+                due = time.time() + 5
+            timeout = None if due is None else max(0.0, due - time.time())
+            await wait_any(stop, self._wake, timeout)
+
+    async def _attempt(self, request: FetchRequest) -> None:
+        with structlog.contextvars.bound_contextvars(
+            kind=request.kind, entity_id=request.entity_id, fetch_id=request.id
+        ):
+            try:
+                obj = await self._client.get_object(request.kind, request.entity_id)
+                candidate = parse_snapshot(request.kind, obj, "webhook_get")
+            except InvalidEvent as e:
+                await self._give_up(request, f"fetched object is not usable: {e}", obj)
+                return
+            except ApiError as e:
+                await self._failed(request, e)
+                return
+            result = await self._store.complete_fetch(request, candidate)
+            log.info(f"fetch.{result.status}", event_id=result.event_id)
+            if result.status == "stored":
+                self._dispatch_wake.set()
+
+    async def _failed(self, request: FetchRequest, error: ApiError) -> None:
+        attempts = request.attempts + 1
+        limit = self._settings.max_attempts
+        permanent = isinstance(error, ApiPermanentError) and error.status != 404
+        if permanent or (limit and attempts >= limit):
+            await self._give_up(request, str(error), None)
+            return
+        retry_after = getattr(error, "retry_after_s", None)
+        delay = retry_delay_s(self._settings, attempts, retry_after)
+        log.warning("fetch.retry", error=str(error), attempts=attempts, delay_s=round(delay, 2))
+        await self._store.fail_fetch(request, str(error), retry_at=time.time() + delay)
+
+    async def _give_up(self, request: FetchRequest, reason: str, obj: object) -> None:
+        log.error("fetch.failed", reason=reason)
+        if obj is not None:
+            await self._store.reject(Rejected(
+                source="webhook_get", reason=reason, path=f"{request.kind}/{request.entity_id}",
+                body=repr(obj).encode()[:1_000_000],
+            ))
+        await self._store.fail_fetch(request, reason, retry_at=None)
+

@@ -1,0 +1,888 @@
+"""The durable store: one SQLite file, one writer thread, group commit.
+
+Every write goes through one dedicated thread that owns the connection. Operations
+queued while a commit is in progress are run together in the next transaction, each
+inside its own savepoint, and each caller is answered only after that transaction
+has committed (``synchronous=FULL``). So a webhook's 200 always means "on disk",
+while many concurrent requests share one fsync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import structlog
+
+from tcbridge.config import StoreSettings
+from tcbridge.envelope import Candidate, changed_lines, envelope_dict
+from tcbridge.errors import StoreError, StoreUnavailable
+from tcbridge.timefmt import instant_us, utc_now_iso
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], Any]
+Route = Callable[[Mapping[str, Any]], Sequence[str]]
+IngestStatus = Literal["stored", "duplicate", "stale"]
+Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]
+
+
+def _no_routes(envelope: Mapping[str, Any]) -> Sequence[str]:
+    return ()
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What became of one candidate."""
+
+    status: IngestStatus
+    event_id: str
+    late: bool = False
+    deliveries: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A request or item we could not accept, kept for inspection."""
+
+    source: str
+    reason: str
+    method: str = ""
+    path: str = ""
+    query: str = ""
+    remote: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class FetchRequest:
+    """A durable request to fetch a whole object (from a legacy GET webhook)."""
+
+    id: int
+    kind: Literal["order", "shipment"]
+    entity_id: str
+    attempts: int
+    requested_at: str
+
+
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE events (
+            seq INTEGER PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            kind TEXT NOT NULL,
+            entity_id TEXT NOT NULL,
+            version_key TEXT NOT NULL,
+            last_updated_at TEXT,
+            instant_us INTEGER,
+            event_name TEXT,
+            source TEXT NOT NULL,
+            received_at TEXT NOT NULL,
+            late INTEGER NOT NULL DEFAULT 0,
+            envelope TEXT
+        )""",
+        "CREATE INDEX events_entity ON events (entity_id, seq)",
+        """CREATE TABLE entities (
+            kind TEXT NOT NULL,
+            entity_id TEXT NOT NULL,
+            newest_us INTEGER NOT NULL,
+            newest_last_updated_at TEXT NOT NULL,
+            PRIMARY KEY (kind, entity_id)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE sightings (
+            id INTEGER PRIMARY KEY,
+            event_id TEXT,
+            kind TEXT NOT NULL,
+            entity_id TEXT NOT NULL,
+            last_updated_at TEXT,
+            source TEXT NOT NULL,
+            reason TEXT NOT NULL CHECK (reason IN ('duplicate', 'stale')),
+            received_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX sightings_event ON sightings (event_id)",
+        """CREATE TABLE cursors (
+            kind TEXT PRIMARY KEY,
+            value TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE rejected (
+            id INTEGER PRIMARY KEY,
+            received_at TEXT NOT NULL,
+            source TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            method TEXT NOT NULL,
+            path TEXT NOT NULL,
+            query TEXT NOT NULL,
+            remote TEXT,
+            headers TEXT NOT NULL,
+            body BLOB NOT NULL
+        )""",
+        """CREATE TABLE fetch_requests (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL,
+            entity_id TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'pending'
+                CHECK (status IN ('pending', 'done', 'failed')),
+            requested_at TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL NOT NULL,
+            last_error TEXT,
+            finished_at TEXT
+        )""",
+        """CREATE UNIQUE INDEX fetch_pending ON fetch_requests (kind, entity_id)
+            WHERE status = 'pending'""",
+        "CREATE INDEX fetch_due ON fetch_requests (status, next_attempt_at)",
+    ],
+    [
+        # The outbox: one row per (event, handler), written in the event's transaction.
+        """CREATE TABLE deliveries (
+            id INTEGER PRIMARY KEY,
+            event_seq INTEGER NOT NULL REFERENCES events (seq),
+            event_id TEXT NOT NULL,
+            handler TEXT NOT NULL,
+            entity_id TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'pending'
+                CHECK (status IN ('pending', 'running', 'done', 'dead')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL NOT NULL,
+            last_error TEXT,
+            created_at TEXT NOT NULL,
+            finished_at TEXT,
+            replay INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX deliveries_queue ON deliveries (handler, status, id)",
+        """CREATE INDEX deliveries_open ON deliveries (handler, entity_id, id)
+            WHERE status IN ('pending', 'running')""",
+        "CREATE INDEX deliveries_event ON deliveries (event_id)",
+        """CREATE TABLE delivery_attempts (
+            id INTEGER PRIMARY KEY,
+            delivery_id INTEGER NOT NULL REFERENCES deliveries (id),
+            attempt INTEGER NOT NULL,
+            started_at TEXT NOT NULL,
+            finished_at TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            error TEXT,
+            output TEXT
+        )""",
+        "CREATE INDEX delivery_attempts_delivery ON delivery_attempts (delivery_id)",
+    ],
+]
+
+
+class Store:
+    """The async face of the SQLite store; all SQL runs on the writer thread."""
+
+    def __init__(self, path: Path, settings: StoreSettings, *, route: Route = _no_routes) -> None:
+        self.path = path
+        self._settings = settings
+        self._route = route
+        self._queue: queue.SimpleQueue[tuple[Op, asyncio.Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = True
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the file, apply migrations and start the writer thread."""
+        self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._thread_main, args=(ready,), name="tcbridge-store", daemon=True
+        )
+        self._closed = False
+        self._thread.start()
+        try:
+            await ready
+        except BaseException:
+            self._closed = True
+            raise
+
+    async def close(self) -> None:
+        """Finish queued work, then stop the thread and close the file."""
+        if self._closed or self._thread is None:
+            return
+        self._closed = True
+        self._queue.put(None)
+        await asyncio.to_thread(self._thread.join)
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- the writer thread ---------------------------------------------------------
+
+    def _thread_main(self, ready: asyncio.Future[None]) -> None:
+        try:
+            conn = self._connect()
+            migrate(conn)
+        except (sqlite3.Error, OSError) as e:
+            self._resolve([(ready, None, StoreUnavailable(f"cannot open store {self.path}: {e}"))])
+            return
+        except StoreError as e:
+            self._resolve([(ready, None, e)])
+            return
+        self._resolve([(ready, None, None)])
+        try:
+            self._serve(conn)
+        finally:
+            conn.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False,
+            timeout=self._settings.busy_timeout_s,
+        )
+        conn.execute(f"PRAGMA busy_timeout = {int(self._settings.busy_timeout_s * 1000)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise StoreError(f"cannot switch {self.path} to WAL mode (got {mode})")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    def _serve(self, conn: sqlite3.Connection) -> None:
+        limit = self._settings.commit_batch_max
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            stop = False
+            while len(batch) < limit:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._resolve(run_batch(conn, batch))
+            if stop:
+                return
+
+    def _resolve(self, results: list[Outcome]) -> None:
+        assert self._loop is not None
+        # RuntimeError: the loop is gone, so nobody waits for these answers any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(_set_results, results)
+
+    async def run(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``op`` on the writer thread inside the next group transaction."""
+        if self._closed or self._loop is None:
+            raise StoreUnavailable("store is closed")
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put((op, future))
+        return await future
+
+    # -- ingest --------------------------------------------------------------------
+
+    async def ingest(self, candidate: Candidate) -> IngestResult:
+        """Store one candidate as an event, a duplicate or a stale sighting, durably."""
+        received_at = utc_now_iso()
+        return await self.run(lambda conn: ingest_one(conn, candidate, received_at, self._route))
+
+    async def ingest_page(
+        self,
+        kind: str,
+        candidates: Sequence[Candidate],
+        rejects: Sequence[Rejected],
+        cursor: str | None,
+    ) -> list[IngestResult]:
+        """Store a poll page and move the cursor in one transaction: all of it or none."""
+        received_at = utc_now_iso()
+
+        def op(conn: sqlite3.Connection) -> list[IngestResult]:
+            results = [ingest_one(conn, c, received_at, self._route) for c in candidates]
+            for rejected in rejects:
+                insert_rejected(conn, rejected, received_at)
+            if cursor is not None:
+                advance_cursor(conn, kind, cursor)
+            return results
+
+        return await self.run(op)
+
+    async def reject(self, rejected: Rejected) -> int:
+        """Keep a rejected request for inspection; returns its row id."""
+        received_at = utc_now_iso()
+        return await self.run(lambda conn: insert_rejected(conn, rejected, received_at))
+
+    # -- cursors -------------------------------------------------------------------
+
+    async def get_cursor(self, kind: str) -> str | None:
+        """The committed cursor of a kind, exactly as received."""
+        return await self.run(lambda conn: read_cursor(conn, kind))
+
+    async def set_cursor(self, kind: str, value: str) -> None:
+        """Set a cursor by hand (operator's choice: it may move backwards)."""
+        instant_us(value)  # refuse anything that is not a timestamp
+        await self.run(lambda conn: write_cursor(conn, kind, value))
+
+    async def cursors(self) -> dict[str, tuple[str, str]]:
+        """All cursors: kind -> (value, updated_at)."""
+        rows = await self.run(
+            lambda conn: conn.execute("SELECT kind, value, updated_at FROM cursors").fetchall()
+        )
+        return {kind: (value, updated) for kind, value, updated in rows}
+
+    # -- legacy GET fetches ----------------------------------------------------------
+
+    async def request_fetch(self, kind: str, entity_id: str) -> int:
+        """Record (or refresh) a durable request to fetch a whole object."""
+        now = utc_now_iso()
+        return await self.run(lambda conn: upsert_fetch(conn, kind, entity_id, now))
+
+    async def due_fetches(self, limit: int = 10) -> list[FetchRequest]:
+        """Pending fetch requests whose next attempt is due."""
+        return await self.run(lambda conn: select_due_fetches(conn, time.time(), limit))
+
+    async def next_fetch_due_at(self) -> float | None:
+        """Epoch seconds of the earliest pending fetch, or None."""
+        return await self.run(
+            lambda conn: conn.execute(
+                "SELECT min(next_attempt_at) FROM fetch_requests WHERE status = 'pending'"
+            ).fetchone()[0]
+        )
+
+    async def complete_fetch(self, request: FetchRequest, candidate: Candidate) -> IngestResult:
+        """Ingest a fetched object and close its request in one transaction."""
+        received_at = utc_now_iso()
+
+        def op(conn: sqlite3.Connection) -> IngestResult:
+            result = ingest_one(conn, candidate, received_at, self._route)
+            finish_fetch(conn, request, "done", None, received_at)
+            return result
+
+        return await self.run(op)
+
+    async def fail_fetch(
+        self, request: FetchRequest, error: str, *, retry_at: float | None
+    ) -> None:
+        """Record a failed fetch attempt: retry at ``retry_at``, or give up when None."""
+        now = utc_now_iso()
+
+        def op(conn: sqlite3.Connection) -> None:
+            if retry_at is None:
+                finish_fetch(conn, request, "failed", error, now)
+            else:
+                conn.execute(
+                    "UPDATE fetch_requests SET attempts = attempts + 1, next_attempt_at = ?,"
+                    " last_error = ? WHERE id = ?",
+                    (retry_at, error[:2000], request.id),
+                )
+
+        await self.run(op)
+
+    # -- deliveries --------------------------------------------------------------------
+
+    async def claim(self, handler: str, limit: int) -> list[Claim]:
+        """Claim due deliveries of one handler, in order per entity."""
+        return await self.run(lambda conn: claim_deliveries(conn, handler, limit, time.time()))
+
+    async def finish(
+        self,
+        claim: Claim,
+        status: DeliveryStatus,
+        *,
+        error: str | None = None,
+        output: str | None = None,
+        next_attempt_at: float | None = None,
+    ) -> None:
+        """Record the outcome of one attempt."""
+        await self.run(lambda conn: finish_delivery(
+            conn, claim, status, error=error, output=output, next_attempt_at=next_attempt_at))
+
+    async def release(self, ids: Sequence[int] | None = None) -> int:
+        """Interrupted deliveries back to pending; all running ones when ``ids`` is None."""
+        return await self.run(lambda conn: release_running(conn, ids))
+
+    async def next_due(self, handler: str) -> float | None:
+        """When the handler's next pending delivery is due (epoch seconds)."""
+        return await self.run(lambda conn: next_delivery_due(conn, handler))
+
+    async def replay(self, event_id: str, handlers: Sequence[str] | None) -> int:
+        """Deliver a stored event again (to ``handlers``, or to those it went to before)."""
+        return await self.run(lambda conn: replay_event(conn, event_id, handlers))
+
+    async def requeue_dead(self, handler: str | None = None) -> int:
+        """Give dead deliveries another full round of attempts."""
+        return await self.run(lambda conn: requeue_dead(conn, handler))
+
+    async def deliveries(
+        self, *, status: str | None = None, handler: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """Deliveries, newest first."""
+        return await self.run(lambda conn: select_deliveries(conn, status, handler, limit))
+
+    async def delivery_counts(self) -> dict[str, dict[str, int]]:
+        """handler -> status -> count."""
+        return await self.run(delivery_counts)
+
+    # -- reading -------------------------------------------------------------------
+
+    async def events(
+        self, *, entity_id: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """The newest events (optionally of one entity), newest first."""
+        return await self.run(lambda conn: select_events(conn, entity_id, limit))
+
+    async def counts(self) -> dict[str, int]:
+        """Row counts for status output and tests."""
+        return await self.run(count_rows)
+
+
+def _set_results(results: Iterable[Outcome]) -> None:
+    for future, value, error in results:
+        if future.done():  # the caller went away (a client disconnect); the work is done anyway
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+
+def run_batch(
+    conn: sqlite3.Connection, batch: Sequence[tuple[Op, asyncio.Future[Any]]]
+) -> list[Outcome]:
+    """Run queued operations in one transaction, each in a savepoint; commit once."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as e:
+        error = StoreUnavailable(f"cannot begin a transaction: {e}")
+        return [(future, None, error) for _, future in batch]
+    outcomes: list[Outcome] = []
+    for op, future in batch:
+        outcomes.append((future, *_run_in_savepoint(conn, op)))
+    try:
+        conn.execute("COMMIT")
+    except sqlite3.Error as e:
+        _rollback(conn)
+        error = StoreUnavailable(f"commit failed: {e}")
+        return [(future, None, error) for _, future in batch]
+    return outcomes
+
+
+def _run_in_savepoint(conn: sqlite3.Connection, op: Op) -> tuple[Any, BaseException | None]:
+    conn.execute("SAVEPOINT op")
+    try:
+        value = op(conn)
+    except Exception as e:  # one failing operation must not spoil its neighbours
+        conn.execute("ROLLBACK TO op")
+        conn.execute("RELEASE op")
+        if isinstance(e, sqlite3.OperationalError):
+            return None, StoreUnavailable(f"store operation failed: {e}")
+        return None, e
+    conn.execute("RELEASE op")
+    return value, None
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        log.warning("store.rollback_failed")
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to the newest version; each step is one transaction."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version > len(MIGRATIONS):
+        raise StoreError(
+            f"store schema version {version} is newer than this tcbridge ({len(MIGRATIONS)})"
+        )
+    for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            _rollback(conn)
+            raise
+        log.info("store.migrated", version=number)
+    return len(MIGRATIONS)
+
+
+def ingest_one(
+    conn: sqlite3.Connection, candidate: Candidate, received_at: str, route: Route
+) -> IngestResult:
+    """The dedup rules, inside the caller's transaction."""
+    event_id = candidate.event_id
+    if conn.execute("SELECT 1 FROM events WHERE id = ?", (event_id,)).fetchone():
+        _sighting(conn, candidate, event_id, "duplicate", received_at)
+        return IngestResult("duplicate", event_id)
+    newest = _newest(conn, candidate)
+    late = (
+        candidate.instant_us is not None and newest is not None and candidate.instant_us < newest
+    )
+    if late and candidate.is_snapshot:
+        _sighting(conn, candidate, None, "stale", received_at)
+        return IngestResult("stale", event_id)
+    envelope = envelope_dict(
+        event_id=event_id, candidate=candidate, received_at=received_at,
+        changed_line_ids=changed_lines(candidate, newest), late=late,
+    )
+    seq = _insert_event(conn, candidate, envelope, received_at, late)
+    routes = route(envelope)
+    if routes:
+        insert_deliveries(conn, seq, event_id, candidate.entity_id, routes, received_at)
+    return IngestResult("stored", event_id, late=late, deliveries=len(routes))
+
+
+def _newest(conn: sqlite3.Connection, candidate: Candidate) -> int | None:
+    row = conn.execute(
+        "SELECT newest_us FROM entities WHERE kind = ? AND entity_id = ?",
+        (candidate.kind, candidate.entity_id),
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _insert_event(
+    conn: sqlite3.Connection,
+    candidate: Candidate,
+    envelope: Mapping[str, Any],
+    received_at: str,
+    late: bool,
+) -> int:
+    cursor = conn.execute(
+        "INSERT INTO events (id, kind, entity_id, version_key, last_updated_at, instant_us,"
+        " event_name, source, received_at, late, envelope) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            envelope["id"], candidate.kind, candidate.entity_id, candidate.version_key,
+            candidate.last_updated_at, candidate.instant_us, candidate.event_name,
+            candidate.source, received_at, int(late),
+            json.dumps(envelope, separators=(",", ":"), ensure_ascii=False),
+        ),
+    )
+    seq = int(cursor.lastrowid or 0)
+    if candidate.instant_us is not None and not late:
+        conn.execute(
+            "INSERT INTO entities (kind, entity_id, newest_us, newest_last_updated_at)"
+            " VALUES (?,?,?,?) ON CONFLICT (kind, entity_id) DO UPDATE SET"
+            " newest_us = excluded.newest_us,"
+            " newest_last_updated_at = excluded.newest_last_updated_at",
+            (candidate.kind, candidate.entity_id, candidate.instant_us,
+             candidate.last_updated_at),
+        )
+    return seq
+
+
+def _sighting(
+    conn: sqlite3.Connection,
+    candidate: Candidate,
+    event_id: str | None,
+    reason: str,
+    received_at: str,
+) -> None:
+    conn.execute(
+        "INSERT INTO sightings (event_id, kind, entity_id, last_updated_at, source, reason,"
+        " received_at) VALUES (?,?,?,?,?,?,?)",
+        (event_id, candidate.kind, candidate.entity_id, candidate.last_updated_at,
+         candidate.source, reason, received_at),
+    )
+
+
+REDACTED_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+def insert_rejected(conn: sqlite3.Connection, rejected: Rejected, received_at: str) -> int:
+    """Keep a rejected request; credentials in headers are redacted."""
+    headers = {
+        name: ("<redacted>" if name.lower() in REDACTED_HEADERS else value)
+        for name, value in rejected.headers.items()
+    }
+    cursor = conn.execute(
+        "INSERT INTO rejected (received_at, source, reason, method, path, query, remote,"
+        " headers, body) VALUES (?,?,?,?,?,?,?,?,?)",
+        (received_at, rejected.source, rejected.reason[:2000], rejected.method, rejected.path,
+         rejected.query, rejected.remote, json.dumps(headers), rejected.body),
+    )
+    return int(cursor.lastrowid or 0)
+
+
+def read_cursor(conn: sqlite3.Connection, kind: str) -> str | None:
+    """The stored cursor string of a kind."""
+    row = conn.execute("SELECT value FROM cursors WHERE kind = ?", (kind,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def write_cursor(conn: sqlite3.Connection, kind: str, value: str) -> None:
+    """Store a cursor exactly as given."""
+    conn.execute(
+        "INSERT INTO cursors (kind, value, updated_at) VALUES (?,?,?) ON CONFLICT (kind)"
+        " DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+        (kind, value, utc_now_iso()),
+    )
+
+
+def advance_cursor(conn: sqlite3.Connection, kind: str, value: str) -> None:
+    """Move a cursor forward; a value behind the stored one is ignored (never backwards)."""
+    offered = instant_us(value)  # never store something that is not a timestamp
+    current = read_cursor(conn, kind)
+    if current is not None and offered < instant_us(current):
+        log.warning("poll.cursor_not_moved_back", kind=kind, stored=current, offered=value)
+        return
+    write_cursor(conn, kind, value)
+
+
+def upsert_fetch(conn: sqlite3.Connection, kind: str, entity_id: str, now: str) -> int:
+    """One pending request per object; a new GET refreshes ``requested_at`` so an in-flight
+    fetch that started before it is not taken as its answer."""
+    conn.execute(
+        "INSERT INTO fetch_requests (kind, entity_id, requested_at, next_attempt_at)"
+        " VALUES (?,?,?,?) ON CONFLICT (kind, entity_id) WHERE status = 'pending'"
+        " DO UPDATE SET requested_at = excluded.requested_at,"
+        " next_attempt_at = min(next_attempt_at, excluded.next_attempt_at)",
+        (kind, entity_id, now, time.time()),
+    )
+    row = conn.execute(
+        "SELECT id FROM fetch_requests WHERE kind = ? AND entity_id = ? AND status = 'pending'",
+        (kind, entity_id),
+    ).fetchone()
+    return int(row[0])
+
+
+def select_due_fetches(conn: sqlite3.Connection, now: float, limit: int) -> list[FetchRequest]:
+    """Pending fetches due at ``now``, oldest first."""
+    rows = conn.execute(
+        "SELECT id, kind, entity_id, attempts, requested_at FROM fetch_requests"
+        " WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
+        (now, limit),
+    ).fetchall()
+    return [FetchRequest(*row) for row in rows]
+
+
+def finish_fetch(
+    conn: sqlite3.Connection, request: FetchRequest, status: str, error: str | None, now: str
+) -> None:
+    """Close a fetch request, unless a newer GET for the same object arrived meanwhile."""
+    conn.execute(
+        "UPDATE fetch_requests SET status = ?, last_error = ?, finished_at = ?,"
+        " attempts = attempts + 1 WHERE id = ? AND requested_at = ?",
+        (status, error, now, request.id, request.requested_at),
+    )
+    conn.execute(
+        "UPDATE fetch_requests SET attempts = attempts + 1 WHERE id = ? AND status = 'pending'",
+        (request.id,),
+    )
+
+
+_EVENTS_SQL = (
+    "SELECT e.seq, e.id, e.kind, e.entity_id, e.last_updated_at, e.event_name, e.source,"
+    " e.received_at, e.late,"
+    " (SELECT count(*) FROM sightings s WHERE s.event_id = e.id) AS duplicates FROM events e"
+)
+
+
+def select_events(
+    conn: sqlite3.Connection, entity_id: str | None, limit: int
+) -> list[dict[str, Any]]:
+    """Events, newest first, with their duplicate sightings counted."""
+    if entity_id is None:
+        rows = conn.execute(_EVENTS_SQL + " ORDER BY e.seq DESC LIMIT ?", (limit,)).fetchall()
+    else:
+        rows = conn.execute(
+            _EVENTS_SQL + " WHERE e.entity_id = ? ORDER BY e.seq DESC LIMIT ?", (entity_id, limit)
+        ).fetchall()
+    names = ("seq", "id", "kind", "entityId", "lastUpdatedAt", "eventName", "source",
+             "receivedAt", "late", "duplicates")
+    return [dict(zip(names, row, strict=True)) | {"late": bool(row[8])} for row in rows]
+
+
+def count_rows(conn: sqlite3.Connection) -> dict[str, int]:
+    """Counts of events, duplicates, stale sightings, rejections and pending fetches."""
+    def one(sql: str) -> int:
+        return int(conn.execute(sql).fetchone()[0])
+
+    return {
+        "events": one("SELECT count(*) FROM events"),
+        "duplicates": one("SELECT count(*) FROM sightings WHERE reason = 'duplicate'"),
+        "stale": one("SELECT count(*) FROM sightings WHERE reason = 'stale'"),
+        "rejected": one("SELECT count(*) FROM rejected"),
+        "fetch_pending": one("SELECT count(*) FROM fetch_requests WHERE status = 'pending'"),
+    }
+
+
+# -- deliveries (the outbox) ---------------------------------------------------------
+
+DeliveryStatus = Literal["pending", "running", "done", "dead"]
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A delivery claimed for one attempt, with the envelope it carries."""
+
+    id: int
+    event_id: str
+    entity_id: str
+    handler: str
+    attempt: int
+    body: str
+    started_at: str
+
+
+def insert_deliveries(
+    conn: sqlite3.Connection,
+    seq: int,
+    event_id: str,
+    entity_id: str,
+    handlers: Iterable[str],
+    now: str,
+    *,
+    replay: bool = False,
+) -> int:
+    """One pending delivery per handler, due at once."""
+    due = time.time()
+    rows = [(seq, event_id, name, entity_id, due, now, int(replay)) for name in handlers]
+    conn.executemany(
+        "INSERT INTO deliveries (event_seq, event_id, handler, entity_id, next_attempt_at,"
+        " created_at, replay) VALUES (?,?,?,?,?,?,?)",
+        rows,
+    )
+    return len(rows)
+
+
+_CLAIM_SQL = (
+    "SELECT d.id, d.event_id, d.entity_id, d.attempts, e.envelope FROM deliveries d"
+    " JOIN events e ON e.seq = d.event_seq"
+    " WHERE d.handler = ? AND d.status = 'pending' AND d.next_attempt_at <= ?"
+    # in order per entity: an earlier open delivery of the same entity blocks this one
+    " AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.handler = d.handler"
+    "   AND p.entity_id = d.entity_id AND p.id < d.id AND p.status IN ('pending', 'running'))"
+    " ORDER BY d.id LIMIT ?"
+)
+
+
+def claim_deliveries(
+    conn: sqlite3.Connection, handler: str, limit: int, now: float
+) -> list[Claim]:
+    """Mark up to ``limit`` due, unblocked deliveries as running and return them."""
+    rows = conn.execute(_CLAIM_SQL, (handler, now, limit)).fetchall()
+    started = utc_now_iso()
+    conn.executemany(
+        "UPDATE deliveries SET status = 'running' WHERE id = ?", [(row[0],) for row in rows]
+    )
+    return [
+        Claim(id=row[0], event_id=row[1], entity_id=row[2], handler=handler,
+              attempt=int(row[3]) + 1, body=row[4] or "", started_at=started)
+        for row in rows
+    ]
+
+
+def finish_delivery(
+    conn: sqlite3.Connection,
+    claim: Claim,
+    status: DeliveryStatus,
+    *,
+    error: str | None,
+    output: str | None,
+    next_attempt_at: float | None,
+) -> None:
+    """Record one attempt's outcome: done, dead, or pending again at ``next_attempt_at``."""
+    now = utc_now_iso()
+    conn.execute(
+        "UPDATE deliveries SET status = ?, attempts = ?, last_error = ?,"
+        " next_attempt_at = coalesce(?, next_attempt_at),"
+        " finished_at = CASE WHEN ? IN ('done', 'dead') THEN ? ELSE finished_at END"
+        " WHERE id = ?",
+        (status, claim.attempt, error, next_attempt_at, status, now, claim.id),
+    )
+    conn.execute(
+        "INSERT INTO delivery_attempts (delivery_id, attempt, started_at, finished_at, outcome,"
+        " error, output) VALUES (?,?,?,?,?,?,?)",
+        (claim.id, claim.attempt, claim.started_at, now,
+         "done" if status == "done" else ("dead" if status == "dead" else "retry"),
+         error, output),
+    )
+
+
+def release_running(conn: sqlite3.Connection, ids: Sequence[int] | None = None) -> int:
+    """Put interrupted deliveries back to pending (all of them at start-up, after a crash)."""
+    if ids is None:
+        cursor = conn.execute("UPDATE deliveries SET status = 'pending' WHERE status = 'running'")
+    else:
+        cursor = conn.executemany(
+            "UPDATE deliveries SET status = 'pending' WHERE id = ? AND status = 'running'",
+            [(i,) for i in ids],
+        )
+    return int(cursor.rowcount)
+
+
+def next_delivery_due(conn: sqlite3.Connection, handler: str) -> float | None:
+    """Epoch seconds of the handler's earliest pending delivery."""
+    row = conn.execute(
+        "SELECT min(next_attempt_at) FROM deliveries WHERE handler = ? AND status = 'pending'",
+        (handler,),
+    ).fetchone()
+    return None if row[0] is None else float(row[0])
+
+
+def replay_event(
+    conn: sqlite3.Connection, event_id: str, handlers: Sequence[str] | None
+) -> int:
+    """New deliveries of a stored event, even if it was delivered before."""
+    row = conn.execute("SELECT seq, entity_id FROM events WHERE id = ?", (event_id,)).fetchone()
+    if row is None:
+        raise StoreError(f"no event with id {event_id!r}")
+    if handlers is None:
+        handlers = [h for (h,) in conn.execute(
+            "SELECT DISTINCT handler FROM deliveries WHERE event_id = ? ORDER BY handler",
+            (event_id,))]
+    return insert_deliveries(conn, row[0], event_id, row[1], handlers, utc_now_iso(),
+                             replay=True)
+
+
+def requeue_dead(conn: sqlite3.Connection, handler: str | None) -> int:
+    """Dead deliveries become pending again with a fresh budget of attempts."""
+    cursor = conn.execute(
+        "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?,"
+        " finished_at = NULL, replay = 1 WHERE status = 'dead' AND (? IS NULL OR handler = ?)",
+        (time.time(), handler, handler),
+    )
+    return int(cursor.rowcount)
+
+
+def select_deliveries(
+    conn: sqlite3.Connection, status: str | None, handler: str | None, limit: int
+) -> list[dict[str, Any]]:
+    """Deliveries, newest first, filtered by status and handler."""
+    rows = conn.execute(
+        "SELECT d.id, d.event_id, d.handler, e.kind, d.entity_id, e.event_name, d.status,"
+        " d.attempts, d.next_attempt_at, d.last_error, d.created_at, d.finished_at, d.replay"
+        " FROM deliveries d JOIN events e ON e.seq = d.event_seq"
+        " WHERE (?1 IS NULL OR d.status = ?1) AND (?2 IS NULL OR d.handler = ?2)"
+        " ORDER BY d.id DESC LIMIT ?3",
+        (status, handler, limit),
+    ).fetchall()
+    names = ("id", "eventId", "handler", "kind", "entityId", "eventName", "status", "attempts",
+             "nextAttemptAt", "lastError", "createdAt", "finishedAt", "replay")
+    return [dict(zip(names, row, strict=True)) for row in rows]
+
+
+def delivery_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+    """handler -> status -> count."""
+    out: dict[str, dict[str, int]] = {}
+    for handler, status, count in conn.execute(
+        "SELECT handler, status, count(*) FROM deliveries GROUP BY handler, status"
+    ):
+        out.setdefault(handler, {})[status] = int(count)
+    return out

@@ -1,0 +1,287 @@
+"""Factory fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tcbridge.config import StoreSettings
+from tcbridge.store import Store
+
+_ids = itertools.count(1)
+
+
+def basic_header(user: str, password: str) -> str:
+    """An Authorization header for HTTP Basic auth."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def order_obj(
+    order_id: str | None = None,
+    stamp: str = "2024-05-01T10:00:00.000Z",
+    lines: list[tuple[str, str]] | None = None,
+) -> dict[str, Any]:
+    """A whole order as the poll API or GET /v2/order/{id} returns it."""
+    order_id = order_id or f"order-{next(_ids)}"
+    lines = lines if lines is not None else [(f"{order_id}-l1", stamp)]
+    return {
+        "id": order_id,
+        "version": 1,
+        "lastUpdatedAt": stamp,
+        "buyerOrder": {"companyId": "buyer-1", "purchaseOrderNumber": f"PO-{order_id}"},
+        "status": {"processStatus": "Issued", "logisticsStatus": "Open"},
+        "lines": [
+            {"id": line_id, "buyerLine": {"position": str(i + 1)}, "lastUpdatedAt": line_stamp}
+            for i, (line_id, line_stamp) in enumerate(lines)
+        ],
+    }
+
+
+def order_event_body(
+    order_id: str | None = None,
+    stamp: str | None = "2024-05-01T10:00:00.000Z",
+    event_name: str = "OrderLinesConfirmedBySupplier",
+    key: str = "orderEvent",
+    line_ids: tuple[str, ...] = ("l1",),
+    message_id: str | None = None,
+) -> dict[str, Any]:
+    """A webhook POST body for /webhook/order."""
+    order_id = order_id or f"order-{next(_ids)}"
+    event: dict[str, Any] = {
+        "orderId": order_id,
+        "version": 2,
+        "meta": {"messageId": message_id or f"msg-{next(_ids)}"},
+        "lines": [{"id": line_id} for line_id in line_ids],
+    }
+    if stamp is not None:
+        event["lastUpdatedAt"] = stamp
+    return {"eventName": event_name, key: event}
+
+
+def shipment_obj(
+    shipment_id: str | None = None,
+    stamp: str = "2024-05-01T10:00:00.000Z",
+    lines: list[tuple[str, str]] | None = None,
+) -> dict[str, Any]:
+    """A whole shipment."""
+    shipment_id = shipment_id or f"shipment-{next(_ids)}"
+    lines = lines if lines is not None else [(f"{shipment_id}-l1", stamp)]
+    return {
+        "id": shipment_id,
+        "supplierShipment": {"shipmentNumber": f"SH-{shipment_id}"},
+        "status": {"processStatus": "Issued"},
+        "meta": {"lastUpdatedAt": stamp, "createdDateTime": stamp},
+        "lines": [
+            {"id": line_id, "purchaseOrderNumber": "PO-1", "purchaseOrderLinePosition": "1",
+             "meta": {"lastUpdatedAt": line_stamp}}
+            for line_id, line_stamp in lines
+        ],
+    }
+
+
+@pytest.fixture
+def store_factory(tmp_path: Path) -> Callable[..., Store]:
+    """Build (unopened) stores on files under tmp_path."""
+
+    def make(name: str = "tcbridge.db", **settings: Any) -> Store:
+        return Store(tmp_path / name, StoreSettings(**settings))
+
+    return make
+
+
+@pytest.fixture
+async def store(store_factory: Callable[..., Store]) -> AsyncIterator[Store]:
+    """An open store on a fresh file."""
+    s = store_factory(busy_timeout_s=0.5)
+    await s.open()
+    yield s
+    await s.close()
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def toml_value(value: Any) -> str:
+    """Enough TOML for test configs: strings, numbers, booleans, lists and inline tables."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(value)
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    """Write a config dict (top-level keys, [sections] and [[handlers]]) as TOML."""
+    lines = [f"{k} = {toml_value(v)}" for k, v in config.items() if not isinstance(v, dict | list)
+             or (isinstance(v, list) and k != "handlers")]
+    for section, values in config.items():
+        if isinstance(values, dict):
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+    for handler in config.get("handlers", []):
+        lines.append("[[handlers]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in handler.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class Daemon:
+    """The real tcbridge daemon as a subprocess, with its log as JSON lines in a file."""
+
+    config_path: Path
+    log_path: Path
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, timeout_s: float = 20.0) -> None:
+        """Start and wait for its "started" log line."""
+        self.starts += 1
+        with self.log_path.open("ab") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tcbridge", "run", "--config", str(self.config_path),
+                 "--log-format", "json"],
+                stdout=log_file, stderr=subprocess.STDOUT, env=os.environ | DAEMON_ENV,
+            )
+        await self.wait_for_log("tcbridge.started", count=self.starts, timeout_s=timeout_s)
+
+    def logs(self) -> list[dict[str, Any]]:
+        """Every JSON log line so far."""
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    async def wait_for_log(self, event: str, *, count: int = 1, timeout_s: float = 20.0,
+                           **fields: Any) -> list[dict[str, Any]]:
+        """Wait until ``count`` log lines with this event (and fields) were written."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            found = [line for line in self.logs() if line.get("event") == event
+                     and all(line.get(k) == v for k, v in fields.items())]
+            if len(found) >= count:
+                return found
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.tail()}")
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"no {count} x {event} {fields} in time:\n{self.tail()}")
+            await asyncio.sleep(0.05)
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    async def kill(self) -> None:
+        """kill -9: no chance to clean up."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        await self._reap()
+
+    async def stop(self, timeout_s: float = 20.0) -> int:
+        """SIGTERM, then wait; returns the exit status."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return await self._reap(timeout_s)
+
+    async def _reap(self, timeout_s: float = 20.0) -> int:
+        assert self.proc is not None
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.proc.poll() is None:
+            if asyncio.get_running_loop().time() > deadline:
+                self.proc.kill()
+                raise AssertionError("daemon did not stop in time:\n" + self.tail())
+            await asyncio.sleep(0.02)
+        return int(self.proc.returncode)
+
+
+HELPERS = Path(__file__).parent / "helpers"
+DAEMON_ENV = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(HELPERS)}
+
+
+@pytest.fixture
+async def daemon_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Daemon]]:
+    """Build daemons on tmp_path; each gets a free port, its own store and log file."""
+    daemons: list[Daemon] = []
+
+    def make(config: dict[str, Any], name: str = "tcbridge") -> Daemon:
+        port = free_port()
+        base: dict[str, Any] = {
+            "mode": "webhook",
+            "shutdown_timeout_s": 5,
+            "store": {"path": str(tmp_path / f"{name}.db"), "busy_timeout_s": 0.5,
+                      "retry_after_s": 1},
+            "webhook": {"host": "127.0.0.1", "port": port, "auth": "bearer",
+                        "bearer_token": "hook-token-1"},
+            "log": {"level": "debug"},
+        }
+        for key, value in config.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                base[key] = base[key] | value
+            else:
+                base[key] = value
+        path = write_config(tmp_path / f"{name}.toml", base)
+        daemon = Daemon(config_path=path, log_path=tmp_path / f"{name}.log", port=port)
+        daemons.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in daemons:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
+
+
+SIM_USER, SIM_PASSWORD = "integration@example.com", "sim-password-1"
+
+
+@pytest.fixture
+async def simulator_factory() -> AsyncIterator[Callable[..., Any]]:
+    """Start tcbridge's own Tradecloud simulator on a free loopback port."""
+    from tcbridge.simulator import Simulator
+
+    started: list[Simulator] = []
+
+    async def make(**kwargs: Any) -> tuple[Simulator, str]:
+        sim = Simulator(username=SIM_USER, password=SIM_PASSWORD, **kwargs)
+        url = await sim.start()
+        started.append(sim)
+        return sim, url
+
+    yield make
+    for sim in started:
+        await sim.stop()
+
+
+def tradecloud_config(url: str, **overrides: Any) -> dict[str, Any]:
+    """The [tradecloud] section for a daemon talking to a simulator."""
+    return {"base_url": url, "username": SIM_USER, "password": SIM_PASSWORD,
+            "retry_initial_s": 0.05, "retry_max_s": 0.5, "timeout_s": 5} | overrides

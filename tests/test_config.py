@@ -1,0 +1,120 @@
+"""Configuration: the TOML contract, environment overrides, secrets files, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tcbridge.cli import main
+from tcbridge.config import load_settings
+from tcbridge.errors import ConfigError
+
+MINIMAL = """
+mode = "hybrid"
+[tradecloud]
+username = "integration@example.com"
+password = "pw"
+[webhook]
+auth = "bearer"
+bearer_token = "tok-9f3a"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "tcbridge.toml"
+    path.write_text(text)
+    return path
+
+
+def test_example_config_is_valid() -> None:
+    settings = load_settings(Path(__file__).parent.parent / "config.example.toml")
+    assert settings.mode == "hybrid"
+    assert settings.webhook.port == 8080
+
+
+def test_defaults_and_values(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, MINIMAL))
+    assert settings.store.path == Path("var/tcbridge.db")
+    assert settings.tradecloud.api == "poll"
+    assert settings.poll.kinds == ["order", "shipment"]
+    assert settings.poll.interval_s == 300
+    assert settings.webhook.bearer_token is not None
+    assert settings.webhook.bearer_token.get_secret_value() == "tok-9f3a"
+    assert "tok-9f3a" not in repr(settings)
+
+
+def test_environment_overrides_nested_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TCBRIDGE_WEBHOOK__PORT", "9000")
+    monkeypatch.setenv("TCBRIDGE_MODE", "poll")
+    settings = load_settings(write(tmp_path, MINIMAL))
+    assert settings.webhook.port == 9000
+    assert settings.webhook.bearer_token is not None  # the rest of the section survives
+    assert settings.mode == "poll"
+
+
+def test_secret_files(tmp_path: Path) -> None:
+    (tmp_path / "password").write_text("from-file\n")
+    (tmp_path / "token").write_text("token-file")
+    text = MINIMAL.replace('password = "pw"', f'password_file = "{tmp_path / "password"}"')
+    text = text.replace('bearer_token = "tok-9f3a"', f'bearer_token_file = "{tmp_path / "token"}"')
+    settings = load_settings(write(tmp_path, text))
+    assert settings.tradecloud.password is not None
+    assert settings.tradecloud.password.get_secret_value() == "from-file"
+    assert settings.webhook.bearer_token is not None
+    assert settings.webhook.bearer_token.get_secret_value() == "token-file"
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "message"),
+    [
+        (('mode = "hybrid"', 'mode = "push"'), "mode", "'webhook', 'poll' or 'hybrid'"),
+        (('bearer_token = "tok-9f3a"', 'bearer_token = "tok-9f3a"\nport = "x"'), "webhook.port",
+         "valid integer"),
+        (('bearer_token = "tok-9f3a"', ""), "webhook", "needs bearer_token"),
+        (('password = "pw"', 'password_file = "/nonexistent"'), "tradecloud",
+         "cannot read secret file"),
+        (('password = "pw"', 'password = "pw"\npassword_file = "/etc/hostname"'), "tradecloud",
+         "not both"),
+        (('mode = "hybrid"', 'mode = "hybrid"\nunknown = 1'), "unknown", "Extra inputs"),
+        (('mode = "hybrid"', 'mode = "hybrid"\n[poll]\npage_size = 500'), "poll.page_size",
+         "less than or equal to 100"),
+        (('mode = "hybrid"', 'mode = "hybrid"\n[poll]\nstart_from = "yesterday"'),
+         "poll.start_from", "not an ISO 8601"),
+        (('bearer_token = "tok-9f3a"', 'bearer_token = "tok-9f3a"\nallowed_ips = ["nope"]'),
+         "webhook.allowed_ips", "not an IP address"),
+        (('username = "integration@example.com"', 'username = ""'), "(top level)",
+         "set tradecloud.username"),
+    ],
+)
+def test_errors_name_key_and_file(
+    tmp_path: Path, change: tuple[str, str], key: str, message: str
+) -> None:
+    path = write(tmp_path, MINIMAL.replace(*change))
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    text = str(info.value)
+    assert str(path) in text
+    assert key in text
+    assert message in text
+
+
+def test_duplicate_handler_names(tmp_path: Path) -> None:
+    handler = '[[handlers]]\nname = "a"\ntype = "file"\ndirectory = "out"\n'
+    with pytest.raises(ConfigError, match="handler names must be unique: a"):
+        load_settings(write(tmp_path, MINIMAL + handler + handler))
+
+
+def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(write(tmp_path, "mode = "))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_settings(tmp_path / "missing.toml")
+
+
+def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", "--config", str(write(tmp_path, MINIMAL))]) == 0
+    bad = write(tmp_path, MINIMAL.replace('mode = "hybrid"', 'mode = "push"'))
+    assert main(["check-config", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "mode" in err and str(bad) in err

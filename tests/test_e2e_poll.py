@@ -1,0 +1,187 @@
+"""End to end: the real daemon polling and fetching from the simulator over HTTP."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from tcbridge.timefmt import instant_us
+from tests.conftest import Daemon, tradecloud_config
+
+TOKEN = {"Authorization": "Bearer hook-token-1"}
+START = "2020-01-01T00:00:00.000Z"
+
+
+def query(daemon: Daemon, sql: str) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(daemon.config_path.parent / "tcbridge.db", timeout=5) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def poll_config(url: str, mode: str = "poll", **poll: Any) -> dict[str, Any]:
+    return {
+        "mode": mode,
+        "tradecloud": tradecloud_config(url),
+        "poll": {"kinds": ["order"], "interval_s": 0.3, "start_from": START} | poll,
+    }
+
+
+def cursor(daemon: Daemon, kind: str = "order") -> str | None:
+    rows = query(daemon, f"SELECT value FROM cursors WHERE kind = '{kind}'")
+    return rows[0][0] if rows else None
+
+
+def order_polls(sim: Any) -> list[dict[str, Any]]:
+    return [r for r in sim.requests if r["path"] == "/v2/order-search/poll"]
+
+
+async def test_250_orders_in_3_pages_all_stored_cursor_latest(
+    daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any]
+) -> None:
+    sim, url = await simulator_factory()
+    orders = sim.add_orders(250)
+    daemon = daemon_factory(poll_config(url))
+    await daemon.start()
+    await daemon.wait_for_log("poll.done", kind="order", stored=250)
+    assert await daemon.stop() == 0
+    stored = {row[0] for row in query(daemon, "SELECT entity_id FROM events")}
+    assert stored == {o["id"] for o in orders}
+    assert cursor(daemon) == orders[-1]["lastUpdatedAt"]
+    first_cycle = order_polls(sim)[:3]
+    assert [len(r["body"]["filters"]) for r in first_cycle] == [1, 1, 1]
+    assert first_cycle[0]["body"]["filters"]["lastUpdatedAfter"] == START
+    assert all(r["body"]["limit"] == 100 for r in first_cycle)
+    assert query(daemon, "SELECT DISTINCT source FROM events") == [("poll",)]
+
+
+async def test_more_than_a_page_on_one_timestamp_all_stored(
+    daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any]
+) -> None:
+    sim, url = await simulator_factory()
+    before = sim.add_orders(3)
+    burst = sim.add_orders(150, same_timestamp=True)
+    after = sim.add_orders(2)
+    daemon = daemon_factory(poll_config(url))
+    await daemon.start()
+    await daemon.wait_for_log("poll.done", kind="order", stored=155)
+    await daemon.wait_for_log("poll.done", kind="order", count=3)  # and it keeps polling
+    assert await daemon.stop() == 0
+    assert query(daemon, "SELECT count(*) FROM events") == [(155,)]
+    assert len({o["lastUpdatedAt"] for o in burst}) == 1
+    assert cursor(daemon) == after[-1]["lastUpdatedAt"]
+    assert before[0]["id"] in {r[0] for r in query(daemon, "SELECT entity_id FROM events")}
+
+
+async def test_same_version_is_a_duplicate_newer_is_an_event(
+    daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any]
+) -> None:
+    sim, url = await simulator_factory()
+    (order,) = sim.add_orders(1)
+    webhook_body = sim.changes()[-1].webhook_body
+    daemon = daemon_factory(poll_config(url, mode="hybrid"))
+    await daemon.start()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{daemon.url}/webhook/order", json=webhook_body,
+                                headers=TOKEN) as response:
+            assert (await response.json())["status"] in ("stored", "duplicate")
+    seen = await daemon.wait_for_log("poll.done", kind="order", items=1)
+    stored_before = sum(1 for line in seen if line["stored"] == 1)
+    updated = sim.update_order(order["id"])
+    await daemon.wait_for_log("poll.done", kind="order", stored=1, items=1,
+                              count=stored_before + 1)
+    assert await daemon.stop() == 0
+    events = query(daemon, "SELECT last_updated_at FROM events ORDER BY seq")
+    assert [e[0] for e in events] == [order["lastUpdatedAt"], updated["lastUpdatedAt"]]
+    (duplicates,) = query(daemon, "SELECT count(*) FROM sightings WHERE reason = 'duplicate'")
+    assert duplicates == (1,)
+
+
+async def test_search_api_inclusive_refetch_is_a_duplicate(
+    daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any]
+) -> None:
+    sim, url = await simulator_factory()
+    orders = sim.add_orders(5)
+    config = poll_config(url)
+    config["tradecloud"]["api"] = "search"
+    daemon = daemon_factory(config)
+    await daemon.start()
+    await daemon.wait_for_log("poll.done", kind="order", stored=5)
+    await daemon.wait_for_log("poll.done", kind="order", duplicates=1)  # the last one again
+    assert await daemon.stop() == 0
+    searches = [r for r in sim.requests if r["path"] == "/v2/order-search/search"]
+    assert searches[1]["body"]["filters"]["lastUpdatedSince"] == orders[-1]["lastUpdatedAt"]
+    assert query(daemon, "SELECT count(*) FROM events") == [(5,)]
+    assert cursor(daemon) == orders[-1]["lastUpdatedAt"]
+
+
+async def test_kill_between_pages_loses_nothing_and_cursor_never_goes_back(
+    daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any]
+) -> None:
+    sim, url = await simulator_factory()
+    orders = sim.add_orders(250)
+    sim.faults.api_latency_s = 0.4  # room to kill between pages
+    daemon = daemon_factory(poll_config(url))
+    await daemon.start()
+    (page,) = await daemon.wait_for_log("poll.page", kind="order", count=1)
+    await daemon.kill()
+    committed = cursor(daemon)
+    assert committed == page["committed_cursor"]  # committed with its page, before the kill
+    stored_at_kill = query(daemon, "SELECT count(*) FROM events")[0][0]
+    assert stored_at_kill == 100
+    sim.faults.api_latency_s = 0
+    await daemon.start()
+    await daemon.wait_for_log("poll.done", kind="order", count=1)
+    assert await daemon.stop() == 0
+    assert query(daemon, "SELECT count(DISTINCT entity_id) FROM events") == [(250,)]
+    assert query(daemon, "SELECT count(*) FROM events") == [(250,)]
+    final = cursor(daemon)
+    assert final == orders[-1]["lastUpdatedAt"]
+    assert committed is not None and instant_us(final) >= instant_us(committed)
+
+
+async def test_api_outage_never_advances_the_cursor_and_recovers(
+    daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any]
+) -> None:
+    sim, url = await simulator_factory()
+    sim.add_orders(3)
+    sim.faults.api_error_status = 503
+    sim.faults.api_error_count = 10_000
+    config = poll_config(url)
+    config["tradecloud"]["max_retries"] = 1
+    config["poll"]["error_backoff_max_s"] = 0.2
+    daemon = daemon_factory(config)
+    await daemon.start()
+    await daemon.wait_for_log("poll.failed", kind="order", count=2)
+    assert cursor(daemon) is None
+    assert query(daemon, "SELECT count(*) FROM events") == [(0,)]
+    sim.faults.api_error_count = 0
+    await daemon.wait_for_log("poll.done", kind="order", stored=3)
+    assert await daemon.stop() == 0
+
+
+async def test_legacy_get_webhook_fetches_and_stores_the_order(
+    daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any]
+) -> None:
+    sim, url = await simulator_factory()
+    (order,) = sim.add_orders(1, lines=4)
+    config = {"mode": "webhook", "tradecloud": tradecloud_config(url, max_retries=0),
+              "fetch": {"retry_initial_s": 0.05, "retry_max_s": 0.1}}
+    daemon = daemon_factory(config)
+    sim.faults.api_error_status = 503
+    sim.faults.api_error_count = 2  # the first fetch attempts fail: retried from the store
+    await daemon.start()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{daemon.url}/webhook/order/{order['id']}",
+                               headers=TOKEN) as response:
+            assert response.status == 202
+    await daemon.wait_for_log("fetch.stored", entity_id=order["id"])
+    assert await daemon.stop() == 0
+    ((source, envelope),) = query(daemon, "SELECT source, envelope FROM events")
+    assert source == "webhook_get"
+    stored = json.loads(envelope)
+    assert len(stored["payload"]["lines"]) == 4 and stored["eventName"] is None
+    assert query(daemon, "SELECT status, attempts FROM fetch_requests") == [("done", 3)]
+    assert [r["path"] for r in sim.requests].count("/v2/authentication/login") >= 1

@@ -1,0 +1,119 @@
+"""Normalising payloads and the pure parts of deduplication."""
+
+from __future__ import annotations
+
+import pytest
+
+from tcbridge.envelope import (
+    changed_lines,
+    event_id,
+    parse_order_webhook,
+    parse_shipment_webhook,
+    parse_snapshot,
+)
+from tcbridge.errors import InvalidEvent
+from tcbridge.timefmt import instant_us
+from tests.conftest import order_event_body, order_obj, shipment_obj
+
+
+@pytest.mark.parametrize("key", ["orderEvent", "singleDeliveryOrderEvent", "simpleOrderEvent"])
+def test_order_event_keys_all_map_to_order(key: str) -> None:
+    candidate = parse_order_webhook(order_event_body("o1", key=key, line_ids=("a", "b")))
+    assert candidate.kind == "order"
+    assert candidate.entity_id == "o1"
+    assert candidate.event_name == "OrderLinesConfirmedBySupplier"
+    assert candidate.source == "webhook"
+    assert candidate.line_ids == ("a", "b")
+    assert not candidate.is_snapshot
+
+
+def test_document_event_without_timestamp_is_versioned_by_message_id() -> None:
+    body = order_event_body("o1", stamp=None, key="orderDocumentsEvent", message_id="m-7")
+    candidate = parse_order_webhook(body)
+    assert candidate.kind == "order_documents"
+    assert candidate.version_key == "m:m-7"
+    assert candidate.last_updated_at is None
+
+
+def test_same_instant_in_other_offsets_gives_same_key() -> None:
+    a = parse_order_webhook(order_event_body("o1", stamp="2024-05-01T10:00:00.000Z"))
+    b = parse_order_webhook(order_event_body("o1", stamp="2024-05-01T12:00:00.000+02:00"))
+    assert a.version_key == b.version_key
+    assert a.event_id == b.event_id
+    assert a.last_updated_at != b.last_updated_at  # kept as received
+
+
+def test_event_and_snapshot_of_same_version_share_an_id() -> None:
+    event = parse_order_webhook(order_event_body("o1", stamp="2024-05-01T10:00:00.000Z"))
+    snapshot = parse_snapshot("order", order_obj("o1", "2024-05-01T10:00:00Z"), "poll")
+    assert snapshot.event_id == event.event_id
+    assert snapshot.is_snapshot
+
+
+def test_unknown_event_names_and_extra_fields_are_accepted() -> None:
+    body = order_event_body("o1", event_name="SomethingNewByBuyer")
+    body["futureField"] = {"x": 1}
+    body["orderEvent"]["newThing"] = [1, 2]
+    assert parse_order_webhook(body).event_name == "SomethingNewByBuyer"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ([], "body must be a JSON object"),
+        ({"eventName": "X"}, "exactly one of"),
+        ({"eventName": "X", "orderEvent": {}, "simpleOrderEvent": {}}, "found orderEvent"),
+        ({"eventName": "X", "orderEvent": "nope"}, "must be a JSON object"),
+        ({"eventName": "X", "orderEvent": {"lastUpdatedAt": "2024-01-01T00:00:00Z"}}, "no orderId"),
+        ({"eventName": "X", "orderEvent": {"orderId": "", "lastUpdatedAt": "x"}}, "non-empty"),
+        ({"eventName": "X", "orderEvent": {"orderId": "o"}}, "no lastUpdatedAt"),
+        ({"eventName": "X", "orderEvent": {"orderId": "o", "lastUpdatedAt": "yesterday"}},
+         "not an ISO 8601"),
+        ({"eventName": "X", "orderEvent": {"orderId": "o", "lastUpdatedAt": "2024-01-01T00:00"}},
+         "no time zone"),
+        ({"eventName": 5, "orderEvent": {"orderId": "o", "lastUpdatedAt": "2024-01-01T00:00Z"}},
+         "eventName"),
+    ],
+)
+def test_invalid_order_bodies_say_what_is_wrong(body: object, message: str) -> None:
+    with pytest.raises(InvalidEvent, match=message):
+        parse_order_webhook(body)
+
+
+def test_shipment_event_changed_lines_share_the_shipment_stamp() -> None:
+    stamp = "2024-05-01T10:00:00.000Z"
+    shipment = shipment_obj("s1", stamp, lines=[("a", stamp), ("b", "2024-04-01T00:00:00.000Z")])
+    for key in ("shipment", "shipmentEvent"):
+        candidate = parse_shipment_webhook({"eventName": "ShipmentIssuedBySupplier", key: shipment})
+        assert candidate.kind == "shipment"
+        assert candidate.entity_id == "s1"
+        assert candidate.instant_us == instant_us(stamp)
+        assert candidate.line_ids == ("a",)
+
+
+def test_shipment_body_on_order_route_is_invalid() -> None:
+    with pytest.raises(InvalidEvent):
+        parse_order_webhook({"eventName": "ShipmentIssuedBySupplier", "shipment": shipment_obj()})
+
+
+def test_snapshot_changed_lines_are_those_after_the_newest_stored() -> None:
+    order = order_obj("o1", "2024-05-03T00:00:00.000Z", lines=[
+        ("old", "2024-05-01T00:00:00.000Z"),
+        ("new", "2024-05-03T00:00:00.000Z"),
+        ("unstamped", "garbage"),
+    ])
+    candidate = parse_snapshot("order", order, "poll")
+    assert changed_lines(candidate, None) == ["old", "new", "unstamped"]
+    assert changed_lines(candidate, instant_us("2024-05-02T00:00:00.000Z")) == [
+        "new", "unstamped"]
+
+
+def test_event_changed_lines_ignore_stored_state() -> None:
+    candidate = parse_order_webhook(order_event_body("o1", line_ids=("x", "y")))
+    assert changed_lines(candidate, instant_us("2030-01-01T00:00:00Z")) == ["x", "y"]
+
+
+def test_event_id_is_stable_and_distinct() -> None:
+    assert event_id("order", "o1", "t:1") == event_id("order", "o1", "t:1")
+    assert event_id("order", "o1", "t:1") != event_id("shipment", "o1", "t:1")
+    assert len(event_id("order", "o1", "t:1")) == 32

@@ -1,0 +1,205 @@
+"""The store: dedup rules, group commit, cursors, fetch requests, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tcbridge.envelope import parse_order_webhook, parse_snapshot
+from tcbridge.errors import StoreError, StoreUnavailable
+from tcbridge.store import MIGRATIONS, Rejected, Store
+from tests.conftest import order_event_body, order_obj
+
+
+def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(path) as conn:
+        return conn.execute(sql).fetchall()
+
+
+async def test_first_arrival_is_an_event_later_ones_duplicates(store: Store) -> None:
+    body = order_event_body("o1", stamp="2024-05-01T10:00:00.000Z")
+    first = await store.ingest(parse_order_webhook(body))
+    second = await store.ingest(parse_order_webhook(body))
+    snapshot = await store.ingest(
+        parse_snapshot("order", order_obj("o1", "2024-05-01T10:00:00Z"), "poll"))
+    assert first.status == "stored"
+    assert second.status == "duplicate" and second.event_id == first.event_id
+    assert snapshot.status == "duplicate" and snapshot.event_id == first.event_id
+    assert await store.counts() == {
+        "events": 1, "duplicates": 2, "stale": 0, "rejected": 0, "fetch_pending": 0}
+    sightings = rows(store.path, "SELECT source, reason FROM sightings ORDER BY id")
+    assert sightings == [("webhook", "duplicate"), ("poll", "duplicate")]
+
+
+async def test_older_snapshot_is_stale_older_event_is_late(store: Store) -> None:
+    await store.ingest(parse_snapshot("order", order_obj("o1", "2024-05-02T00:00:00Z"), "poll"))
+    stale = await store.ingest(
+        parse_snapshot("order", order_obj("o1", "2024-05-01T00:00:00Z"), "poll"))
+    late = await store.ingest(
+        parse_order_webhook(order_event_body("o1", stamp="2024-05-01T12:00:00Z")))
+    newer = await store.ingest(
+        parse_snapshot("order", order_obj("o1", "2024-05-03T00:00:00Z"), "poll"))
+    assert stale.status == "stale"
+    assert late.status == "stored" and late.late
+    assert newer.status == "stored" and not newer.late
+    events = await store.events(entity_id="o1")
+    assert [e["late"] for e in events] == [False, True, False]
+    assert (await store.counts())["stale"] == 1
+
+
+async def test_envelope_holds_changed_lines_against_newest_stored(store: Store) -> None:
+    await store.ingest(parse_snapshot("order", order_obj("o1", "2024-05-01T00:00:00Z", lines=[
+        ("a", "2024-05-01T00:00:00Z"), ("b", "2024-05-01T00:00:00Z")]), "poll"))
+    await store.ingest(parse_snapshot("order", order_obj("o1", "2024-05-02T00:00:00Z", lines=[
+        ("a", "2024-05-01T00:00:00Z"), ("b", "2024-05-02T00:00:00Z")]), "poll"))
+    stored = rows(store.path, "SELECT envelope FROM events ORDER BY seq")
+    envelopes = [json.loads(str(r[0])) for r in stored]
+    assert [e["changedLineIds"] for e in envelopes] == [["a", "b"], ["b"]]
+    first = envelopes[0]
+    assert set(first) == {"id", "kind", "entityId", "lastUpdatedAt", "eventName", "source",
+                          "receivedAt", "changedLineIds", "late", "payload"}
+    assert first["payload"]["id"] == "o1" and first["eventName"] is None
+
+
+async def test_concurrent_ingests_share_transactions_and_all_commit(store: Store) -> None:
+    bodies = [order_event_body(f"o{i}", stamp="2024-05-01T10:00:00.000Z") for i in range(300)]
+    results = await asyncio.gather(*(store.ingest(parse_order_webhook(b)) for b in bodies))
+    assert {r.status for r in results} == {"stored"}
+    assert (await store.counts())["events"] == 300
+
+
+async def test_one_failing_operation_does_not_spoil_its_batch(store: Store) -> None:
+    def boom(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO cursors VALUES ('x', 'y', 'z')")
+        raise ValueError("bug")
+
+    good = [store.ingest(parse_order_webhook(order_event_body())) for _ in range(5)]
+    results = await asyncio.gather(store.run(boom), *good, return_exceptions=True)
+    assert isinstance(results[0], ValueError)
+    assert all(not isinstance(r, BaseException) for r in results[1:])
+    assert rows(store.path, "SELECT count(*) FROM cursors WHERE kind = 'x'") == [(0,)]
+    assert (await store.counts())["events"] == 5
+
+
+async def test_locked_database_gives_store_unavailable_then_recovers(
+    store_factory: Callable[..., Store],
+) -> None:
+    store = store_factory(busy_timeout_s=0.2)
+    await store.open()
+    try:
+        blocker = sqlite3.connect(store.path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(StoreUnavailable):
+            await store.ingest(parse_order_webhook(order_event_body("o1")))
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        result = await store.ingest(parse_order_webhook(order_event_body("o1")))
+        assert result.status == "stored"
+    finally:
+        await store.close()
+
+
+async def test_closed_store_refuses(store_factory: Callable[..., Store]) -> None:
+    store = store_factory()
+    with pytest.raises(StoreUnavailable):
+        await store.ingest(parse_order_webhook(order_event_body()))
+
+
+async def test_unopenable_path_is_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    from tcbridge.config import StoreSettings
+
+    store = Store(tmp_path / "file" / "db.sqlite", StoreSettings())
+    with pytest.raises(StoreUnavailable, match="cannot open store"):
+        await store.open()
+
+
+async def test_migrations_are_versioned_and_reopen_is_a_no_op(
+    store_factory: Callable[..., Store],
+) -> None:
+    store = store_factory()
+    async with store:
+        await store.ingest(parse_order_webhook(order_event_body()))
+    async with store_factory() as again:
+        assert (await again.counts())["events"] == 1
+    assert rows(store.path, "PRAGMA user_version") == [(len(MIGRATIONS),)]
+    assert rows(store.path, "PRAGMA journal_mode") == [("wal",)]
+
+
+async def test_newer_schema_is_refused(store_factory: Callable[..., Store]) -> None:
+    store = store_factory()
+    async with store:
+        pass
+    with sqlite3.connect(store.path) as conn:
+        conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    with pytest.raises(StoreError, match="newer than this tcbridge"):
+        await store_factory().open()
+
+
+async def test_page_and_cursor_commit_together_and_never_move_back(store: Store) -> None:
+    page = [parse_snapshot("order", order_obj(stamp="2024-05-02T00:00:00Z"), "poll")]
+    await store.ingest_page("order", page, [], "2024-05-02T00:00:00.000Z")
+    assert await store.get_cursor("order") == "2024-05-02T00:00:00.000Z"
+    await store.ingest_page("order", [], [], "2024-05-01T00:00:00.000Z")
+    assert await store.get_cursor("order") == "2024-05-02T00:00:00.000Z"
+    await store.set_cursor("order", "2024-01-01T00:00:00.000+01:00")  # by hand: allowed
+    assert await store.get_cursor("order") == "2024-01-01T00:00:00.000+01:00"
+
+
+async def test_failed_page_commits_nothing(store: Store) -> None:
+    good = parse_snapshot("order", order_obj(stamp="2024-05-02T00:00:00Z"), "poll")
+    with pytest.raises(Exception, match="not an ISO 8601"):
+        await store.ingest_page("order", [good], [], "not-a-time")
+    assert await store.get_cursor("order") is None
+    assert (await store.counts())["events"] == 0
+
+
+async def test_rejected_requests_keep_body_and_redact_credentials(store: Store) -> None:
+    rejected_id = await store.reject(Rejected(
+        source="webhook", reason="malformed JSON", method="POST", path="/webhook/order",
+        headers={"Authorization": "Bearer secret-token", "Content-Type": "application/json"},
+        body=b"{not json",
+    ))
+    (headers, body, reason), = rows(
+        store.path, f"SELECT headers, body, reason FROM rejected WHERE id = {rejected_id}")
+    assert body == b"{not json" and reason == "malformed JSON"
+    assert "secret-token" not in str(headers)
+    assert json.loads(str(headers))["Authorization"] == "<redacted>"
+
+
+async def test_fetch_requests_coalesce_and_complete(store: Store) -> None:
+    first = await store.request_fetch("order", "o1")
+    assert await store.request_fetch("order", "o1") == first
+    (request,) = await store.due_fetches()
+    snapshot = parse_snapshot("order", order_obj("o1"), "webhook_get")
+    result = await store.complete_fetch(request, snapshot)
+    assert result.status == "stored"
+    assert await store.due_fetches() == []
+    assert (await store.counts())["fetch_pending"] == 0
+
+
+async def test_get_arriving_during_a_fetch_keeps_the_request_open(store: Store) -> None:
+    await store.request_fetch("order", "o1")
+    (request,) = await store.due_fetches()
+    await asyncio.sleep(0.002)  # requested_at has millisecond resolution
+    await store.request_fetch("order", "o1")  # a newer change while we were fetching
+    await store.complete_fetch(request, parse_snapshot("order", order_obj("o1"), "webhook_get"))
+    (again,) = await store.due_fetches()
+    assert again.id == request.id and again.attempts == 1
+
+
+async def test_failed_fetch_is_rescheduled_or_given_up(store: Store) -> None:
+    await store.request_fetch("order", "o1")
+    (request,) = await store.due_fetches()
+    await store.fail_fetch(request, "503", retry_at=9e12)
+    assert await store.due_fetches() == []
+    assert await store.next_fetch_due_at() == 9e12
+    await store.fail_fetch(request, "gone", retry_at=None)
+    assert await store.next_fetch_due_at() is None
+    assert rows(store.path, "SELECT status, last_error FROM fetch_requests") == [
+        ("failed", "gone")]
