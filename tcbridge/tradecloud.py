@@ -1,0 +1,361 @@
+"""The Tradecloud API client: a thin class over one injected ``aiohttp.ClientSession``.
+
+Tradecloud asks integrations to send requests one at a time, at most 10 per second, and
+to back off on 429, 5xx and timeouts; every HTTP exchange here goes through one lock and
+one pacer so that holds for the whole process. Poll/search calls use Basic auth; single
+objects need the token flow (login -> Bearer, refresh before expiry, log in again on 401).
+
+Nothing that is logged or raised here contains the password, a token or an auth header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import structlog
+
+from tcbridge.config import PollKind, TradecloudSettings
+from tcbridge.errors import ApiAuthError, ApiPermanentError, ApiTransientError
+
+log = structlog.get_logger(__name__)
+
+LOGIN_PATH = "/v2/authentication/login"
+REFRESH_PATH = "/v2/authentication/refresh"
+LOGOUT_PATH = "/v2/authentication/logout"
+POLL_PATHS: dict[str, dict[str, str]] = {
+    "poll": {"order": "/v2/order-search/poll", "shipment": "/v2/shipment/poll"},
+    "search": {"order": "/v2/order-search/search", "shipment": "/v2/shipment/search"},
+}
+CURSOR_KEYS = {"poll": "lastUpdatedAfter", "search": "lastUpdatedSince"}
+OBJECT_PATHS = {"order": "/v2/order/", "shipment": "/v2/shipment/"}
+DEFAULT_TOKEN_LIFETIME_S = 600.0  # the older docs' access-token lifetime: the safe guess
+REFRESH_MARGIN_S = 30.0
+_TRANSIENT_ERRORS = (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+
+
+@dataclass(frozen=True, slots=True)
+class PollPage:
+    """One page of a poll/search answer."""
+
+    items: list[dict[str, Any]]
+    total: int | None
+    last_updated_at: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Response:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """A transient failure of one attempt."""
+
+    reason: str
+    status: int | None = None
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Tokens:
+    access: str = field(repr=False)
+    refresh: str | None = field(repr=False)
+    renew_at: float  # on the monotonic clock
+
+
+class TradecloudClient:
+    """Poll/search and fetch single objects, paced, retried and authenticated."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        settings: TradecloudSettings,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._session = session
+        self._settings = settings
+        self._sleep = sleep
+        self._clock = clock
+        self._wall_clock = wall_clock  # JWT exp and Retry-After dates are wall-clock times
+        self._rng = rng if rng is not None else random.Random()  # noqa: S311 - jitter only
+        self._timeout = aiohttp.ClientTimeout(
+            total=settings.timeout_s, connect=settings.connect_timeout_s
+        )
+        self._spacing_s = 1.0 / settings.max_requests_per_s
+        self._last_start = -math.inf
+        self._http_lock = asyncio.Lock()
+        self._auth_lock = asyncio.Lock()
+        self._tokens: _Tokens | None = None
+
+    async def poll(
+        self,
+        kind: PollKind,
+        cursor: str,
+        *,
+        offset: int,
+        limit: int,
+        filters: Mapping[str, Any] | None = None,
+    ) -> PollPage:
+        """Fetch one page of objects updated after ``cursor`` (oldest first)."""
+        api = self._settings.api
+        path = POLL_PATHS[api][kind]
+        body = {
+            "filters": {**(filters or {}), CURSOR_KEYS[api]: cursor},
+            "offset": offset,
+            "limit": limit,
+        }
+        response = await self._call("POST", path, {"Authorization": self._basic()}, body)
+        _check(response, path)
+        return _parse_page(_json_object(response, path), path)
+
+    async def get_object(self, kind: PollKind, entity_id: str) -> dict[str, Any]:
+        """Fetch one whole order or shipment."""
+        path = OBJECT_PATHS[kind] + quote(entity_id, safe="")
+        token = await self._bearer()
+        response = await self._call("GET", path, {"Authorization": f"Bearer {token}"})
+        if response.status == 401:
+            # The token may have been revoked or the server restarted: one fresh login.
+            log.info("tradecloud.token_refused", path=path)
+            token = await self._bearer(rejected=token)
+            response = await self._call("GET", path, {"Authorization": f"Bearer {token}"})
+        _check(response, path)
+        return _json_object(response, path)
+
+    async def close(self) -> None:
+        """Log out if we hold a refresh token; never raises. The session stays the caller's."""
+        async with self._auth_lock:
+            tokens, self._tokens = self._tokens, None
+        if tokens is None or tokens.refresh is None:
+            return
+        try:
+            # One attempt only: shutting down must not wait for backoff.
+            response = await self._send("POST", LOGOUT_PATH, {"Refresh-Token": tokens.refresh})
+        except Exception as e:
+            log.warning("tradecloud.logout_failed", error=type(e).__name__)
+            return
+        if 200 <= response.status < 300:
+            log.info("tradecloud.logged_out")
+        else:
+            log.warning("tradecloud.logout_failed", status=response.status)
+
+    # -- authentication -------------------------------------------------------------
+
+    def _basic(self) -> str:
+        password = self._settings.password
+        secret = password.get_secret_value() if password is not None else ""
+        # Built by hand: aiohttp.BasicAuth is deprecated and encodes latin-1, not UTF-8.
+        raw = f"{self._settings.username}:{secret}".encode()
+        return "Basic " + base64.b64encode(raw).decode("ascii")
+
+    async def _bearer(self, rejected: str | None = None) -> str:
+        """A usable access token; ``rejected`` is one the server just refused."""
+        async with self._auth_lock:
+            tokens = self._tokens
+            if tokens is None or tokens.access == rejected:
+                tokens = await self._login()
+            elif self._clock() >= tokens.renew_at:
+                tokens = await self._renew(tokens)
+            self._tokens = tokens
+            return tokens.access
+
+    async def _login(self) -> _Tokens:
+        response = await self._call("GET", LOGIN_PATH, {"Authorization": self._basic()})
+        _check(response, LOGIN_PATH)
+        tokens = self._read_tokens(response, LOGIN_PATH)
+        log.info("tradecloud.logged_in", renew_in_s=round(tokens.renew_at - self._clock()))
+        return tokens
+
+    async def _renew(self, tokens: _Tokens) -> _Tokens:
+        if tokens.refresh is None:
+            return await self._login()
+        # A refresh token is single-use: forget it before sending, send it once (no retry),
+        # and fall back to a fresh login (which is retried) if that one try fails.
+        self._tokens = replace(tokens, refresh=None)
+        outcome = await self._attempt("GET", REFRESH_PATH, {"Refresh-Token": tokens.refresh}, None)
+        if isinstance(outcome, _Failure):
+            log.info("tradecloud.refresh_failed", error=outcome.reason)
+            return await self._login()
+        if outcome.status in (401, 403):
+            log.info("tradecloud.refresh_refused", status=outcome.status)
+            return await self._login()
+        _check(outcome, REFRESH_PATH)
+        renewed = self._read_tokens(outcome, REFRESH_PATH)
+        log.info("tradecloud.token_refreshed", renew_in_s=round(renewed.renew_at - self._clock()))
+        return renewed
+
+    def _read_tokens(self, response: _Response, path: str) -> _Tokens:
+        access = response.headers.get("Set-Authorization", "").strip()
+        access = access.removeprefix("Bearer ").strip()
+        if not access:
+            raise ApiPermanentError(
+                f"tradecloud {path}: answer has no Set-Authorization header",
+                status=response.status,
+            )
+        refresh = response.headers.get("Set-Refresh-Token", "").strip() or None
+        lifetime_s = _token_lifetime_s(access, self._wall_clock())
+        return _Tokens(access, refresh, self._clock() + lifetime_s - REFRESH_MARGIN_S)
+
+    # -- transport --------------------------------------------------------------------
+
+    async def _call(
+        self, method: str, path: str, headers: Mapping[str, str], body: Any = None
+    ) -> _Response:
+        """Send with retries on transient failures; return the first other response."""
+        retries = 0
+        while True:
+            outcome = await self._attempt(method, path, headers, body)
+            if isinstance(outcome, _Response):
+                return outcome
+            if retries >= self._settings.max_retries:
+                raise ApiTransientError(
+                    f"tradecloud {method} {path}: {outcome.reason} after {retries + 1} attempts",
+                    status=outcome.status,
+                    retry_after_s=outcome.retry_after_s,
+                )
+            retries += 1
+            delay_s = outcome.retry_after_s
+            if delay_s is None:
+                delay_s = self._backoff_s(retries)
+            log.warning(
+                "tradecloud.retry",
+                path=path,
+                status=outcome.status,
+                error=outcome.reason,
+                attempt=retries,
+                delay_s=round(delay_s, 3),
+            )
+            await self._sleep(delay_s)
+
+    async def _attempt(
+        self, method: str, path: str, headers: Mapping[str, str], body: Any
+    ) -> _Response | _Failure:
+        try:
+            response = await self._send(method, path, headers, body)
+        except _TRANSIENT_ERRORS as e:
+            return _Failure(type(e).__name__)
+        except aiohttp.ClientError as e:
+            raise ApiPermanentError(f"tradecloud {method} {path}: {type(e).__name__}") from e
+        if response.status == 429 or response.status >= 500:
+            retry_after_s = _retry_after_s(
+                response.headers.get("Retry-After"), self._wall_clock(), self._settings.retry_max_s
+            )
+            return _Failure(f"HTTP {response.status}", response.status, retry_after_s)
+        return response
+
+    async def _send(
+        self, method: str, path: str, headers: Mapping[str, str], body: Any = None
+    ) -> _Response:
+        """One HTTP exchange, alone on the wire and paced."""
+        async with self._http_lock:
+            await self._pace()
+            async with self._session.request(
+                method,
+                self._settings.base_url + path,
+                headers={"Accept": "application/json", **headers},
+                json=body,
+                timeout=self._timeout,
+                # Never follow a redirect: it would carry our credentials elsewhere.
+                allow_redirects=False,
+            ) as response:
+                return _Response(response.status, response.headers, await response.read())
+
+    async def _pace(self) -> None:
+        wait_s = self._last_start + self._spacing_s - self._clock()
+        if wait_s > 0:
+            await self._sleep(wait_s)
+        self._last_start = self._clock()
+
+    def _backoff_s(self, retry: int) -> float:
+        """Full jitter: uniform between 0 and an exponentially growing, capped ceiling."""
+        settings = self._settings
+        ceiling_s = min(settings.retry_max_s, settings.retry_initial_s * 2.0 ** min(retry - 1, 64))
+        return self._rng.uniform(0.0, ceiling_s)
+
+
+def _check(response: _Response, path: str) -> None:
+    status = response.status
+    if 200 <= status < 300:
+        return
+    if status in (401, 403):
+        raise ApiAuthError(f"tradecloud {path}: credentials refused (HTTP {status})", status=status)
+    raise ApiPermanentError(f"tradecloud {path}: HTTP {status}", status=status)
+
+
+def _json_object(response: _Response, path: str) -> dict[str, Any]:
+    try:
+        value = json.loads(response.body)
+    except ValueError as e:  # includes UnicodeDecodeError
+        raise ApiPermanentError(
+            f"tradecloud {path}: answer is not JSON", status=response.status
+        ) from e
+    if not isinstance(value, dict):
+        raise ApiPermanentError(
+            f"tradecloud {path}: answer is not a JSON object", status=response.status
+        )
+    return value
+
+
+def _parse_page(value: dict[str, Any], path: str) -> PollPage:
+    data = value.get("data")
+    if not isinstance(data, list):
+        raise ApiPermanentError(f"tradecloud {path}: answer has no 'data' list")
+    items = [item for item in data if isinstance(item, dict)]
+    if len(items) != len(data):
+        log.warning("tradecloud.non_object_items", path=path, dropped=len(data) - len(items))
+    total = value.get("total")
+    last = value.get("lastUpdatedAt")
+    return PollPage(
+        items=items,
+        total=total if isinstance(total, int) and not isinstance(total, bool) else None,
+        last_updated_at=last if isinstance(last, str) else None,
+    )
+
+
+def _token_lifetime_s(token: str, now_s: float) -> float:
+    """Seconds until the JWT's ``exp``; unsigned read, the server checks the signature."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        exp = claims["exp"]
+    except (IndexError, ValueError, KeyError, TypeError):
+        return DEFAULT_TOKEN_LIFETIME_S
+    if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
+        return DEFAULT_TOKEN_LIFETIME_S
+    return float(exp) - now_s
+
+
+def _retry_after_s(value: str | None, now_s: float, cap_s: float) -> float | None:
+    """``Retry-After`` as seconds from now (delta or HTTP date), within [0, cap_s]."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:  # HTTP dates are UTC; timestamp() would assume local time
+            when = when.replace(tzinfo=UTC)
+        seconds = when.timestamp() - now_s
+    if math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), cap_s)
