@@ -1,0 +1,140 @@
+"""The simulated Tradecloud's data: orders, shipments, the ground-truth log of changes."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from random import Random
+from typing import Any, Literal
+
+from tcbridge.simulator import model
+from tcbridge.simulator.model import JsonObj
+from tcbridge.simulator.query import Indexed
+
+Kind = Literal["order", "shipment"]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change to one object, as the ground truth records it and a webhook announces it."""
+
+    kind: Kind
+    entity_id: str
+    event_name: str
+    last_updated_at: str
+    seq: int
+    webhook_body: JsonObj
+
+    def truth_entry(self) -> dict[str, Any]:
+        """The public ground-truth record."""
+        return {"kind": self.kind, "entityId": self.entity_id,
+                "lastUpdatedAt": self.last_updated_at, "eventName": self.event_name,
+                "seq": self.seq}
+
+
+class World:
+    """Stores objects, stamps every change with the clock and tells listeners about it."""
+
+    def __init__(self, rng: Random, now_s: Callable[[], float]) -> None:
+        self.factory = model.Factory(rng)
+        self._clock = model.SimClock(now_s)
+        self._orders: dict[str, Indexed] = {}
+        self._shipments: dict[str, Indexed] = {}
+        self.changes: list[Change] = []
+        self.listeners: list[Callable[[Change], None]] = []
+
+    def add_orders(self, count: int, *, same_timestamp: bool, lines: int) -> list[JsonObj]:
+        """Issue ``count`` new orders; with ``same_timestamp`` they share one stamp."""
+        shared = self._clock.next_ms() if same_timestamp else None
+        created = []
+        for _ in range(count):
+            stamp_ms = shared if shared is not None else self._clock.next_ms()
+            order = self.factory.order(model.format_ms(stamp_ms), lines)
+            self._orders[order["id"]] = self._index(order, order["lastUpdatedAt"])
+            self._order_changed(order, model.ORDER_ISSUED, order["lines"])
+            created.append(copy.deepcopy(order))
+        return created
+
+    def update_order(
+        self, order_id: str, event_name: str, line_count: int, line_ids: list[str] | None = None
+    ) -> JsonObj:
+        """Apply an order event to some lines; KeyError for an unknown order."""
+        order = self._orders[order_id].obj
+        stamp = model.format_ms(self._clock.next_ms())
+        if event_name == model.LINES_ISSUED:
+            line_ids = model.add_order_lines(self.factory, order, line_count, stamp)
+        elif line_ids is None:
+            line_ids = self.factory.pick_lines(order, line_count)
+        changed = model.apply_order_event(self.factory, order, event_name, line_ids, stamp)
+        self._orders[order_id] = self._index(order, stamp)
+        self._order_changed(order, event_name, changed)
+        return copy.deepcopy(order)
+
+    def add_shipments(self, count: int, order_ids: list[str] | None) -> list[JsonObj]:
+        """Issue ``count`` shipments for the given orders, or for random existing ones."""
+        missing = [i for i in order_ids or [] if i not in self._orders]
+        if missing:
+            raise KeyError(missing[0])
+        created = []
+        for i in range(count):
+            order = self._shipment_order(order_ids, i)
+            shipment = self.factory.shipment(model.format_ms(self._clock.next_ms()), order)
+            self._shipment_changed(shipment, model.SHIPMENT_ISSUED)
+            created.append(copy.deepcopy(shipment))
+        return created
+
+    def update_shipment(self, shipment_id: str, event_name: str) -> JsonObj:
+        """Apply a shipment event; KeyError for an unknown shipment."""
+        shipment = self._shipments[shipment_id].obj
+        model.apply_shipment_event(shipment, event_name, model.format_ms(self._clock.next_ms()))
+        self._shipment_changed(shipment, event_name)
+        return copy.deepcopy(shipment)
+
+    def order(self, order_id: str) -> JsonObj | None:
+        """A copy of the whole order, or None."""
+        entry = self._orders.get(order_id)
+        return copy.deepcopy(entry.obj) if entry else None
+
+    def shipment(self, shipment_id: str) -> JsonObj | None:
+        """A copy of the whole shipment, or None."""
+        entry = self._shipments.get(shipment_id)
+        return copy.deepcopy(entry.obj) if entry else None
+
+    def order_ids(self) -> list[str]:
+        """Ids of all orders in creation order."""
+        return list(self._orders)
+
+    def shipment_ids(self) -> list[str]:
+        """Ids of all shipments in creation order."""
+        return list(self._shipments)
+
+    def indexed(self, kind: Kind) -> list[Indexed]:
+        """All objects of ``kind`` with their sort keys (the objects are live; copy to expose)."""
+        return list((self._orders if kind == "order" else self._shipments).values())
+
+    def _shipment_order(self, order_ids: list[str] | None, i: int) -> JsonObj | None:
+        if order_ids:
+            return self._orders[order_ids[i % len(order_ids)]].obj
+        if not self._orders:
+            return None
+        return self._orders[self.factory.rng.choice(list(self._orders))].obj
+
+    def _index(self, obj: JsonObj, stamp: str) -> Indexed:
+        return Indexed(model.parse_instant_us(stamp), obj["id"], stamp, obj)
+
+    def _order_changed(self, order: JsonObj, event_name: str, lines: list[JsonObj]) -> None:
+        body = model.order_event_body(order, lines, event_name, self.factory.new_id())
+        self._record("order", order["id"], event_name, order["lastUpdatedAt"], body)
+
+    def _shipment_changed(self, shipment: JsonObj, event_name: str) -> None:
+        stamp = shipment["meta"]["lastUpdatedAt"]
+        self._shipments[shipment["id"]] = self._index(shipment, stamp)
+        body = model.shipment_event_body(shipment, event_name)
+        self._record("shipment", shipment["id"], event_name, stamp, body)
+
+    def _record(self, kind: Kind, entity_id: str, event: str, stamp: str, body: JsonObj) -> None:
+        change = Change(kind, entity_id, event, stamp, len(self.changes) + 1, body)
+        self.changes.append(change)
+        for listener in self.listeners:
+            listener(change)
