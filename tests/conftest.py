@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from tcbridge.config import StoreSettings
 from tcbridge.store import Store
@@ -271,7 +272,7 @@ async def simulator_factory() -> AsyncIterator[Callable[..., Any]]:
     started: list[Simulator] = []
 
     async def make(**kwargs: Any) -> tuple[Simulator, str]:
-        sim = Simulator(username=SIM_USER, password=SIM_PASSWORD, **kwargs)
+        sim = Simulator(**({"username": SIM_USER, "password": SIM_PASSWORD} | kwargs))
         url = await sim.start()
         started.append(sim)
         return sim, url
@@ -285,3 +286,60 @@ def tradecloud_config(url: str, **overrides: Any) -> dict[str, Any]:
     """The [tradecloud] section for a daemon talking to a simulator."""
     return {"base_url": url, "username": SIM_USER, "password": SIM_PASSWORD,
             "retry_initial_s": 0.05, "retry_max_s": 0.5, "timeout_s": 5} | overrides
+
+
+class Receiver:
+    """An HTTP endpoint on loopback (a bridge's webhook for the simulator, an ERP's API for
+    the http handler) that answers scripted statuses, then ``default``, and records calls."""
+
+    def __init__(self) -> None:
+        self.script: list[int | str] = []
+        self.default = 200
+        self.calls: list[dict[str, Any]] = []
+        self.release = asyncio.Event()
+        self.url = ""
+        app = web.Application()
+        app.router.add_route("*", "/hook/{tail:.*}", self.handle)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/hook"
+
+    async def stop(self) -> None:
+        self.release.set()
+        await self._runner.cleanup()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        text = await request.text()
+        answer = self.script.pop(0) if self.script else self.default
+        if answer == "hang":
+            await self.release.wait()
+            answer = 200
+        self.calls.append({"method": request.method, "path": request.path,
+                           "body": json.loads(text) if text else None,
+                           "auth": request.headers.get("Authorization"),
+                           "headers": dict(request.headers), "status": int(answer)})
+        return web.Response(status=int(answer))
+
+    def bodies(self, status: int | None = None) -> list[dict[str, Any]]:
+        """Bodies of the calls (only those answered ``status``, if given)."""
+        return [c["body"] for c in self.calls if status is None or c["status"] == status]
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    r = Receiver()
+    await r.start()
+    yield r
+    await r.stop()
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Wait (without blocking the loop) until ``condition()`` holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)

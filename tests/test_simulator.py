@@ -11,11 +11,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from tcbridge.simulator import Faults, Simulator, add_arguments, run_from_args
 from tcbridge.simulator.model import parse_instant_us
-from tests.conftest import basic_header, free_port
+from tests.conftest import Receiver, basic_header, free_port
 
 USER, PASSWORD = "integration@example.com", "secret"
 BASIC = {"Authorization": basic_header(USER, PASSWORD)}
@@ -38,42 +37,6 @@ class FakeClock:
         self.now += seconds
 
 
-class Receiver:
-    """A webhook endpoint that answers scripted statuses (then 200) and records every call."""
-
-    def __init__(self) -> None:
-        self.script: list[int | str] = []
-        self.calls: list[dict[str, Any]] = []
-        self.release = asyncio.Event()
-        self.url = ""
-        app = web.Application()
-        app.router.add_route("*", "/hook/{tail:.*}", self.handle)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
-
-    async def start(self) -> None:
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/hook"
-
-    async def stop(self) -> None:
-        self.release.set()
-        await self._runner.cleanup()
-
-    async def handle(self, request: web.Request) -> web.Response:
-        text = await request.text()
-        self.calls.append({"method": request.method, "path": request.path,
-                           "body": json.loads(text) if text else None,
-                           "auth": request.headers.get("Authorization")})
-        answer = self.script.pop(0) if self.script else 200
-        if answer == "hang":
-            await self.release.wait()
-            answer = 200
-        return web.Response(status=int(answer))
-
-    def bodies(self) -> list[dict[str, Any]]:
-        return [c["body"] for c in self.calls]
-
-
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
@@ -86,27 +49,15 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-async def sim_factory(clock: FakeClock) -> AsyncIterator[SimFactory]:
-    started: list[Simulator] = []
+def sim_factory(clock: FakeClock, simulator_factory: SimFactory) -> SimFactory:
+    """Simulators on the fake clock, without a rate limit, with this file's credentials."""
 
     async def make(**kwargs: Any) -> tuple[Simulator, str]:
-        kwargs = {"rate_limit_per_s": None, "clock": clock} | kwargs
-        sim = Simulator(**kwargs)
-        url = await sim.start()
-        started.append(sim)
-        return sim, url
+        defaults = {"rate_limit_per_s": None, "clock": clock, "username": USER,
+                    "password": PASSWORD}
+        return await simulator_factory(**(defaults | kwargs))
 
-    yield make
-    for sim in started:
-        await sim.stop()
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    r = Receiver()
-    await r.start()
-    yield r
-    await r.stop()
+    return make
 
 
 async def call(
