@@ -1,0 +1,236 @@
+"""The dispatcher: delivers stored events to handlers at least once, in order per entity.
+
+Each handler has its own lane with its own concurrency, so a failing or slow handler
+never delays another. A lane claims due deliveries from the store (which keeps them in
+order per entity), runs them, and writes each outcome back, shielded from cancellation.
+Retries are rows, not sleeps: the next attempt time lives in the store, so a restart
+resumes the schedule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from tcbridge.aio import wait_any
+from tcbridge.config import HandlerSettings
+from tcbridge.errors import StoreError
+from tcbridge.handlers import Handler, Outcome, matches
+from tcbridge.store import Claim, DeliveryStatus, Store
+
+log = structlog.get_logger(__name__)
+
+IDLE_CHECK_S = 2.0  # also notice work queued by another process (`tcbridge replay`)
+STORE_RETRY_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What an attempt's outcome means for the delivery."""
+
+    status: DeliveryStatus
+    next_attempt_at: float | None = None
+
+
+def retry_delay_s(settings: HandlerSettings, attempt: int, retry_after_s: float | None) -> float:
+    """Exponential backoff with jitter between the handler's bounds; Retry-After is a floor."""
+    ceiling = min(settings.retry_max_s, settings.retry_initial_s * 2.0 ** min(attempt - 1, 30))
+    delay = random.uniform(max(settings.retry_initial_s, ceiling / 2), ceiling)  # noqa: S311
+    if retry_after_s is not None:
+        delay = max(delay, min(retry_after_s, settings.retry_max_s))
+    return delay
+
+
+def decide(settings: HandlerSettings, outcome: Outcome, attempt: int, now: float) -> Decision:
+    """done, dead (permanent, or out of attempts), or pending again after a backoff."""
+    if outcome.status == "done":
+        return Decision("done")
+    if outcome.status == "dead" or attempt >= settings.max_attempts:
+        return Decision("dead")
+    return Decision("pending", now + retry_delay_s(settings, attempt, outcome.retry_after_s))
+
+
+def make_route(handlers: Sequence[HandlerSettings]) -> Callable[[Mapping[str, Any]], list[str]]:
+    """The function the store calls to fan a new event out to matching handlers."""
+
+    def route(envelope: Mapping[str, Any]) -> list[str]:
+        return [h.name for h in handlers if matches(h, envelope)]
+
+    return route
+
+
+class Lane:
+    """One handler's queue runner."""
+
+    def __init__(self, settings: HandlerSettings, handler: Handler, store: Store) -> None:
+        self.settings = settings
+        self.handler = handler
+        self._store = store
+        self.wake = asyncio.Event()
+        self._running: dict[int, asyncio.Task[None]] = {}
+
+    @property
+    def name(self) -> str:
+        """The handler's name."""
+        return self.settings.name
+
+    async def run_once(self) -> int:
+        """Claim what is due and free, run it to the end; returns how many ran."""
+        claims = await self._store.claim(self.name, self.settings.concurrency)
+        await asyncio.gather(*(self._deliver(claim) for claim in claims))
+        return len(claims)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim and run deliveries until ``stop`` is set."""
+        while not stop.is_set():
+            self.wake.clear()
+            try:
+                await self._fill()
+                due = await self._store.next_due(self.name)
+            except StoreError as e:
+                log.warning("dispatch.store_failed", handler=self.name, error=str(e))
+                due = time.time() + STORE_RETRY_S
+            await wait_any(stop, self.wake, self._delay(due))
+
+    def _delay(self, due: float | None) -> float:
+        if len(self._running) >= self.settings.concurrency:
+            return IDLE_CHECK_S
+        if due is None:
+            return IDLE_CHECK_S
+        return min(IDLE_CHECK_S, max(0.0, due - time.time()))
+
+    async def _fill(self) -> None:
+        free = self.settings.concurrency - len(self._running)
+        if free <= 0:
+            return
+        for claim in await self._store.claim(self.name, free):
+            task = asyncio.create_task(self._deliver(claim), name=f"deliver-{claim.id}")
+            self._running[claim.id] = task
+            task.add_done_callback(functools.partial(self._done, claim.id))
+
+    def _done(self, claim_id: int, _task: asyncio.Task[None]) -> None:
+        # A finished delivery frees a slot and may unblock the next one of its entity.
+        self._running.pop(claim_id, None)
+        self.wake.set()
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait for running deliveries up to ``timeout_s``, then cancel the rest (they stay
+        pending); returns how many were cancelled."""
+        tasks = list(self._running.values())
+        if not tasks:
+            return 0
+        _, late = await asyncio.wait(tasks, timeout=timeout_s)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        return len(late)
+
+    async def _deliver(self, claim: Claim) -> None:
+        with structlog.contextvars.bound_contextvars(
+            event_id=claim.event_id, entity_id=claim.entity_id, handler=self.name,
+            attempt=claim.attempt,
+        ):
+            try:
+                outcome = await self._attempt(claim)
+            except asyncio.CancelledError:
+                await asyncio.shield(self._release(claim))
+                raise
+            decision = decide(self.settings, outcome, claim.attempt, time.time())
+            await asyncio.shield(self._record(claim, outcome, decision))
+
+    async def _attempt(self, claim: Claim) -> Outcome:
+        try:
+            envelope: Mapping[str, Any] = json.loads(claim.body)
+            return await self.handler.deliver(envelope, claim.body.encode(), claim.attempt)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a handler bug must not stop the lane: retry it
+            log.exception("dispatch.handler_raised")
+            return Outcome("retry", error=f"{type(e).__name__}: {e}")
+
+    async def _record(self, claim: Claim, outcome: Outcome, decision: Decision) -> None:
+        """Write the outcome; keep trying while the store is unavailable."""
+        while True:
+            try:
+                await self._store.finish(
+                    claim, decision.status, error=outcome.error, output=outcome.output,
+                    next_attempt_at=decision.next_attempt_at,
+                )
+                break
+            except StoreError as e:
+                log.warning("dispatch.record_failed", error=str(e))
+                await asyncio.sleep(STORE_RETRY_S)
+        _log_decision(decision, outcome)
+
+    async def _release(self, claim: Claim) -> None:
+        try:
+            await self._store.release([claim.id])
+        except StoreError as e:  # start-up releases it anyway
+            log.warning("dispatch.release_failed", error=str(e))
+
+
+def _log_decision(decision: Decision, outcome: Outcome) -> None:
+    if decision.status == "done":
+        log.info("delivery.done")
+    elif decision.status == "dead":
+        log.error("delivery.dead", error=outcome.error, output=outcome.output)
+    else:
+        assert decision.next_attempt_at is not None
+        log.warning("delivery.retry", error=outcome.error,
+                    delay_s=round(decision.next_attempt_at - time.time(), 2))
+
+
+class Dispatcher:
+    """All lanes, woken together by the store's "new events" event."""
+
+    def __init__(
+        self, lanes: Sequence[Lane], store: Store, wake: asyncio.Event
+    ) -> None:
+        self.lanes = list(lanes)
+        self._store = store
+        self._wake = wake
+
+    async def start(self) -> int:
+        """Release deliveries a crash left running; returns how many."""
+        released = await self._store.release()
+        if released:
+            log.warning("dispatch.resumed_interrupted", deliveries=released)
+        return released
+
+    async def run_once(self) -> int:
+        """Every lane once (for tests and tools)."""
+        counts = await asyncio.gather(*(lane.run_once() for lane in self.lanes))
+        return sum(counts)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run every lane and fan the wake-up out to them until ``stop`` is set."""
+        tasks = [asyncio.create_task(lane.run(stop), name=f"lane-{lane.name}")
+                 for lane in self.lanes]
+        try:
+            while not stop.is_set():
+                await wait_any(stop, self._wake, None)
+                self._wake.clear()
+                for lane in self.lanes:
+                    lane.wake.set()
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait for running deliveries of every lane; returns how many were cut off."""
+        counts = await asyncio.gather(*(lane.drain(timeout_s) for lane in self.lanes))
+        return sum(counts)
+
+    async def close(self) -> None:
+        """Close every handler."""
+        for lane in self.lanes:
+            await lane.handler.close()

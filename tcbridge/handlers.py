@@ -1,0 +1,557 @@
+"""Delivery handlers: hand one stored event to the ERP side and say how it went.
+
+The dispatcher calls :meth:`Handler.deliver` once per attempt. A handler never raises for a
+failed delivery: it returns an :class:`Outcome` (``retry`` or ``dead``) and the dispatcher
+records it. Only :class:`asyncio.CancelledError` (shutdown) propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import contextvars
+import email.utils
+import fnmatch
+import importlib
+import inspect
+import json
+import os
+import re
+import secrets
+import signal
+import string
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar
+
+import aiohttp
+import structlog
+from multidict import CIMultiDict
+from yarl import URL
+
+from tcbridge.config import (
+    CommandHandlerSettings,
+    FileHandlerSettings,
+    HandlerSettings,
+    HttpHandlerSettings,
+    PythonHandlerSettings,
+)
+from tcbridge.errors import ConfigError, PermanentError
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+OutcomeStatus = Literal["done", "retry", "dead"]
+OUTPUT_TAIL_BYTES = 4096
+MAX_ERROR_CHARS = 500
+REAP_TIMEOUT_S = 5.0
+FILENAME_FIELDS = ("id", "kind", "entityId", "lastUpdatedAt", "eventName")
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+_LEADING_DOTS = re.compile(r"^\.+")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one delivery attempt."""
+
+    status: OutcomeStatus
+    error: str | None = None  # short human message for retry/dead
+    retry_after_s: float | None = None  # a server-requested delay (HTTP Retry-After)
+    output: str | None = None  # command: tail of stdout+stderr
+
+
+DONE = Outcome("done")
+
+
+class Handler(Protocol):
+    """Delivers envelopes to one destination."""
+
+    name: str
+
+    async def deliver(self, envelope: Mapping[str, Any], body: bytes, attempt: int) -> Outcome:
+        """Deliver one envelope; ``body`` is its JSON serialisation, ``attempt`` starts at 1."""
+        ...
+
+    async def close(self) -> None:
+        """Release what the handler holds."""
+        ...
+
+
+def build_handler(settings: HandlerSettings, session: aiohttp.ClientSession) -> Handler:
+    """The handler for one ``[[handlers]]`` section; :class:`ConfigError` if it cannot work."""
+    if isinstance(settings, FileHandlerSettings):
+        return FileHandler(settings)
+    if isinstance(settings, CommandHandlerSettings):
+        return CommandHandler(settings)
+    if isinstance(settings, HttpHandlerSettings):
+        return HttpHandler(settings, session)
+    return PythonHandler(settings)
+
+
+def matches(settings: HandlerSettings, envelope: Mapping[str, Any]) -> bool:
+    """True when the handler's filters (kinds, sources, event names, snapshots) accept it."""
+    if envelope.get("kind") not in settings.kinds:
+        return False
+    if envelope.get("source") not in settings.sources:
+        return False
+    if settings.event_names is None:
+        return True
+    event_name = envelope.get("eventName")
+    if event_name is None:
+        return settings.snapshots
+    return any(fnmatch.fnmatchcase(str(event_name), p) for p in settings.event_names)
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def _describe(error: BaseException) -> str:
+    message = str(error)
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def _timeout_error(timeout_s: float) -> Outcome:
+    return Outcome("retry", error=f"timeout after {timeout_s:g} s")
+
+
+# --- file -------------------------------------------------------------------------------------
+
+
+class FileHandler:
+    """Writes each envelope atomically into a drop folder."""
+
+    def __init__(self, settings: FileHandlerSettings) -> None:
+        self.name = settings.name
+        self._settings = settings
+        _check_filename_template(settings.name, settings.filename)
+
+    async def deliver(self, envelope: Mapping[str, Any], body: bytes, attempt: int) -> Outcome:
+        """Write ``body`` to ``directory/filename``; an OS error is retried."""
+        name = render_filename(self._settings.filename, envelope)
+        directory = self._settings.directory
+        try:
+            async with asyncio.timeout(self._settings.timeout_s):
+                # The thread cannot be stopped on timeout; it finishes (or hangs) on its own.
+                await asyncio.to_thread(write_atomically, directory, name, body)
+        except TimeoutError:
+            return _timeout_error(self._settings.timeout_s)
+        except (OSError, ValueError) as e:
+            return Outcome("retry", error=_short(f"cannot write {name!r}: {_describe(e)}"))
+        return DONE
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+def _check_filename_template(handler: str, template: str) -> None:
+    """Reject templates that are malformed, use unknown fields, or are not a plain name."""
+    where = f"handlers.{handler}.filename"
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ConfigError(f"{where}: malformed template {template!r}: {e}") from e
+    for _, field, spec, conversion in parts:
+        if field is None:
+            continue
+        if field not in FILENAME_FIELDS or spec or conversion:
+            allowed = ", ".join("{" + f + "}" for f in FILENAME_FIELDS)
+            raise ConfigError(f"{where}: unknown placeholder in {template!r}; use {allowed}")
+    sample = render_filename(template, {})
+    if not sample or sample.startswith(".") or any(c in sample for c in "/\\\0"):
+        raise ConfigError(f"{where}: {template!r} must give a plain, non-hidden file name")
+
+
+def render_filename(template: str, envelope: Mapping[str, Any]) -> str:
+    """The file name for an envelope; every substituted value is made path-safe."""
+    values = {field: _safe_value(envelope.get(field)) for field in FILENAME_FIELDS}
+    if envelope.get("eventName") is None:
+        values["eventName"] = "snapshot"
+    return template.format_map(values)
+
+
+def _safe_value(value: object) -> str:
+    text = "none" if value is None else str(value)
+    text = _UNSAFE_CHARS.sub("_", text)
+    # Leading dots would make ".", ".." or a hidden file that importers (and we) skip.
+    text = _LEADING_DOTS.sub(lambda m: "_" * len(m.group()), text)
+    return text or "_"
+
+
+def write_atomically(directory: Path, name: str, body: bytes) -> None:
+    """Temp file (dot-prefixed) in the same directory, fsync, rename, fsync the directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    temp = directory / f".{name}.{secrets.token_hex(6)}.tmp"
+    # os.open honours the umask (unlike mkstemp's 0600), so importers can read the file.
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, directory / name)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- command ----------------------------------------------------------------------------------
+
+
+class _Tail:
+    """Keeps only the last ``limit`` bytes of a stream."""
+
+    def __init__(self, limit: int = OUTPUT_TAIL_BYTES) -> None:
+        self._limit = limit
+        self._data = bytearray()
+
+    def feed(self, chunk: bytes) -> None:
+        self._data += chunk
+        if len(self._data) > self._limit:
+            del self._data[: len(self._data) - self._limit]
+
+    def text(self) -> str:
+        return self._data.decode("utf-8", errors="replace")
+
+
+class CommandHandler:
+    """Runs a program (no shell) in its own process group with the envelope on stdin."""
+
+    def __init__(self, settings: CommandHandlerSettings) -> None:
+        self.name = settings.name
+        self._settings = settings
+        self._permanent = frozenset(settings.permanent_exit_codes)
+
+    async def deliver(self, envelope: Mapping[str, Any], body: bytes, attempt: int) -> Outcome:
+        """Run the command once; its exit code decides the outcome."""
+        program = self._settings.command[0]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._settings.command,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,  # its own process group, so a timeout kills it all
+                cwd=self._settings.cwd,
+                env=self._environment(envelope, attempt),
+            )
+        except (OSError, ValueError) as e:
+            # Retried, not dead: a deploy may install the program (or fix its mode) later.
+            return Outcome("retry", error=_short(f"cannot start {program!r}: {_describe(e)}"))
+        return await self._supervise(proc, body)
+
+    async def close(self) -> None:
+        """Nothing to release: running commands end with their (cancelled) delivery."""
+
+    def _environment(self, envelope: Mapping[str, Any], attempt: int) -> dict[str, str]:
+        event_name = envelope.get("eventName")
+        # Passing the daemon's environment through to the child, as a shell would; this is
+        # not configuration, which comes only from config.py.
+        return {
+            **os.environ,
+            **self._settings.env,
+            "TCBRIDGE_EVENT_ID": str(envelope.get("id", "")),
+            "TCBRIDGE_KIND": str(envelope.get("kind", "")),
+            "TCBRIDGE_ENTITY_ID": str(envelope.get("entityId", "")),
+            "TCBRIDGE_EVENT_NAME": "" if event_name is None else str(event_name),
+            "TCBRIDGE_ATTEMPT": str(attempt),
+        }
+
+    async def _supervise(self, proc: asyncio.subprocess.Process, body: bytes) -> Outcome:
+        tail = _Tail()
+        timeout_s = self._settings.timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.gather(_feed_stdin(proc, body), _drain_output(proc, tail))
+                returncode = await proc.wait()
+        except TimeoutError:
+            await _kill_group(proc, self.name, "timeout")
+            return Outcome("retry", error=f"timeout after {timeout_s:g} s", output=tail.text())
+        except asyncio.CancelledError:
+            await _kill_group(proc, self.name, "cancelled")
+            raise
+        return self._judge(returncode, tail.text())
+
+    def _judge(self, returncode: int, output: str) -> Outcome:
+        if returncode == 0:
+            return Outcome("done", output=output)
+        if returncode < 0:
+            error = f"killed by signal {_signal_name(-returncode)}"
+            return Outcome("retry", error=error, output=output)
+        if returncode in self._permanent:
+            return Outcome("dead", error=f"exit code {returncode} (permanent)", output=output)
+        return Outcome("retry", error=f"exit code {returncode}", output=output)
+
+
+async def _feed_stdin(proc: asyncio.subprocess.Process, body: bytes) -> None:
+    stdin = proc.stdin
+    assert stdin is not None
+    try:
+        stdin.write(body)
+        await stdin.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the program does not read stdin; its exit code still decides
+    finally:
+        stdin.close()
+
+
+async def _drain_output(proc: asyncio.subprocess.Process, tail: _Tail) -> None:
+    stdout = proc.stdout
+    assert stdout is not None
+    while chunk := await stdout.read(65536):
+        tail.feed(chunk)
+
+
+async def _kill_group(proc: asyncio.subprocess.Process, handler: str, reason: str) -> None:
+    """SIGKILL the whole process group, then reap the leader (bounded)."""
+    log.warning("handler.command_killed", handler=handler, pid=proc.pid, reason=reason)
+    with contextlib.suppress(ProcessLookupError):  # the group is already gone
+        os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        # wait() also waits for the pipes; a process that left the group may still hold them.
+        async with asyncio.timeout(REAP_TIMEOUT_S):
+            await proc.wait()
+    except TimeoutError:
+        log.warning("handler.command_unreaped", handler=handler, pid=proc.pid)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+# --- http -------------------------------------------------------------------------------------
+
+
+class HttpHandler:
+    """POSTs each envelope to an internal endpoint over the shared session."""
+
+    RETRY_STATUSES = frozenset({408, 429})
+    RETRY_AFTER_STATUSES = frozenset({429, 503})
+
+    def __init__(self, settings: HttpHandlerSettings, session: aiohttp.ClientSession) -> None:
+        self.name = settings.name
+        self._settings = settings
+        self._session = session
+        self._url = _check_url(settings.name, settings.url)
+        credentials = _credentials(settings)
+        if credentials is not None and (self._url.raw_user or self._url.raw_password):
+            raise ConfigError(f"handlers.{settings.name}: credentials in the url and in auth")
+        self._headers = _base_headers(settings, credentials)
+        self._secrets = _secrets_of(settings, self._url, credentials)
+
+    async def deliver(self, envelope: Mapping[str, Any], body: bytes, attempt: int) -> Outcome:
+        """POST ``body``; the status code decides the outcome."""
+        headers = CIMultiDict(self._headers)
+        headers["Idempotency-Key"] = str(envelope.get("id", ""))
+        timeout_s = self._settings.timeout_s
+        try:
+            async with self._session.post(
+                self._url,
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+                allow_redirects=False,  # a redirected POST may turn into a GET without a body
+            ) as response:
+                return await self._judge(response)
+        except TimeoutError:
+            return _timeout_error(timeout_s)
+        except aiohttp.ClientError as e:
+            return Outcome("retry", error=self._redact(_describe(e)))
+        except Exception as e:  # aiohttp raises more than ClientError; never stop the dispatcher
+            log.exception("handler.http_unexpected", handler=self.name)
+            return Outcome("retry", error=self._redact(_describe(e)))
+
+    async def close(self) -> None:
+        """Nothing to release: the session belongs to the caller."""
+
+    async def _judge(self, response: aiohttp.ClientResponse) -> Outcome:
+        status = response.status
+        if 200 <= status < 300:
+            return DONE
+        snippet = (await response.content.read(512)).decode("utf-8", errors="replace")
+        error = self._redact(f"HTTP {status} {response.reason or ''}: {snippet}".strip(" :"))
+        if status in self.RETRY_STATUSES or status >= 500:
+            retry_after_s = None
+            if status in self.RETRY_AFTER_STATUSES:
+                retry_after_s = parse_retry_after(response.headers.get("Retry-After"))
+            return Outcome("retry", error=error, retry_after_s=retry_after_s)
+        if 300 <= status < 400:
+            error += f" (redirect to {self._redact(response.headers.get('Location', '?'))})"
+        return Outcome("dead", error=error)
+
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return _short(text)
+
+
+def _check_url(handler: str, url: str) -> URL:
+    try:
+        parsed = URL(url)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"handlers.{handler}.url: not a URL") from e
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ConfigError(f"handlers.{handler}.url: must be an absolute http:// or https:// URL")
+    return parsed
+
+
+def _credentials(settings: HttpHandlerSettings) -> str | None:
+    """The credentials part of the Authorization header, or None without auth."""
+    if settings.auth == "bearer" and settings.bearer_token is not None:
+        return settings.bearer_token.get_secret_value()
+    if settings.auth == "basic" and settings.basic_password is not None:
+        if ":" in settings.basic_username:
+            raise ConfigError(f"handlers.{settings.name}.basic_username: must not contain ':'")
+        pair = f"{settings.basic_username}:{settings.basic_password.get_secret_value()}"
+        return base64.b64encode(pair.encode()).decode("ascii")
+    return None
+
+
+def _base_headers(settings: HttpHandlerSettings, credentials: str | None) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"})
+    headers.update(settings.headers)
+    if credentials is None:
+        return headers
+    if "Authorization" in headers:
+        raise ConfigError(
+            f"handlers.{settings.name}: set auth = 'none' to send your own Authorization header"
+        )
+    scheme = "Bearer" if settings.auth == "bearer" else "Basic"
+    headers["Authorization"] = f"{scheme} {credentials}"
+    return headers
+
+
+def _secrets_of(
+    settings: HttpHandlerSettings, url: URL, credentials: str | None
+) -> tuple[str, ...]:
+    """Every string that must never appear in an error message."""
+    password = settings.basic_password
+    found = [url.password, credentials, password.get_secret_value() if password else None]
+    return tuple(s for s in found if s)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP-date); None if unusable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+# --- python -----------------------------------------------------------------------------------
+
+
+class PythonHandler:
+    """Calls ``pkg.module:function(envelope)``: async ones awaited, sync ones in a thread."""
+
+    def __init__(self, settings: PythonHandlerSettings) -> None:
+        self.name = settings.name
+        self._settings = settings
+        self._target = _load_callable(settings.name, settings.callable)
+        call = getattr(self._target, "__call__", None)  # noqa: B004 - objects with async __call__
+        self._is_async = inspect.iscoroutinefunction(self._target) or (
+            inspect.iscoroutinefunction(call)
+        )
+
+    async def deliver(self, envelope: Mapping[str, Any], body: bytes, attempt: int) -> Outcome:
+        """Call the function once; PermanentError is dead, any other exception is retried."""
+        deadline = asyncio.timeout(self._settings.timeout_s)
+        try:
+            async with deadline:
+                # A fresh copy, so the function cannot change what the dispatcher holds.
+                await self._call(json.loads(body))
+        except PermanentError as e:
+            return Outcome("dead", error=_short(_describe(e)))
+        except TimeoutError as e:
+            if deadline.expired():
+                return _timeout_error(self._settings.timeout_s)
+            return Outcome("retry", error=_short(_describe(e)))
+        except (Exception, SystemExit) as e:  # a sys.exit() in a handler must not stop us
+            return Outcome("retry", error=_short(_describe(e)))
+        return DONE
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    async def _call(self, argument: dict[str, Any]) -> None:
+        if self._is_async:
+            await self._target(argument)
+        else:
+            await run_in_daemon_thread(self._target, argument)
+
+
+def _load_callable(handler: str, spec: str) -> Callable[..., Any]:
+    where = f"handlers.{handler}.callable"
+    module_name, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # importing runs arbitrary code
+        raise ConfigError(f"{where}: cannot import {module_name!r}: {_describe(e)}") from e
+    target = getattr(module, attribute, None)
+    if target is None:
+        raise ConfigError(f"{where}: {module_name!r} has no attribute {attribute!r}")
+    if not callable(target):
+        raise ConfigError(f"{where}: {spec!r} is not callable")
+    return target  # type: ignore[no-any-return]
+
+
+def run_in_daemon_thread(function: Callable[[Any], T], argument: Any) -> Awaitable[T]:
+    """Run a blocking call in a new daemon thread, with the caller's context variables.
+
+    Not ``asyncio.to_thread``: a thread cannot be killed, and on Python 3.11 a hung worker
+    of the default executor would block ``asyncio.run`` from returning at shutdown (and,
+    piling up, starve every other ``to_thread`` user). A daemon thread is simply abandoned.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not future.done():  # cancelled by a timeout meanwhile
+            outcome()
+
+    def run() -> None:
+        try:
+            result = context.run(function, argument)
+        except BaseException as e:  # handed to the awaiting task, which decides
+            error = e
+            _call_soon(loop, settle, lambda: future.set_exception(error))
+        else:
+            _call_soon(loop, settle, lambda: future.set_result(result))
+
+    threading.Thread(target=run, name="tcbridge-python-handler", daemon=True).start()
+    return future
+
+
+def _call_soon(
+    loop: asyncio.AbstractEventLoop,
+    settle: Callable[[Callable[[], None]], None],
+    outcome: Callable[[], None],
+) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+        loop.call_soon_threadsafe(settle, outcome)

@@ -1,0 +1,257 @@
+"""The dispatcher with a real store and real handlers: order, retries, dead letters, replay."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tcbridge.config import FileHandlerSettings, HandlerSettings, PythonHandlerSettings
+from tcbridge.dispatch import Dispatcher, Lane, decide, make_route, retry_delay_s
+from tcbridge.envelope import parse_order_webhook, parse_snapshot
+from tcbridge.handlers import Outcome, build_handler
+from tcbridge.store import Store
+from tests.conftest import order_event_body, order_obj, until
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+import tcb_dispatch_target as target
+
+
+@pytest.fixture(autouse=True)
+def clean_target() -> Iterator[None]:
+    target.reset()
+    yield
+    target.reset()
+
+
+def python_handler(name: str = "erp", **overrides: Any) -> PythonHandlerSettings:
+    values: dict[str, Any] = {"name": name, "type": "python",
+                              "callable": "tcb_dispatch_target:deliver",
+                              "retry_initial_s": 0.01, "retry_max_s": 0.02}
+    return PythonHandlerSettings(**(values | overrides))
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+Rig = tuple[Store, Dispatcher]
+
+
+@pytest.fixture
+async def rig(
+    store_factory: Callable[..., Store], session: aiohttp.ClientSession
+) -> AsyncIterator[Callable[..., Any]]:
+    """A store routed to the given handlers, and a dispatcher with a lane for each."""
+    opened: list[Store] = []
+
+    async def make(*handlers: HandlerSettings, name: str = "tcbridge.db") -> Rig:
+        store = store_factory(name, busy_timeout_s=0.5)
+        store._route = make_route(handlers)
+        await store.open()
+        opened.append(store)
+        lanes = [Lane(h, build_handler(h, session), store) for h in handlers]
+        return store, Dispatcher(lanes, store, asyncio.Event())
+
+    yield make
+    for store in opened:
+        await store.close()
+
+
+async def ingest(store: Store, entity: str, stamp: str, **kw: Any) -> str:
+    result = await store.ingest(parse_order_webhook(order_event_body(entity, stamp=stamp, **kw)))
+    return result.event_id
+
+
+def statuses(store: Store) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(store.path) as conn:
+        return conn.execute(
+            "SELECT handler, entity_id, status, attempts FROM deliveries ORDER BY id").fetchall()
+
+
+def test_decide() -> None:
+    settings = python_handler(max_attempts=3, retry_initial_s=1, retry_max_s=10)
+    assert decide(settings, Outcome("done"), 1, 100.0).status == "done"
+    assert decide(settings, Outcome("dead", error="x"), 1, 100.0).status == "dead"
+    retry = decide(settings, Outcome("retry", error="x"), 1, 100.0)
+    assert retry.status == "pending" and retry.next_attempt_at is not None
+    assert 101.0 <= retry.next_attempt_at <= 101.0 + 1.0
+    assert decide(settings, Outcome("retry"), 3, 100.0).status == "dead"
+
+
+def test_backoff_grows_is_capped_and_honours_retry_after() -> None:
+    settings = python_handler(retry_initial_s=1, retry_max_s=8)
+    assert 1 <= retry_delay_s(settings, 1, None) <= 1
+    assert 2 <= retry_delay_s(settings, 3, None) <= 4
+    assert all(4 <= retry_delay_s(settings, n, None) <= 8 for n in range(4, 40))
+    assert retry_delay_s(settings, 1, 5.0) == 5.0
+    assert retry_delay_s(settings, 1, 3600.0) == 8  # never beyond retry_max_s
+
+
+async def test_deliveries_are_created_with_the_event_per_matching_handler(
+    rig: Callable[..., Any], tmp_path: Path
+) -> None:
+    orders = FileHandlerSettings(name="orders", type="file", directory=tmp_path / "o",
+                                 kinds=["order"], event_names=["OrderLines*"], snapshots=False)
+    everything = FileHandlerSettings(name="all", type="file", directory=tmp_path / "a")
+    store, dispatcher = await rig(orders, everything)
+    await ingest(store, "o1", "2024-05-01T00:00:00Z", event_name="OrderLinesConfirmedBySupplier")
+    await ingest(store, "o2", "2024-05-01T00:00:00Z", event_name="OrderIssuedByBuyer")
+    await store.ingest(parse_snapshot("order", order_obj("o3"), "poll"))
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")  # a duplicate: no new deliveries
+    assert [(h, e) for h, e, *_ in statuses(store)] == [
+        ("orders", "o1"), ("all", "o1"), ("all", "o2"), ("all", "o3")]
+    assert await dispatcher.run_once() == 4
+    assert len(list((tmp_path / "o").glob("*.json"))) == 1
+    assert len(list((tmp_path / "a").glob("*.json"))) == 3
+    assert {s for *_, s, _ in statuses(store)} == {"done"}
+    delivered = json.loads(next((tmp_path / "o").glob("*.json")).read_text())
+    assert delivered["entityId"] == "o1" and delivered["eventName"].startswith("OrderLines")
+
+
+async def test_failing_handler_retries_then_succeeds(rig: Callable[..., Any]) -> None:
+    store, dispatcher = await rig(python_handler())
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    target.FAILURES["o1"] = 2
+    for expected_attempts in (1, 2):
+        await dispatcher.run_once()
+        assert statuses(store) == [("erp", "o1", "pending", expected_attempts)]
+        assert await dispatcher.run_once() == 0  # not due yet: backoff is a row, not a sleep
+        await asyncio.sleep(0.03)
+    await dispatcher.run_once()
+    assert statuses(store) == [("erp", "o1", "done", 3)]
+    with sqlite3.connect(store.path) as conn:
+        attempts = conn.execute("SELECT attempt, outcome, error FROM delivery_attempts").fetchall()
+    assert [a[:2] for a in attempts] == [(1, "retry"), (2, "retry"), (3, "done")]
+    assert "ERP down" in attempts[0][2]
+
+
+async def test_out_of_attempts_is_dead_and_replay_dead_delivers(
+    rig: Callable[..., Any],
+) -> None:
+    store, dispatcher = await rig(python_handler(max_attempts=2))
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    target.FAILURES["o1"] = 5
+    await dispatcher.run_once()
+    await asyncio.sleep(0.03)
+    await dispatcher.run_once()
+    assert statuses(store) == [("erp", "o1", "dead", 2)]
+    (dead,) = await store.deliveries(status="dead")
+    assert "ERP down" in dead["lastError"]
+    target.FAILURES.clear()
+    assert await store.requeue_dead("erp") == 1
+    await dispatcher.run_once()
+    assert statuses(store) == [("erp", "o1", "done", 1)]
+    assert [e for e, _ in target.DELIVERED] == ["o1"]
+
+
+async def test_permanent_failure_is_dead_at_once(rig: Callable[..., Any]) -> None:
+    store, dispatcher = await rig(python_handler(max_attempts=10))
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    target.PERMANENT.add("o1")
+    await dispatcher.run_once()
+    assert statuses(store) == [("erp", "o1", "dead", 1)]
+
+
+async def test_order_per_entity_while_other_entities_proceed(rig: Callable[..., Any]) -> None:
+    store, dispatcher = await rig(python_handler(concurrency=4))
+    a1 = await ingest(store, "A", "2024-05-01T00:00:01Z")
+    a2 = await ingest(store, "A", "2024-05-01T00:00:02Z")
+    b1 = await ingest(store, "B", "2024-05-01T00:00:01Z")
+    a3 = await ingest(store, "A", "2024-05-01T00:00:03Z")
+    target.GATES["A"] = asyncio.Event()
+    stop = asyncio.Event()
+    runner = asyncio.create_task(dispatcher.run(stop))
+    await until(lambda: ("B", b1) in target.DELIVERED)
+    assert target.STARTED == [a1, b1]  # A2 and A3 wait for A1, B is not held up
+    target.GATES["A"].set()
+    await until(lambda: len(target.DELIVERED) == 4)
+    assert [e for ent, e in target.DELIVERED if ent == "A"] == [a1, a2, a3]
+    stop.set()
+    await runner
+
+
+async def test_failed_earlier_event_blocks_later_ones_of_its_entity(
+    rig: Callable[..., Any],
+) -> None:
+    store, dispatcher = await rig(python_handler())
+    first = await ingest(store, "A", "2024-05-01T00:00:01Z")
+    second = await ingest(store, "A", "2024-05-01T00:00:02Z")
+    target.FAILURES["A"] = 1
+    await dispatcher.run_once()
+    assert target.STARTED == [first]  # the second waits for the retry of the first
+    await asyncio.sleep(0.03)
+    await dispatcher.run_once()
+    await dispatcher.run_once()
+    assert [e for _, e in target.DELIVERED] == [first, second]
+
+
+async def test_slow_handler_does_not_hold_up_another(
+    rig: Callable[..., Any], tmp_path: Path
+) -> None:
+    fast = FileHandlerSettings(name="fast", type="file", directory=tmp_path / "fast")
+    store, dispatcher = await rig(python_handler("slow", concurrency=1), fast)
+    for i in range(20):
+        await ingest(store, f"e{i}", "2024-05-01T00:00:00Z")
+    for i in range(20):
+        target.GATES[f"e{i}"] = asyncio.Event()  # the slow handler never finishes
+    stop = asyncio.Event()
+    runner = asyncio.create_task(dispatcher.run(stop))
+    await until(lambda: len(list((tmp_path / "fast").glob("*.json"))) == 20)
+    assert target.DELIVERED == []
+    stop.set()
+    await runner
+    assert await dispatcher.drain(0.05) == 1  # the slow delivery is cut off...
+    counts = await store.delivery_counts()
+    assert counts["slow"] == {"pending": 20}  # ...and left pending, not lost
+    assert counts["fast"] == {"done": 20}
+
+
+async def test_new_events_wake_the_dispatcher_at_once(rig: Callable[..., Any]) -> None:
+    store, dispatcher = await rig(python_handler())
+    stop = asyncio.Event()
+    runner = asyncio.create_task(dispatcher.run(stop))
+    await asyncio.sleep(0.05)
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    dispatcher._wake.set()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await until(lambda: len(target.DELIVERED) == 1)
+    assert loop.time() - started < 1.0  # well under the 2 s idle check: woken, not polled
+    stop.set()
+    await runner
+
+
+async def test_interrupted_deliveries_are_released_at_start(
+    rig: Callable[..., Any], store_factory: Callable[..., Store], session: aiohttp.ClientSession
+) -> None:
+    store, _ = await rig(python_handler())
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    (claim,) = await store.claim("erp", 4)  # the crash happens now: the row stays running
+    await store.close()
+    store2, dispatcher = await rig(python_handler())
+    assert statuses(store2) == [("erp", "o1", "running", 0)]
+    assert await dispatcher.start() == 1
+    await dispatcher.run_once()
+    assert statuses(store2) == [("erp", "o1", "done", 1)]
+    assert target.DELIVERED == [("o1", claim.event_id)]
+
+
+async def test_replay_event_delivers_again_with_the_same_id(rig: Callable[..., Any]) -> None:
+    store, dispatcher = await rig(python_handler())
+    event_id = await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    await dispatcher.run_once()
+    assert await store.replay(event_id, None) == 1
+    await dispatcher.run_once()
+    assert target.DELIVERED == [("o1", event_id), ("o1", event_id)]
+    with pytest.raises(Exception, match="no event with id"):
+        await store.replay("nope", None)
