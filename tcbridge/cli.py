@@ -33,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreError as e:
         print(f"tcbridge: store: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # e.g. the port is taken, a TLS file is missing
+        print(f"tcbridge: cannot start: {e}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,6 @@ import asyncio
 import base64
 import contextlib
 import contextvars
-import email.utils
 import fnmatch
 import importlib
 import inspect
@@ -22,9 +21,9 @@ import secrets
 import signal
 import string
 import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -41,6 +40,7 @@ from tcbridge.config import (
     PythonHandlerSettings,
 )
 from tcbridge.errors import ConfigError, PermanentError
+from tcbridge.timefmt import retry_after_s
 
 log = structlog.get_logger(__name__)
 
@@ -449,18 +449,7 @@ def _secrets_of(
 
 def parse_retry_after(value: str | None) -> float | None:
     """Seconds from a ``Retry-After`` header (delta-seconds or HTTP-date); None if unusable."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return retry_after_s(value, time.time())
 
 
 # --- python -----------------------------------------------------------------------------------

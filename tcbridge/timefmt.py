@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 
 from tcbridge.errors import InvalidEvent
 
+_DELTA_SECONDS = re.compile(r"\d{1,10}(\.\d{1,6})?")  # RFC 9110 allows digits; we allow a fraction
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -34,3 +37,22 @@ def instant_us(value: object) -> int:
 def utc_now_iso() -> str:
     """The local clock as an ISO string, for our own bookkeeping only (never a cursor)."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def retry_after_s(value: str | None, now_s: float) -> float | None:
+    """A ``Retry-After`` header (delta-seconds or HTTP date) as seconds from ``now_s`` (epoch
+    seconds), never negative; None when missing or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if _DELTA_SECONDS.fullmatch(value):
+        seconds = float(value)
+    else:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:  # HTTP dates are UTC; timestamp() would assume local time
+            when = when.replace(tzinfo=UTC)
+        seconds = when.timestamp() - now_s
+    return max(seconds, 0.0)

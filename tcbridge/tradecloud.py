@@ -18,8 +18,6 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -28,6 +26,7 @@ import structlog
 
 from tcbridge.config import PollKind, TradecloudSettings
 from tcbridge.errors import ApiAuthError, ApiPermanentError, ApiTransientError
+from tcbridge.timefmt import retry_after_s
 
 log = structlog.get_logger(__name__)
 
@@ -344,18 +343,5 @@ def _token_lifetime_s(token: str, now_s: float) -> float:
 
 def _retry_after_s(value: str | None, now_s: float, cap_s: float) -> float | None:
     """``Retry-After`` as seconds from now (delta or HTTP date), within [0, cap_s]."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:  # HTTP dates are UTC; timestamp() would assume local time
-            when = when.replace(tzinfo=UTC)
-        seconds = when.timestamp() - now_s
-    if math.isnan(seconds):
-        return None
-    return min(max(seconds, 0.0), cap_s)
+    seconds = retry_after_s(value, now_s)
+    return None if seconds is None else min(seconds, cap_s)

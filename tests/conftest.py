@@ -198,6 +198,17 @@ class Daemon:
                 raise AssertionError(f"no {count} x {event} {fields} in time:\n{self.tail()}")
             await asyncio.sleep(0.05)
 
+    def cli(self, *args: str, expect: int | None = 0) -> subprocess.CompletedProcess[str]:
+        """Run another tcbridge command on this daemon's config (blocking; short commands)."""
+        result = subprocess.run(
+            [sys.executable, "-m", "tcbridge", *args, "--config", str(self.config_path)],
+            capture_output=True, text=True, timeout=60, env=os.environ | DAEMON_ENV,
+            check=False,
+        )
+        if expect is not None:
+            assert result.returncode == expect, result.stderr
+        return result
+
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 

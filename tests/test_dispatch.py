@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from tcbridge.config import FileHandlerSettings, HandlerSettings, PythonHandlerSettings
 from tcbridge.dispatch import Dispatcher, Lane, decide, make_route, retry_delay_s
@@ -255,3 +256,63 @@ async def test_replay_event_delivers_again_with_the_same_id(rig: Callable[..., A
     assert target.DELIVERED == [("o1", event_id), ("o1", event_id)]
     with pytest.raises(Exception, match="no event with id"):
         await store.replay("nope", None)
+
+
+class RaisingHandler:
+    """A handler with a bug: it raises instead of returning an Outcome."""
+
+    name = "buggy"
+
+    async def deliver(self, envelope: Any, body: bytes, attempt: int) -> Outcome:
+        raise KeyError("oops")
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_handler_that_raises_is_retried_not_fatal(store: Store) -> None:
+    settings = python_handler("buggy", retry_initial_s=5, retry_max_s=5)
+    store._route = make_route([settings])
+    lane = Lane(settings, RaisingHandler(), store)
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    with capture_logs() as logs:
+        assert await lane.run_once() == 1
+    assert statuses(store) == [("buggy", "o1", "pending", 1)]
+    (row,) = await store.deliveries()
+    assert row["lastError"] == "KeyError: 'oops'"
+    assert any(line["event"] == "dispatch.handler_raised" for line in logs)
+
+
+async def test_outcome_is_recorded_once_the_store_is_writable_again(
+    rig: Callable[..., Any],
+) -> None:
+    store, dispatcher = await rig(python_handler())
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    target.GATES["o1"] = asyncio.Event()
+    with capture_logs() as logs:
+        delivering = asyncio.create_task(dispatcher.run_once())
+        await until(lambda: len(target.STARTED) == 1)
+        blocker = sqlite3.connect(store.path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")  # the store cannot write the outcome now
+        target.GATES["o1"].set()
+        await until(lambda: any(e["event"] == "dispatch.record_failed" for e in logs))
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        await delivering
+    assert statuses(store) == [("erp", "o1", "done", 1)]
+
+
+async def test_lane_keeps_running_while_the_store_is_locked(rig: Callable[..., Any]) -> None:
+    store, dispatcher = await rig(python_handler())
+    blocker = sqlite3.connect(store.path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        runner = asyncio.create_task(dispatcher.run(stop))
+        await until(lambda: any(e["event"] == "dispatch.store_failed" for e in logs))
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        await ingest(store, "o1", "2024-05-01T00:00:00Z")
+        await until(lambda: len(target.DELIVERED) == 1)
+    stop.set()
+    await runner

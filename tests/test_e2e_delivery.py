@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -108,15 +106,15 @@ async def test_dead_delivery_then_replay_dead_and_replay_event(
     await daemon.start()
     (event_id,) = await post_events(daemon, [order_event_body("o-dead")])
     await daemon.wait_for_log("delivery.dead", event_id=event_id)
-    dead = cli(daemon, "deliveries", "--status", "dead", "--json")
+    dead = daemon.cli("deliveries", "--status", "dead", "--json").stdout
     assert [json.loads(line)["eventId"] for line in dead.splitlines()] == [event_id]
     receiver.default = 200
-    assert "re-queued 1" in cli(daemon, "replay", "--dead")
+    assert "re-queued 1" in daemon.cli("replay", "--dead").stdout
     await until(lambda: len(receiver.bodies(200)) == 1)
-    assert "queued 1" in cli(daemon, "replay", "--event", event_id)
+    assert "queued 1" in daemon.cli("replay", "--event", event_id).stdout
     await until(lambda: len(receiver.bodies(200)) == 2)
     assert [body["id"] for body in receiver.bodies(200)] == [event_id, event_id]
-    table = cli(daemon, "deliveries", "--handler", "erp")
+    table = daemon.cli("deliveries", "--handler", "erp").stdout
     assert table.splitlines()[0].split()[:3] == ["id", "eventId", "handler"]
     assert await daemon.stop() == 0
 
@@ -133,12 +131,3 @@ async def test_permanent_4xx_is_dead_at_once(
     (line,) = await daemon.wait_for_log("delivery.dead", event_id=event_id)
     assert line["attempt"] == 1 and "422" in line["error"]
     assert await daemon.stop() == 0
-
-
-def cli(daemon: Daemon, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "tcbridge", *args, "--config", str(daemon.config_path)],
-        capture_output=True, text=True, timeout=30, env=os.environ | DAEMON_ENV, check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout

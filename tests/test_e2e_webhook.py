@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
+import ssl
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.conftest import Daemon, order_event_body
 
@@ -91,3 +96,60 @@ async def test_concurrent_posts_are_all_stored(daemon_factory: Callable[..., Dae
     assert set(statuses) == {200}
     await daemon.kill()  # every 200 was on disk before it was sent
     assert query(daemon, "SELECT count(*) FROM events") == [(200,)]
+
+
+async def test_tls_listener(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    daemon = daemon_factory({"webhook": {"tls_cert": str(cert), "tls_key": str(key)}})
+    await daemon.start()
+    context = ssl.create_default_context(cafile=str(cert))
+    async with aiohttp.ClientSession() as session:
+        url = f"https://127.0.0.1:{daemon.port}/webhook/order"
+        async with session.post(url, json=order_event_body(), headers=TOKEN,
+                                ssl=context) as response:
+            assert response.status == 200
+        with pytest.raises(aiohttp.ClientError):  # plain HTTP is not answered
+            async with session.post(f"{daemon.url}/webhook/order", json={}, headers=TOKEN):
+                pass
+    assert await daemon.stop() == 0
+
+
+async def test_port_in_use_exits_1_with_a_message(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    daemon = daemon_factory({})
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", daemon.port)
+    try:
+        result = daemon.cli("run", expect=1)
+    finally:
+        blocker.close()
+    assert "cannot start" in result.stderr and str(daemon.port) in result.stderr
+
+
+async def test_events_and_cursor_commands(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory({})
+    await daemon.start()
+    async with aiohttp.ClientSession() as session:
+        for entity in ("o-1", "o-2", "o-1"):
+            body = order_event_body(entity, stamp="2024-05-01T10:00:00.000Z")
+            async with session.post(f"{daemon.url}/webhook/order", json=body,
+                                    headers=TOKEN) as response:
+                assert response.status == 200
+    events = [json.loads(line) for line in daemon.cli("events", "--json").stdout.splitlines()]
+    assert [e["entityId"] for e in events] == ["o-2", "o-1"]
+    assert [e["duplicates"] for e in events] == [0, 1]
+    only = daemon.cli("events", "--entity", "o-2", "--limit", "5").stdout
+    assert only.splitlines()[0].split()[:2] == ["seq", "id"] and len(only.splitlines()) == 2
+    assert "order" in daemon.cli("cursor").stdout
+    daemon.cli("cursor", "--set", "order=2024-02-01T00:00:00.000Z")
+    assert "2024-02-01T00:00:00.000Z" in daemon.cli("cursor").stdout
+    assert query(daemon, "SELECT value FROM cursors") == [("2024-02-01T00:00:00.000Z",)]
+    bad = daemon.cli("cursor", "--set", "order=yesterday", expect=2)
+    assert "not an ISO 8601" in bad.stderr
+    assert await daemon.stop() == 0

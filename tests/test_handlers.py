@@ -598,7 +598,7 @@ async def test_http_retry_after_as_http_date(
         ("120", 120.0),
         (" 5 ", 5.0),
         ("-3", None),
-        ("1.5", None),
+        ("1.5", 1.5),
         ("tomorrow", None),
         ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
     ],
