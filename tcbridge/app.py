@@ -7,7 +7,8 @@ import contextlib
 import os
 import signal
 import ssl
-from collections.abc import Coroutine
+import time
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,20 +16,26 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from tcbridge import __version__
-from tcbridge.config import Settings
+from tcbridge import __version__, retention
+from tcbridge.admin import build_admin_app
+from tcbridge.config import Settings, service_manager_environ
 from tcbridge.dispatch import Dispatcher, Lane, make_route
+from tcbridge.errors import StoreError
 from tcbridge.fetcher import Fetcher
 from tcbridge.handlers import build_handler
+from tcbridge.metrics import Metrics
 from tcbridge.poller import Poller
 from tcbridge.store import Store
+from tcbridge.systemd import Notifier
 from tcbridge.tradecloud import TradecloudClient
-from tcbridge.webhook import build_app
+from tcbridge.webhook import build_app, drain
 
 log = structlog.get_logger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+READY_PING_TIMEOUT_S = 2.0
+STALE_POLL_INTERVALS = 3
 
 
 @dataclass(slots=True)
@@ -36,51 +43,73 @@ class Parts:
     """Everything :func:`serve` builds, so shutdown can stop it in order."""
 
     store: Store
+    metrics: Metrics = field(default_factory=Metrics)
     session: aiohttp.ClientSession | None = None
     client: TradecloudClient | None = None
     runner: web.AppRunner | None = None
+    webhook_app: web.Application | None = None
+    admin: web.AppRunner | None = None
     dispatcher: Dispatcher | None = None
+    poller: Poller | None = None
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     dispatch_wake: asyncio.Event = field(default_factory=asyncio.Event)
     fetch_wake: asyncio.Event = field(default_factory=asyncio.Event)
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
     bound: list[tuple[str, int]] = field(default_factory=list)
+    admin_bound: list[tuple[str, int]] = field(default_factory=list)
+    started_at: float = field(default_factory=time.monotonic)
+    notifier: Notifier = field(default_factory=lambda: Notifier(None))
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> int:
+async def serve(
+    settings: Settings, stop: asyncio.Event, *, notifier: Notifier | None = None
+) -> int:
     """Run the daemon until ``stop`` is set or a part crashes; returns the exit code."""
     route = make_route(settings.handlers)
     parts = Parts(store=Store(settings.store.path, settings.store, route=route))
+    if notifier is not None:
+        parts.notifier = notifier
     try:
         await startup(settings, parts, stop)
+        parts.notifier.ready(status_line(settings, parts))
         return await main_loop(parts, stop)
     finally:
         await shutdown(settings, parts)
+        parts.notifier.close()
 
 
 async def startup(settings: Settings, parts: Parts, stop: asyncio.Event) -> None:
-    """Open the store, then the HTTP client, the listener and the background loops."""
+    """Open the store, then the HTTP client, the loops, the listeners."""
     await parts.store.open()
     parts.session = aiohttp.ClientSession(
         headers={"User-Agent": f"tcbridge/{__version__}"}, raise_for_status=False
     )
     parts.client = TradecloudClient(parts.session, settings.tradecloud)
     await _start_dispatcher(settings, parts, stop)
+    fetcher = Fetcher(settings.fetch, parts.client, parts.store, parts.fetch_wake,
+                      parts.dispatch_wake, metrics=parts.metrics)
+    _spawn(parts, "fetcher", fetcher.run(stop))
+    _spawn(parts, "retention", retention.run(parts.store, settings.store, stop))
+    if settings.poll_enabled:
+        parts.poller = Poller(settings.poll, parts.client, parts.store, parts.dispatch_wake,
+                              api=settings.tradecloud.api, hybrid=settings.mode == "hybrid",
+                              metrics=parts.metrics)
+        _spawn(parts, "poller", parts.poller.run(stop))
+    if settings.admin.enabled:
+        await _start_admin(settings, parts)
     if settings.webhook_enabled:
         await _start_listener(settings, parts)
-    fetcher = Fetcher(settings.fetch, parts.client, parts.store, parts.fetch_wake,
-                      parts.dispatch_wake)
-    _spawn(parts, "fetcher", fetcher.run(stop))
-    if settings.poll_enabled:
-        poller = Poller(settings.poll, parts.client, parts.store, parts.dispatch_wake,
-                        api=settings.tradecloud.api)
-        _spawn(parts, "poller", poller.run(stop))
+    if parts.notifier.watchdog_interval_s is not None:
+        _spawn(parts, "watchdog", parts.notifier.watchdog_loop(
+            stop, lambda: status_line(settings, parts)))
     log.info("tcbridge.started", version=__version__, mode=settings.mode,
-             store=str(settings.store.path), listening=parts.bound)
+             store=str(settings.store.path), listening=parts.bound, admin=parts.admin_bound)
 
 
 async def _start_dispatcher(settings: Settings, parts: Parts, stop: asyncio.Event) -> None:
     assert parts.session is not None
-    lanes = [Lane(h, build_handler(h, parts.session), parts.store) for h in settings.handlers]
+    lanes = [Lane(h, build_handler(h, parts.session), parts.store, metrics=parts.metrics)
+             for h in settings.handlers]
     parts.dispatcher = Dispatcher(lanes, parts.store, parts.dispatch_wake)
     await parts.dispatcher.start()
     _spawn(parts, "dispatcher", parts.dispatcher.run(stop))
@@ -95,15 +124,38 @@ async def _start_listener(settings: Settings, parts: Parts) -> None:
         log.warning("webhook.auth_disabled",
                     message="webhook.auth = 'none': anyone who can reach the port can post")
     app = build_app(hook, parts.store, parts.dispatch_wake, parts.fetch_wake,
-                    retry_after_s=settings.store.retry_after_s)
-    parts.runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                                 shutdown_timeout=settings.shutdown_timeout_s)
-    await parts.runner.setup()
-    site = web.TCPSite(parts.runner, hook.host, hook.port, ssl_context=_tls(settings),
-                       reuse_address=True)
-    await site.start()
-    for sock in parts.runner.addresses:
-        parts.bound.append((str(sock[0]), int(sock[1])))
+                    retry_after_s=settings.store.retry_after_s, metrics=parts.metrics,
+                    draining=parts.draining)
+    parts.webhook_app = app
+    parts.runner = await _listen(app, hook.host, hook.port, settings.shutdown_timeout_s,
+                                 _tls(settings))
+    parts.bound.extend(_addresses(parts.runner))
+
+
+async def _start_admin(settings: Settings, parts: Parts) -> None:
+    app = build_admin_app(parts.metrics, lambda: readiness(settings, parts),
+                          lambda: _refresh_gauges(parts))
+    parts.admin = await _listen(app, settings.admin.host, settings.admin.port, 1.0, None)
+    parts.admin_bound.extend(_addresses(parts.admin))
+
+
+async def _listen(
+    app: web.Application, host: str, port: int, shutdown_timeout_s: float,
+    tls: ssl.SSLContext | None,
+) -> web.AppRunner:
+    runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                           shutdown_timeout=shutdown_timeout_s)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, ssl_context=tls, reuse_address=True).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def _addresses(runner: web.AppRunner) -> list[tuple[str, int]]:
+    return [(str(sock[0]), int(sock[1])) for sock in runner.addresses]
 
 
 def _tls(settings: Settings) -> ssl.SSLContext | None:
@@ -114,6 +166,31 @@ def _tls(settings: Settings) -> ssl.SSLContext | None:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(hook.tls_cert, hook.tls_key)
     return context
+
+
+async def readiness(settings: Settings, parts: Parts) -> list[str]:
+    """Why the daemon is not ready: draining, the store not writable, polls too old."""
+    reasons = []
+    if parts.draining.is_set():
+        reasons.append("shutting down")
+    try:
+        await asyncio.wait_for(parts.store.ping(), timeout=READY_PING_TIMEOUT_S)
+    except (TimeoutError, StoreError) as e:
+        reasons.append(f"store not writable: {e or 'no answer'}")
+    if parts.poller is not None:
+        now = asyncio.get_running_loop().time()
+        limit_s = STALE_POLL_INTERVALS * parts.poller.base_interval_s
+        for kind in settings.poll.kinds:
+            last = parts.poller.last_success.get(kind)
+            since = parts.started_at if last is None else last
+            if now - since > limit_s:
+                reasons.append(f"no successful {kind} poll for {now - since:.0f} s")
+    return reasons
+
+
+async def _refresh_gauges(parts: Parts) -> None:
+    with contextlib.suppress(StoreError):
+        parts.metrics.set_backlog(await parts.store.backlog())
 
 
 def _spawn(parts: Parts, name: str, coro: Coroutine[Any, Any, None]) -> None:
@@ -139,17 +216,26 @@ async def main_loop(parts: Parts, stop: asyncio.Event) -> int:
 
 
 async def shutdown(settings: Settings, parts: Parts) -> None:
-    """Stop accepting webhooks, stop the loops, close the client, close the store."""
+    """Stop accepting webhooks (new requests get 503), finish those in flight, stop the
+    loops, drain running deliveries, close the client and the store: all within one
+    ``shutdown_timeout_s`` (systemd's TimeoutStopSec is set above it)."""
     log.info("tcbridge.stopping")
-    if parts.runner is not None:
-        await parts.runner.cleanup()  # waits for requests in flight, up to the timeout
+    parts.notifier.stopping()
+    parts.draining.set()
+    deadline = asyncio.get_running_loop().time() + settings.shutdown_timeout_s
+    if parts.runner is not None and parts.webhook_app is not None:
+        cut = await drain(parts.runner, parts.webhook_app, _left(deadline))
+        if cut:
+            log.warning("webhook.cut_off", requests=cut)
     if parts.dispatcher is not None:
-        cut = await parts.dispatcher.drain(settings.shutdown_timeout_s)
+        cut = await parts.dispatcher.drain(_left(deadline))
         if cut:
             log.warning("dispatch.cut_off", deliveries=cut, message="left pending for next start")
-    await _stop_tasks(parts.tasks.values(), settings.shutdown_timeout_s)
+    await _stop_tasks(parts.tasks.values(), _left(deadline))
     if parts.dispatcher is not None:
         await parts.dispatcher.close()
+    if parts.admin is not None:
+        await parts.admin.cleanup()
     if parts.client is not None:
         await parts.client.close()
     if parts.session is not None:
@@ -158,7 +244,21 @@ async def shutdown(settings: Settings, parts: Parts) -> None:
     log.info("tcbridge.stopped")
 
 
-async def _stop_tasks(tasks: Any, timeout_s: float) -> None:
+def _left(deadline: float) -> float:
+    """Seconds left until ``deadline``; at least a moment, so each phase can end cleanly."""
+    return max(0.1, deadline - asyncio.get_running_loop().time())
+
+
+def status_line(settings: Settings, parts: Parts) -> str:
+    """A short summary for systemd's STATUS= (cheap: in-memory counters only)."""
+    stored = sum(sample.value for metric in parts.metrics.events.collect()
+                 for sample in metric.samples if sample.name.endswith("_total"))
+    where = ", ".join(f"{host}:{port}" for host, port in parts.bound) or "no listener"
+    return f"{settings.mode}; {where}; {int(stored)} events stored since start"
+
+
+async def _stop_tasks(tasks: Iterable[asyncio.Task[None]], timeout_s: float) -> None:
+    tasks = list(tasks)
     pending = [task for task in tasks if not task.done()]
     if pending:
         _, late = await asyncio.wait(pending, timeout=timeout_s)
@@ -176,12 +276,13 @@ def run(settings: Settings) -> int:
 
 
 async def _run_with_signals(settings: Settings) -> int:
+    notifier = Notifier.from_environ(service_manager_environ())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, _on_sigint, stop)
     try:
-        return await serve(settings, stop)
+        return await serve(settings, stop, notifier=notifier)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):

@@ -6,14 +6,17 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tcbridge import __version__, app, logs
-from tcbridge.config import Settings, load_settings
-from tcbridge.errors import ConfigError, InvalidEvent, StoreError
+from tcbridge import __version__, app, logs, retention
+from tcbridge.backfill import backfill
+from tcbridge.config import PollKind, Settings, load_settings
+from tcbridge.errors import ApiError, ConfigError, InvalidEvent, StoreError
 from tcbridge.store import Store
+from tcbridge.timefmt import instant_us
 
 EXIT_USAGE = 2
 
@@ -32,6 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except StoreError as e:
         print(f"tcbridge: store: {e}", file=sys.stderr)
+        return 1
+    except ApiError as e:
+        print(f"tcbridge: tradecloud: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # e.g. the port is taken, a TLS file is missing
         print(f"tcbridge: cannot start: {e}", file=sys.stderr)
@@ -65,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--event", metavar="ID", help="deliver this event again, even if done")
     what.add_argument("--dead", action="store_true", help="re-queue dead deliveries")
     replay.add_argument("--handler", help="only this handler")
+    status = _command(sub, "status", "mode, cursors, last polls, counts and backlog", cmd_status)
+    status.add_argument("--json", action="store_true", help="one JSON document")
+    backfill = _command(sub, "backfill", "one-off catch-up from a timestamp (safe while the "
+                        "daemon runs; the main cursor is not touched)", cmd_backfill)
+    backfill.add_argument("--since", required=True, metavar="TIMESTAMP",
+                          help="e.g. 2024-01-01T00:00:00.000Z")
+    backfill.add_argument("--kinds", nargs="+", choices=["order", "shipment"],
+                          help="default: the configured poll.kinds")
+    _command(sub, "purge", "apply the retention policy now", cmd_purge)
     _add_simulate(sub)
     return parser
 
@@ -156,6 +171,93 @@ def cmd_replay(args: argparse.Namespace) -> int:
     else:
         count = asyncio.run(_with_store(settings, lambda s: s.replay(args.event, handlers)))
         print(f"queued {count} deliveries of event {args.event}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``tcbridge status``."""
+    settings = _quiet_settings(args)
+    report = asyncio.run(_with_store(settings, lambda s: s.status()))
+    report = {"mode": settings.mode, **report}
+    report["cursors"] = {
+        kind: value | {"ageSeconds": _age_s(value["value"])}
+        for kind, value in report["cursors"].items()
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(status_text(report))
+    return 0
+
+
+def status_text(report: dict[str, Any]) -> str:
+    """The readable form of ``tcbridge status``."""
+    counts = report["counts"]
+    lines = [f"mode        {report['mode']}", ""]
+    lines.append("cursor      kind       value                          age")
+    for kind, cursor in sorted(report["cursors"].items()):
+        lines.append(f"            {kind:<10} {cursor['value']:<30} {_human(cursor['ageSeconds'])}")
+    lines += ["", "last poll   kind       last success              items  stored  error"]
+    for kind, poll in sorted(report["polls"].items()):
+        lines.append(f"            {kind:<10} {poll['lastSuccessAt'] or '-':<25} "
+                     f"{_dash(poll['lastItems']):>5}  {_dash(poll['lastStored']):>6}  "
+                     f"{poll['lastError'] or ''}")
+    duplicates = ", ".join(f"{k} {v}" for k, v in sorted(counts["duplicates"].items())) or "0"
+    lines += ["", f"events      {counts['events']}  (recovered by the poller: "
+              f"{counts['recovered']})",
+              f"duplicates  {duplicates}", f"stale       {counts['stale']}",
+              f"rejected    {counts['rejected']}", f"fetches     {counts['fetchPending']} pending",
+              "", "deliveries  handler              pending  running  dead"]
+    for handler, by_status in sorted(report["backlog"].items()):
+        lines.append(f"            {handler:<20} {by_status.get('pending', 0):>7}  "
+                     f"{by_status.get('running', 0):>7}  {by_status.get('dead', 0):>4}")
+    if not report["backlog"]:
+        lines.append("            (nothing pending, running or dead)")
+    return "\n".join(lines)
+
+
+def _age_s(value: str) -> float | None:
+    try:
+        return max(0.0, time.time() - instant_us(value) / 1_000_000)
+    except InvalidEvent:
+        return None
+
+
+def _human(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    """``tcbridge backfill``: the poller's paging and dedup from ``--since``, own cursor."""
+    settings = _quiet_settings(args)
+    _parse_assignment(f"order={args.since}")  # validates the timestamp
+    kinds = args.kinds or settings.poll.kinds
+    totals = asyncio.run(_backfill(settings, args.since, kinds))
+    for kind, stats in totals.items():
+        print(f"{kind}: {stats.items} fetched in {stats.pages} pages, {stats.stored} new, "
+              f"{stats.duplicates} duplicates, {stats.stale} stale, {stats.rejected} rejected")
+    return 0
+
+
+async def _backfill(settings: Settings, since: str, kinds: list[PollKind]) -> dict[str, Any]:
+    return await backfill(settings, since, kinds, progress_stream=sys.stderr)
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    """``tcbridge purge``: what retention does, on demand."""
+    settings = _quiet_settings(args)
+    totals = asyncio.run(_with_store(settings, lambda s: retention.purge_all(
+        s, retention.policy(settings.store))))
+    print("purged: " + ", ".join(f"{k} {v}" for k, v in totals.items()))
     return 0
 
 

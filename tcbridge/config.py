@@ -7,6 +7,7 @@ This is the only module that reads the environment. Everything else receives a
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -64,6 +65,10 @@ class StoreSettings(_Section):
     busy_timeout_s: float = Field(default=5.0, gt=0)
     commit_batch_max: int = Field(default=512, ge=1, le=10_000)
     retry_after_s: int = Field(default=5, ge=1, le=3600)
+    retention_days: float = Field(default=30.0, gt=0, le=100_000)
+    dedup_retention_days: float = Field(default=90.0, gt=0, le=100_000)
+    purge_interval_s: float = Field(default=3600.0, gt=0)
+    purge_batch: int = Field(default=500, ge=1, le=100_000)
 
 
 class TradecloudSettings(_Section):
@@ -145,6 +150,8 @@ class PollSettings(_Section):
 
     kinds: list[PollKind] = Field(default_factory=lambda: list(POLL_KINDS))
     interval_s: float = Field(default=300.0, gt=0)
+    hybrid_interval_s: float | None = Field(default=None, gt=0)
+    min_interval_s: float = Field(default=30.0, gt=0)
     start_from: str = "2024-01-01T00:00:00.000Z"
     page_size: int = Field(default=100, ge=1, le=100)
     error_backoff_max_s: float = Field(default=300.0, gt=0)
@@ -167,6 +174,14 @@ class FetchSettings(_Section):
     retry_initial_s: float = Field(default=2.0, gt=0)
     retry_max_s: float = Field(default=600.0, gt=0)
     max_attempts: int = Field(default=0, ge=0)  # 0: retry until it succeeds
+
+
+class AdminSettings(_Section):
+    """The admin listener: health, readiness and metrics. Keep it off the public network."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=9108, ge=0, le=65535)
 
 
 class LogSettings(_Section):
@@ -260,6 +275,7 @@ class Settings(BaseSettings):
     webhook: WebhookSettings = Field(default_factory=lambda: WebhookSettings(auth="none"))
     poll: PollSettings = Field(default_factory=PollSettings)
     fetch: FetchSettings = Field(default_factory=FetchSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     handlers: list[HandlerSettings] = Field(default_factory=list)
 
@@ -294,6 +310,14 @@ class Settings(BaseSettings):
     def poll_enabled(self) -> bool:
         """True when the poller runs."""
         return self.mode in ("poll", "hybrid")
+
+
+SERVICE_MANAGER_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+def service_manager_environ() -> dict[str, str]:
+    """What systemd tells its service through the environment (sd_notify, watchdog)."""
+    return {k: os.environ[k] for k in SERVICE_MANAGER_VARIABLES if k in os.environ}
 
 
 def load_settings(path: Path | str) -> Settings:

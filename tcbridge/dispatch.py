@@ -10,6 +10,7 @@ resumes the schedule.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import random
@@ -22,9 +23,11 @@ import structlog
 
 from tcbridge.aio import wait_any
 from tcbridge.config import HandlerSettings
-from tcbridge.errors import StoreError
+from tcbridge.errors import InvalidEvent, StoreError
 from tcbridge.handlers import Handler, Outcome, matches
+from tcbridge.metrics import Metrics
 from tcbridge.store import Claim, DeliveryStatus, Store
+from tcbridge.timefmt import instant_us
 
 log = structlog.get_logger(__name__)
 
@@ -70,10 +73,18 @@ def make_route(handlers: Sequence[HandlerSettings]) -> Callable[[Mapping[str, An
 class Lane:
     """One handler's queue runner."""
 
-    def __init__(self, settings: HandlerSettings, handler: Handler, store: Store) -> None:
+    def __init__(
+        self,
+        settings: HandlerSettings,
+        handler: Handler,
+        store: Store,
+        *,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
         self.handler = handler
         self._store = store
+        self._metrics = metrics or Metrics()
         self.wake = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
 
@@ -134,21 +145,32 @@ class Lane:
         return len(late)
 
     async def _deliver(self, claim: Claim) -> None:
+        envelope: Mapping[str, Any] = json.loads(claim.body) if claim.body else {}
         with structlog.contextvars.bound_contextvars(
-            event_id=claim.event_id, entity_id=claim.entity_id, handler=self.name,
-            attempt=claim.attempt,
+            event_id=claim.event_id, entity_id=claim.entity_id, kind=envelope.get("kind"),
+            source=envelope.get("source"), handler=self.name, attempt=claim.attempt,
         ):
             try:
-                outcome = await self._attempt(claim)
+                outcome = await self._attempt(claim, envelope)
             except asyncio.CancelledError:
                 await asyncio.shield(self._release(claim))
                 raise
             decision = decide(self.settings, outcome, claim.attempt, time.time())
             await asyncio.shield(self._record(claim, outcome, decision))
+            self._observe(decision, envelope)
 
-    async def _attempt(self, claim: Claim) -> Outcome:
+    def _observe(self, decision: Decision, envelope: Mapping[str, Any]) -> None:
+        outcome = "retry" if decision.status == "pending" else decision.status
+        self._metrics.deliveries.labels(self.name, outcome).inc()
+        if decision.status == "done" and isinstance(envelope.get("receivedAt"), str):
+            with contextlib.suppress(InvalidEvent):
+                latency_s = time.time() - instant_us(envelope["receivedAt"]) / 1_000_000
+                self._metrics.delivery_latency.labels(self.name).observe(max(0.0, latency_s))
+
+    async def _attempt(self, claim: Claim, envelope: Mapping[str, Any]) -> Outcome:
+        if not claim.body:  # the payload was purged: nothing left to deliver
+            return Outcome("dead", error="the event's payload was purged by retention")
         try:
-            envelope: Mapping[str, Any] = json.loads(claim.body)
             return await self.handler.deliver(envelope, claim.body.encode(), claim.attempt)
         except asyncio.CancelledError:
             raise

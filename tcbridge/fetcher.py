@@ -24,6 +24,7 @@ from tcbridge.errors import (
     InvalidEvent,
     StoreError,
 )
+from tcbridge.metrics import Metrics
 from tcbridge.store import FetchRequest, Rejected, Store
 
 log = structlog.get_logger(__name__)
@@ -54,8 +55,11 @@ class Fetcher:
         store: Store,
         wake: asyncio.Event,
         dispatch_wake: asyncio.Event,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
+        self._metrics = metrics or Metrics()
         self._client = client
         self._store = store
         self._wake = wake
@@ -97,7 +101,9 @@ class Fetcher:
                 await self._failed(request, e)
                 return
             result = await self._store.complete_fetch(request, candidate)
-            log.info(f"fetch.{result.status}", event_id=result.event_id)
+            self._metrics.count_ingest(result.status, candidate.source, candidate.kind)
+            log.info(f"fetch.{result.status}", event_id=result.event_id,
+                     source=candidate.source)
             if result.status == "stored":
                 self._dispatch_wake.set()
 
@@ -116,6 +122,7 @@ class Fetcher:
     async def _give_up(self, request: FetchRequest, reason: str, obj: object) -> None:
         log.error("fetch.failed", reason=reason)
         if obj is not None:
+            self._metrics.rejected.labels("webhook_get").inc()
             await self._store.reject(Rejected(
                 source="webhook_get", reason=reason, path=f"{request.kind}/{request.entity_id}",
                 body=repr(obj).encode()[:1_000_000],

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -23,7 +23,8 @@ import structlog
 from tcbridge.config import PollKind, PollSettings
 from tcbridge.envelope import Candidate, parse_snapshot
 from tcbridge.errors import ApiError, InvalidEvent, StoreError
-from tcbridge.store import Rejected, Store
+from tcbridge.metrics import Metrics
+from tcbridge.store import IngestResult, Rejected, Store
 from tcbridge.timefmt import instant_us
 from tcbridge.tradecloud import PollPage
 
@@ -49,6 +50,8 @@ class CycleStats:
     duplicates: int = 0
     stale: int = 0
     rejected: int = 0
+    recovered: int = 0
+    total: int | None = None
     cursor: str | None = None
 
 
@@ -109,26 +112,45 @@ class Poller:
         wake: asyncio.Event,
         *,
         api: Literal["poll", "search"],
+        hybrid: bool = False,
+        metrics: Metrics | None = None,
+        cursor_prefix: str = "",
+        progress: Callable[[str, CycleStats, int | None], None] | None = None,
     ) -> None:
         self._settings = settings
         self._client = client
         self._store = store
         self._wake = wake
         self._api = api
+        self._hybrid = hybrid
+        self._metrics = metrics or Metrics()
+        self._cursor_prefix = cursor_prefix  # "backfill:" keeps a backfill off the main cursor
+        self._progress = progress
         self._failures = 0
         self._stop = asyncio.Event()
         self.last_success: dict[str, float] = {}
+        self.interval_s = self.base_interval_s
+
+    @property
+    def base_interval_s(self) -> float:
+        """The configured interval: ``hybrid_interval_s`` in hybrid mode when set."""
+        if self._hybrid and self._settings.hybrid_interval_s is not None:
+            return self._settings.hybrid_interval_s
+        return self._settings.interval_s
 
     async def run_once(self, kind: PollKind) -> CycleStats:
         """One cycle of one kind: page until a page is not full. Raises on API or store errors."""
-        start = await self._store.get_cursor(kind) or self._settings.start_from
+        name = self._cursor_prefix + kind
+        stored = await self._store.get_cursor(name)
+        start = stored or self._settings.start_from
+        # Until a first cycle has completed, the poller catches up on history (from
+        # start_from); after that, what it sees first is what the webhook missed.
+        recover = (self._hybrid and not self._cursor_prefix
+                   and await self._store.poll_succeeded(name))
         cursor, offset = start, 0
         stats = CycleStats(cursor=start)
         while True:
-            page = await self._client.poll(
-                kind, cursor, offset=offset, limit=self._settings.page_size,
-                filters=self._filters(kind),
-            )
+            page = await self._fetch(kind, cursor, offset)
             candidates, rejects, stamps = self._normalise(kind, page)
             full = len(page.items) >= self._settings.page_size
             if full:
@@ -136,46 +158,82 @@ class Poller:
                 commit = position.safe_cursor
             else:
                 commit = page_cursor(page, stamps, api=self._api)
-            results = await self._store.ingest_page(kind, candidates, rejects, commit)
-            self._count(stats, page, results, rejects, commit)
-            log.debug("poll.page", kind=kind, offset=offset, items=len(page.items),
-                      total=page.total, committed_cursor=commit)
+            results = await self._store.ingest_page(
+                name, candidates, rejects, commit, recovered=recover)
+            self._account(kind, stats, page, candidates, results, rejects, commit)
             if not full or self._stop.is_set():  # on shutdown, stop between pages
                 return stats
             cursor, offset = position.cursor, position.offset
+
+    async def _fetch(self, kind: PollKind, cursor: str, offset: int) -> PollPage:
+        self._metrics.poll_requests.labels(kind).inc()
+        with self._metrics.poll_latency.labels(kind).time():
+            return await self._client.poll(
+                kind, cursor, offset=offset, limit=self._settings.page_size,
+                filters=self._filters(kind),
+            )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll every kind until ``stop`` is set; back off on errors, never give up."""
         loop = asyncio.get_running_loop()
         self._stop = stop
         while not stop.is_set():
-            ok = True
+            cycles: list[CycleStats | None] = []
             for kind in self._settings.kinds:
                 if stop.is_set():
                     return
-                ok = await self._cycle(kind, loop.time()) and ok
-            delay = self._settings.interval_s if ok else self._backoff()
+                cycles.append(await self._cycle(kind, loop.time()))
+            delay = self._next_delay(cycles)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
 
-    async def _cycle(self, kind: PollKind, started: float) -> bool:
+    def _next_delay(self, cycles: Sequence[CycleStats | None]) -> float:
+        """Back off after errors; poll sooner while busy (recovering missed webhooks, or more
+        than a page per cycle: the API's own advice), relaxing back to the base interval."""
+        if any(stats is None for stats in cycles):
+            return self._backoff()
+        busy = any(
+            stats is not None
+            and (stats.recovered > 0 or (stats.total or 0) > self._settings.page_size)
+            for stats in cycles
+        )
+        floor = min(self._settings.min_interval_s, self.base_interval_s)
+        if busy:
+            self.interval_s = max(floor, self.interval_s / 2)
+        else:
+            self.interval_s = min(self.base_interval_s, self.interval_s * 2)
+        return self.interval_s
+
+    async def _cycle(self, kind: PollKind, started: float) -> CycleStats | None:
         try:
             stats = await self.run_once(kind)
         except (ApiError, StoreError) as e:
             self._failures += 1
+            self._metrics.poll_errors.labels(kind).inc()
             log.warning("poll.failed", kind=kind, error=str(e), error_type=type(e).__name__,
                         failures=self._failures)
-            return False
+            await self._record(kind, None, str(e))
+            return None
         self._failures = 0
         self.last_success[kind] = started
         log.info("poll.done", kind=kind, pages=stats.pages, items=stats.items,
                  stored=stats.stored, duplicates=stats.duplicates, stale=stats.stale,
-                 rejected=stats.rejected, cursor=stats.cursor)
-        return True
+                 rejected=stats.rejected, recovered=stats.recovered, total=stats.total,
+                 cursor=stats.cursor)
+        await self._record(kind, stats, None)
+        return stats
+
+    async def _record(self, kind: str, stats: CycleStats | None, error: str | None) -> None:
+        try:
+            await self._store.record_poll(
+                kind, error=error, items=None if stats is None else stats.items,
+                stored=None if stats is None else stats.stored)
+        except StoreError as e:
+            log.warning("poll.state_not_recorded", kind=kind, error=str(e))
 
     def _backoff(self) -> float:
         base = min(self._settings.error_backoff_max_s, 2.0 ** min(self._failures, 16))
-        return min(self._settings.interval_s, random.uniform(base / 2, base))  # noqa: S311
+        return min(self.base_interval_s, random.uniform(base / 2, base))  # noqa: S311
 
     def _filters(self, kind: PollKind) -> Mapping[str, Any]:
         if kind == "order":
@@ -199,19 +257,44 @@ class Poller:
             stamps.append(candidate.last_updated_at)
         return candidates, rejects, stamps
 
-    def _count(
-        self, stats: CycleStats, page: PollPage, results: Sequence[Any],
-        rejects: Sequence[Rejected], commit: str | None,
+    def _account(
+        self, kind: str, stats: CycleStats, page: PollPage, candidates: Sequence[Candidate],
+        results: Sequence[IngestResult], rejects: Sequence[Rejected], commit: str | None,
     ) -> None:
+        if stats.pages == 0:
+            stats.total = page.total
         stats.pages += 1
         stats.items += len(page.items)
         stats.rejected += len(rejects)
-        for result in results:
-            setattr(stats, _STAT[result.status], getattr(stats, _STAT[result.status]) + 1)
+        self._metrics.rejected.labels("poll").inc(len(rejects))
+        for candidate, result in zip(candidates, results, strict=True):
+            self._count(stats, candidate, result)
         if commit is not None:
             stats.cursor = commit
-        if any(result.status == "stored" for result in results):
+            if not self._cursor_prefix:
+                self._metrics.set_cursor(kind, commit)
+        if stats.stored:
             self._wake.set()
+        log.debug("poll.page", kind=kind, items=len(page.items), total=page.total,
+                  committed_cursor=commit)
+        if self._progress is not None:
+            self._progress(kind, stats, stats.total)
+
+    def _count(self, stats: CycleStats, candidate: Candidate, result: IngestResult) -> None:
+        setattr(stats, _STAT[result.status], getattr(stats, _STAT[result.status]) + 1)
+        self._metrics.count_ingest(result.status, "poll", candidate.kind)
+        if result.status != "stored":
+            return
+        fields = {"event_id": result.event_id, "entity_id": candidate.entity_id,
+                  "kind": candidate.kind, "source": "poll",
+                  "last_updated_at": candidate.last_updated_at}
+        if result.recovered:
+            stats.recovered += 1
+            self._metrics.recovered.labels(candidate.kind).inc()
+            log.warning("poll.recovered", **fields,
+                        message="first seen by the poller: the webhook missed it")
+        else:
+            log.debug("poll.stored", **fields)
 
 
 _STAT = {"stored": "stored", "duplicate": "duplicates", "stale": "stale"}

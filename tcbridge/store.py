@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -49,6 +50,7 @@ class IngestResult:
     event_id: str
     late: bool = False
     deliveries: int = 0
+    recovered: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +178,21 @@ MIGRATIONS: list[list[str]] = [
             output TEXT
         )""",
         "CREATE INDEX delivery_attempts_delivery ON delivery_attempts (delivery_id)",
+    ],
+    [
+        "ALTER TABLE events ADD COLUMN recovered INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX deliveries_status ON deliveries (status, handler)",
+        # Retention walks the payloads still held, oldest first; purged rows leave the index.
+        "CREATE INDEX events_payload_age ON events (received_at) WHERE envelope IS NOT NULL",
+        "CREATE INDEX sightings_age ON sightings (received_at)",
+        """CREATE TABLE poll_state (
+            kind TEXT PRIMARY KEY,
+            last_attempt_at TEXT NOT NULL,
+            last_success_at TEXT,
+            last_error TEXT,
+            last_items INTEGER,
+            last_stored INTEGER
+        )""",
     ],
 ]
 
@@ -306,12 +323,19 @@ class Store:
         candidates: Sequence[Candidate],
         rejects: Sequence[Rejected],
         cursor: str | None,
+        *,
+        recovered: bool = False,
     ) -> list[IngestResult]:
-        """Store a poll page and move the cursor in one transaction: all of it or none."""
+        """Store a poll page and move the cursor in one transaction: all of it or none.
+
+        ``recovered``: new events are marked as recovered (the webhook missed them)."""
         received_at = utc_now_iso()
 
         def op(conn: sqlite3.Connection) -> list[IngestResult]:
-            results = [ingest_one(conn, c, received_at, self._route) for c in candidates]
+            results = [
+                ingest_one(conn, c, received_at, self._route, recovered=recovered)
+                for c in candidates
+            ]
             for rejected in rejects:
                 insert_rejected(conn, rejected, received_at)
             if cursor is not None:
@@ -436,6 +460,37 @@ class Store:
         """handler -> status -> count."""
         return await self.run(delivery_counts)
 
+    # -- poll state, status and retention ---------------------------------------------
+
+    async def record_poll(
+        self, kind: str, *, error: str | None, items: int | None, stored: int | None
+    ) -> None:
+        """Remember the outcome of the last poll cycle of a kind (for ``tcbridge status``)."""
+        now = utc_now_iso()
+        await self.run(lambda conn: record_poll(conn, kind, now, error, items, stored))
+
+    async def poll_succeeded(self, kind: str) -> bool:
+        """Whether a poll cycle of this kind has ever completed."""
+        row = await self.run(lambda conn: conn.execute(
+            "SELECT last_success_at FROM poll_state WHERE kind = ?", (kind,)).fetchone())
+        return row is not None and row[0] is not None
+
+    async def status(self) -> dict[str, Any]:
+        """Everything ``tcbridge status`` shows, read in one transaction."""
+        return await self.run(read_status)
+
+    async def backlog(self) -> dict[str, dict[str, int]]:
+        """handler -> status -> count of deliveries not done (pending, running, dead)."""
+        return await self.run(backlog_counts)
+
+    async def purge(self, policy: Retention) -> dict[str, int]:
+        """One batch of retention work; call until it returns all zeros."""
+        return await self.run(lambda conn: purge_batch(conn, policy, time.time()))
+
+    async def ping(self) -> None:
+        """A no-op write transaction: proves the writer thread answers and can lock the file."""
+        await self.run(lambda conn: None)
+
     # -- reading -------------------------------------------------------------------
 
     async def events(
@@ -523,7 +578,12 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 
 def ingest_one(
-    conn: sqlite3.Connection, candidate: Candidate, received_at: str, route: Route
+    conn: sqlite3.Connection,
+    candidate: Candidate,
+    received_at: str,
+    route: Route,
+    *,
+    recovered: bool = False,
 ) -> IngestResult:
     """The dedup rules, inside the caller's transaction."""
     event_id = candidate.event_id
@@ -541,11 +601,12 @@ def ingest_one(
         event_id=event_id, candidate=candidate, received_at=received_at,
         changed_line_ids=changed_lines(candidate, newest), late=late,
     )
-    seq = _insert_event(conn, candidate, envelope, received_at, late)
+    seq = _insert_event(conn, candidate, envelope, received_at, late, recovered)
     routes = route(envelope)
     if routes:
         insert_deliveries(conn, seq, event_id, candidate.entity_id, routes, received_at)
-    return IngestResult("stored", event_id, late=late, deliveries=len(routes))
+    return IngestResult("stored", event_id, late=late, deliveries=len(routes),
+                        recovered=recovered)
 
 
 def _newest(conn: sqlite3.Connection, candidate: Candidate) -> int | None:
@@ -562,15 +623,17 @@ def _insert_event(
     envelope: Mapping[str, Any],
     received_at: str,
     late: bool,
+    recovered: bool,
 ) -> int:
     cursor = conn.execute(
         "INSERT INTO events (id, kind, entity_id, version_key, last_updated_at, instant_us,"
-        " event_name, source, received_at, late, envelope) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        " event_name, source, received_at, late, envelope, recovered)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             envelope["id"], candidate.kind, candidate.entity_id, candidate.version_key,
             candidate.last_updated_at, candidate.instant_us, candidate.event_name,
             candidate.source, received_at, int(late),
-            json.dumps(envelope, separators=(",", ":"), ensure_ascii=False),
+            json.dumps(envelope, separators=(",", ":"), ensure_ascii=False), int(recovered),
         ),
     )
     seq = int(cursor.lastrowid or 0)
@@ -886,3 +949,144 @@ def delivery_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
     ):
         out.setdefault(handler, {})[status] = int(count)
     return out
+
+
+# -- poll state, status, retention -----------------------------------------------------
+
+
+def record_poll(
+    conn: sqlite3.Connection, kind: str, now: str, error: str | None,
+    items: int | None, stored: int | None,
+) -> None:
+    """Upsert the last poll outcome of a kind."""
+    if error is None:
+        conn.execute(
+            "INSERT INTO poll_state (kind, last_attempt_at, last_success_at, last_error,"
+            " last_items, last_stored) VALUES (?,?,?,NULL,?,?) ON CONFLICT (kind) DO UPDATE SET"
+            " last_attempt_at = excluded.last_attempt_at,"
+            " last_success_at = excluded.last_success_at, last_error = NULL,"
+            " last_items = excluded.last_items, last_stored = excluded.last_stored",
+            (kind, now, now, items, stored),
+        )
+    else:
+        conn.execute(
+            "INSERT INTO poll_state (kind, last_attempt_at, last_error) VALUES (?,?,?)"
+            " ON CONFLICT (kind) DO UPDATE SET last_attempt_at = excluded.last_attempt_at,"
+            " last_error = excluded.last_error",
+            (kind, now, error[:500]),
+        )
+
+
+def backlog_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+    """handler -> status -> count for deliveries that are not done (uses an index)."""
+    out: dict[str, dict[str, int]] = {}
+    for handler, status, count in conn.execute(
+        "SELECT handler, status, count(*) FROM deliveries"
+        " WHERE status IN ('pending', 'running', 'dead') GROUP BY handler, status"
+    ):
+        out.setdefault(handler, {})[status] = int(count)
+    return out
+
+
+def read_status(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Counts, cursors, poll state and backlog for ``tcbridge status``."""
+    def one(sql: str) -> int:
+        return int(conn.execute(sql).fetchone()[0])
+
+    sources = dict(conn.execute(
+        "SELECT source, count(*) FROM sightings WHERE reason = 'duplicate' GROUP BY source"
+    ).fetchall())
+    polls = {
+        row[0]: {"lastAttemptAt": row[1], "lastSuccessAt": row[2], "lastError": row[3],
+                 "lastItems": row[4], "lastStored": row[5]}
+        for row in conn.execute("SELECT kind, last_attempt_at, last_success_at, last_error,"
+                                " last_items, last_stored FROM poll_state")
+    }
+    return {
+        "counts": {
+            "events": one("SELECT count(*) FROM events"),
+            "duplicates": {str(k): int(v) for k, v in sources.items()},
+            "stale": one("SELECT count(*) FROM sightings WHERE reason = 'stale'"),
+            "rejected": one("SELECT count(*) FROM rejected"),
+            "recovered": one("SELECT count(*) FROM events WHERE recovered = 1"),
+            "fetchPending": one("SELECT count(*) FROM fetch_requests WHERE status = 'pending'"),
+        },
+        "cursors": {kind: {"value": value, "updatedAt": updated} for kind, value, updated
+                    in conn.execute("SELECT kind, value, updated_at FROM cursors")},
+        "polls": polls,
+        "backlog": backlog_counts(conn),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long what is kept (see ``[store]`` retention settings)."""
+
+    payload_days: float
+    dedup_days: float
+    batch: int = 500
+
+
+def _cutoff(now: float, days: float) -> str:
+    days = min(days, 100_000.0)  # beyond that: keep forever, as far as datetime can count
+    moment = datetime.fromtimestamp(now - days * 86_400, tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_PURGE_PAYLOADS_SQL = (
+    "UPDATE events SET envelope = NULL WHERE seq IN (SELECT seq FROM events"
+    " WHERE envelope IS NOT NULL AND received_at < ?"
+    # payloads stay while a delivery is pending, running or dead (it may be replayed)
+    " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = events.seq"
+    "   AND d.status != 'done')"
+    " ORDER BY received_at LIMIT ?)"
+)
+
+
+def _last_seq_before(conn: sqlite3.Connection, cutoff: str) -> int:
+    """The last event seq received before ``cutoff``: a binary search over the primary key
+    (seq grows with received_at), so retention needs no index on received_at."""
+    lo, hi = conn.execute("SELECT coalesce(min(seq), 1), coalesce(max(seq), 0) FROM events")\
+        .fetchone()
+    answer = lo - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        row = conn.execute(
+            "SELECT seq, received_at FROM events WHERE seq >= ? ORDER BY seq LIMIT 1", (mid,)
+        ).fetchone()
+        if row is None or row[1] >= cutoff:
+            hi = mid - 1
+        else:
+            answer, lo = row[0], row[0] + 1
+    return int(answer)
+
+
+def purge_batch(conn: sqlite3.Connection, policy: Retention, now: float) -> dict[str, int]:
+    """One small batch: drop payloads of old, fully delivered events (keeping their dedup
+    keys), then whole rows past the dedup retention, old sightings and rejections."""
+    payload_cutoff = _cutoff(now, policy.payload_days)
+    dedup_cutoff = _cutoff(now, max(policy.dedup_days, policy.payload_days))
+    payloads = conn.execute(_PURGE_PAYLOADS_SQL, (payload_cutoff, policy.batch)).rowcount
+    old = [row[0] for row in conn.execute(
+        "SELECT seq FROM events WHERE seq <= ? AND envelope IS NULL ORDER BY seq LIMIT ?",
+        (_last_seq_before(conn, dedup_cutoff), policy.batch))]
+    conn.executemany(
+        "DELETE FROM delivery_attempts WHERE delivery_id IN"
+        " (SELECT id FROM deliveries WHERE event_seq = ?)", [(seq,) for seq in old])
+    conn.executemany("DELETE FROM deliveries WHERE event_seq = ?", [(seq,) for seq in old])
+    conn.executemany(
+        "DELETE FROM sightings WHERE event_id = (SELECT id FROM events WHERE seq = ?)",
+        [(seq,) for seq in old])
+    conn.executemany("DELETE FROM events WHERE seq = ?", [(seq,) for seq in old])
+    sightings = conn.execute(
+        "DELETE FROM sightings WHERE id IN (SELECT id FROM sightings WHERE received_at < ?"
+        " ORDER BY received_at LIMIT ?)", (dedup_cutoff, policy.batch)).rowcount
+    rejected = conn.execute(
+        "DELETE FROM rejected WHERE id IN (SELECT id FROM rejected WHERE received_at < ?"
+        " ORDER BY id LIMIT ?)", (payload_cutoff, policy.batch)).rowcount
+    fetches = conn.execute(
+        "DELETE FROM fetch_requests WHERE id IN (SELECT id FROM fetch_requests"
+        " WHERE status != 'pending' AND finished_at < ? ORDER BY id LIMIT ?)",
+        (payload_cutoff, policy.batch)).rowcount
+    return {"payloads": payloads, "events": len(old), "sightings": sightings,
+            "rejected": rejected, "fetches": fetches}

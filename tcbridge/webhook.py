@@ -8,6 +8,7 @@ might pass later (the store is busy, a bug) is a 503 with ``Retry-After``, never
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
@@ -19,16 +20,41 @@ from tcbridge import auth
 from tcbridge.config import WebhookSettings
 from tcbridge.envelope import MAX_ID_LENGTH, parse_order_webhook, parse_shipment_webhook
 from tcbridge.errors import InvalidEvent, StoreUnavailable
+from tcbridge.metrics import Metrics
 from tcbridge.store import Rejected, Store
 
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class InFlight:
+    """Counts requests inside their handler, so shutdown can wait for them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def enter(self) -> None:
+        """A request entered its handler."""
+        self.count += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        """A request left its handler."""
+        self.count -= 1
+        if self.count == 0:
+            self.idle.set()
+
 STORE_KEY = web.AppKey("store", Store)
 WAKE_KEY = web.AppKey("wake", asyncio.Event)
 FETCH_WAKE_KEY = web.AppKey("fetch_wake", asyncio.Event)
 SETTINGS_KEY = web.AppKey("settings", WebhookSettings)
 RETRY_AFTER_KEY = web.AppKey("retry_after_s", int)
+METRICS_KEY = web.AppKey("metrics", Metrics)
+DRAINING_KEY = web.AppKey("draining", asyncio.Event)
+IN_FLIGHT_KEY = web.AppKey("in_flight", InFlight)
 PARSERS = {"order": parse_order_webhook, "shipment": parse_shipment_webhook}
 ID_PARAMS = {"order": "orderId", "shipment": "shipmentId"}
 KEPT_HEADERS = ("content-type", "content-length", "user-agent", "x-forwarded-for", "authorization")
@@ -41,18 +67,23 @@ def build_app(
     fetch_wake: asyncio.Event,
     *,
     retry_after_s: int = 5,
+    metrics: Metrics | None = None,
+    draining: asyncio.Event | None = None,
 ) -> web.Application:
     """The aiohttp application; ``wake`` tells the dispatcher of new events, ``fetch_wake``
     the fetch worker of new legacy GET requests."""
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[_guard, _client_filter(settings), _authenticate(settings)],
+        middlewares=[_guard, _drain, _client_filter(settings), _authenticate(settings)],
     )
     app[STORE_KEY] = store
     app[WAKE_KEY] = wake
     app[FETCH_WAKE_KEY] = fetch_wake
     app[SETTINGS_KEY] = settings
     app[RETRY_AFTER_KEY] = retry_after_s
+    app[METRICS_KEY] = metrics or Metrics()
+    app[DRAINING_KEY] = draining or asyncio.Event()
+    app[IN_FLIGHT_KEY] = InFlight()
     for kind in ("order", "shipment"):
         app.router.add_post(f"/webhook/{kind}", _post_handler(kind))
         app.router.add_get(f"/webhook/{kind}", _get_handler(kind), allow_head=False)
@@ -87,6 +118,37 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return unavailable(request, "internal error; please retry")
 
 
+@web.middleware
+async def _drain(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """While shutting down, new requests get a 503 (retried later); those already in a
+    handler finish and get their answer."""
+    if request.app[DRAINING_KEY].is_set():
+        return unavailable(request, "shutting down; please retry")
+    in_flight = request.app[IN_FLIGHT_KEY]
+    in_flight.enter()
+    try:
+        return await handler(request)
+    finally:
+        in_flight.leave()
+
+
+async def drain(runner: web.AppRunner, app: web.Application, timeout_s: float) -> int:
+    """Stop listening, let requests in flight finish (their bodies may still be arriving),
+    then close everything; returns how many requests were still running at the timeout.
+
+    aiohttp's own shutdown stops reading from connections at once, which would cut off a
+    request whose body is still on its way; so the sockets close first and the
+    connections only after the handlers are done."""
+    app[DRAINING_KEY].set()
+    for site in list(runner.sites):
+        await site.stop()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(app[IN_FLIGHT_KEY].idle.wait(), timeout=timeout_s)
+    left = app[IN_FLIGHT_KEY].count
+    await runner.cleanup()
+    return left
+
+
 def _client_filter(settings: WebhookSettings) -> Callable[..., Awaitable[web.StreamResponse]]:
     allowed = auth.parse_networks(settings.allowed_ips)
     proxies = auth.parse_networks(settings.trusted_proxies)
@@ -107,6 +169,7 @@ def _authenticate(settings: WebhookSettings) -> Callable[..., Awaitable[web.Stre
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not auth.check_credentials(settings, request.headers.get("Authorization")):
             log.warning("webhook.auth_failed", remote=request.remote, path=request.path)
+            request.app[METRICS_KEY].auth_failures.inc()
             return _json(
                 401, {"error": "unauthorized", "message": "missing or wrong credentials"},
                 **{"WWW-Authenticate": auth.challenge(settings)},
@@ -129,6 +192,7 @@ def _post_handler(kind: Literal["order", "shipment"]) -> Handler:
         except InvalidEvent as e:
             return await _reject(request, body, str(e))
         result = await store.ingest(candidate)
+        request.app[METRICS_KEY].count_ingest(result.status, candidate.source, candidate.kind)
         with structlog.contextvars.bound_contextvars(
             event_id=result.event_id, entity_id=candidate.entity_id, kind=candidate.kind,
             source=candidate.source,
@@ -163,6 +227,7 @@ async def _read_body(request: web.Request) -> bytes | web.Response:
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[SETTINGS_KEY].max_body_bytes
         await _keep(request, b"", f"body larger than max_body_bytes ({limit})")
+        request.app[METRICS_KEY].rejected.labels("webhook").inc()
         return _json(413, {"error": "too_large", "message": f"body exceeds {limit} bytes"})
 
 
@@ -177,6 +242,7 @@ def _decode(body: bytes) -> object:
 
 async def _reject(request: web.Request, body: bytes, reason: str) -> web.Response:
     rejected_id = await _keep(request, body, reason)
+    request.app[METRICS_KEY].rejected.labels("webhook").inc()
     log.warning("webhook.rejected", path=request.path, reason=reason, rejected_id=rejected_id)
     return _json(400, {"error": "invalid_event", "message": reason, "rejectedId": rejected_id})
 

@@ -157,12 +157,17 @@ class Daemon:
     config_path: Path
     log_path: Path
     port: int
+    admin_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
 
     async def start(self, timeout_s: float = 20.0) -> None:
         """Start and wait for its "started" log line."""
@@ -253,6 +258,7 @@ async def daemon_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Daemon]]
                       "retry_after_s": 1},
             "webhook": {"host": "127.0.0.1", "port": port, "auth": "bearer",
                         "bearer_token": "hook-token-1"},
+            "admin": {"host": "127.0.0.1", "port": free_port()},
             "log": {"level": "debug"},
         }
         for key, value in config.items():
@@ -261,7 +267,8 @@ async def daemon_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Daemon]]
             else:
                 base[key] = value
         path = write_config(tmp_path / f"{name}.toml", base)
-        daemon = Daemon(config_path=path, log_path=tmp_path / f"{name}.log", port=port)
+        daemon = Daemon(config_path=path, log_path=tmp_path / f"{name}.log", port=port,
+                        admin_port=base["admin"]["port"])
         daemons.append(daemon)
         return daemon
 

@@ -24,6 +24,7 @@ def settings(tmp_path: Path, **overrides: Any) -> Settings:
                        "max_retries": 0},
         "webhook": {"host": "127.0.0.1", "port": free_port(), "auth": "none"},
         "poll": {"interval_s": 60},
+        "admin": {"host": "127.0.0.1", "port": free_port()},
     }
     return Settings(**(values | overrides))
 

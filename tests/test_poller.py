@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+from typing import Any
+
 import pytest
 
-from tcbridge.poller import Position, next_position, page_cursor
+from tcbridge.config import PollSettings, StoreSettings
+from tcbridge.poller import CycleStats, Poller, Position, next_position, page_cursor
+from tcbridge.store import Store
 from tcbridge.tradecloud import PollPage
 
 T1, T2, T3 = "2024-05-01T00:00:01.000Z", "2024-05-01T00:00:02.000Z", "2024-05-01T00:00:03.000Z"
@@ -52,3 +58,29 @@ def test_offsets_compare_as_instants() -> None:
 def test_cursor_after_the_last_page(page: PollPage, api: str, expected: str | None) -> None:
     stamps = [T1, T2] if page.items else []
     assert page_cursor(page, stamps, api=api) == expected
+
+
+def _poller(**poll: Any) -> Poller:
+    settings = PollSettings(**({"interval_s": 300, "min_interval_s": 30} | poll))
+    store = Store(Path("/nonexistent/never-opened.db"), StoreSettings())
+    return Poller(settings, None, store, asyncio.Event(), api="poll", hybrid=True)  # type: ignore[arg-type]
+
+
+def test_interval_shortens_while_recovering_and_relaxes_back() -> None:
+    poller = _poller(hybrid_interval_s=120)
+    assert poller.base_interval_s == 120
+    busy, quiet = CycleStats(recovered=2), CycleStats()
+    assert [poller._next_delay([busy]) for _ in range(4)] == [60, 30, 30, 30]
+    assert [poller._next_delay([quiet]) for _ in range(4)] == [60, 120, 120, 120]
+
+
+def test_interval_shortens_while_more_than_a_page_changes() -> None:
+    poller = _poller(page_size=100)
+    assert poller._next_delay([CycleStats(total=250), CycleStats()]) == 150
+    assert poller._next_delay([CycleStats(total=100)]) == 300
+
+
+def test_failed_cycle_backs_off_within_the_interval() -> None:
+    poller = _poller(error_backoff_max_s=8)
+    poller._failures = 10
+    assert all(4 <= poller._next_delay([None]) <= 8 for _ in range(20))

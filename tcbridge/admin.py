@@ -1,0 +1,43 @@
+"""The admin listener: ``/healthz``, ``/readyz`` and ``/metrics``, on their own port.
+
+Metrics and health stay off the public webhook port: the webhook faces Tradecloud,
+this faces the people and the monitoring that run tcbridge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from tcbridge.metrics import Metrics
+
+Reasons = Callable[[], Awaitable[list[str]]]
+Refresh = Callable[[], Awaitable[None]]
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def build_admin_app(metrics: Metrics, readiness: Reasons, refresh: Refresh) -> web.Application:
+    """``readiness`` returns why the daemon is not ready (empty: ready); ``refresh`` updates
+    the gauges read from the store before a scrape."""
+
+    async def healthz(request: web.Request) -> web.Response:
+        # Answering at all proves the process and its event loop are alive.
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        reasons = await readiness()
+        if reasons:
+            return web.json_response({"status": "not ready", "reasons": reasons}, status=503)
+        return web.json_response({"status": "ready", "reasons": []})
+
+    async def scrape(request: web.Request) -> web.Response:
+        await refresh()
+        return web.Response(body=metrics.render(),
+                            headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", scrape)
+    return app

@@ -1,0 +1,97 @@
+"""Prometheus metrics: one registry per daemon, passed down like the settings.
+
+Counters count what happened in this process (they restart at zero, as Prometheus
+expects); gauges about the backlog (pending and dead deliveries) are read from the store
+when scraped, so they are right across restarts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from tcbridge.timefmt import instant_us
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+
+
+class _CursorLag(Collector):
+    """now - cursor per kind, computed when scraped (the lag grows between polls)."""
+
+    def __init__(self) -> None:
+        self.cursors_us: dict[str, int] = {}
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "tcbridge_cursor_lag_seconds", "Seconds between now and the poll cursor",
+            labels=["kind"],
+        )
+        now_us = time.time() * 1_000_000
+        for kind, cursor_us in sorted(self.cursors_us.items()):
+            family.add_metric([kind], max(0.0, (now_us - cursor_us) / 1_000_000))
+        yield family
+
+
+class Metrics:
+    """Every metric tcbridge exposes on the admin listener's ``/metrics``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.events = Counter("tcbridge_events", "Events stored", ["source", "kind"], registry=r)
+        self.duplicates = Counter("tcbridge_duplicates", "Arrivals recorded as duplicates",
+                                  ["source"], registry=r)
+        self.stale = Counter("tcbridge_stale_snapshots", "Snapshots older than the newest stored",
+                             ["kind"], registry=r)
+        self.recovered = Counter(
+            "tcbridge_recovered_events",
+            "Events first seen by the poller in hybrid mode: the webhook missed them",
+            ["kind"], registry=r)
+        self.rejected = Counter("tcbridge_rejected", "Requests or items rejected and kept",
+                                ["source"], registry=r)
+        self.auth_failures = Counter("tcbridge_webhook_auth_failures",
+                                     "Webhook requests with missing or wrong credentials",
+                                     registry=r)
+        self.poll_requests = Counter("tcbridge_poll_requests", "Poll pages requested", ["kind"],
+                                     registry=r)
+        self.poll_errors = Counter("tcbridge_poll_errors", "Poll cycles that failed", ["kind"],
+                                   registry=r)
+        self.poll_latency = Histogram("tcbridge_poll_request_seconds", "Poll request latency",
+                                      ["kind"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.deliveries = Counter("tcbridge_deliveries", "Delivery attempts by outcome",
+                                  ["handler", "outcome"], registry=r)
+        self.delivery_latency = Histogram(
+            "tcbridge_delivery_latency_seconds", "From receipt of the event to delivery done",
+            ["handler"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.backlog = Gauge("tcbridge_deliveries_backlog",
+                             "Deliveries not done, by handler and status (pending, running, dead)",
+                             ["handler", "status"], registry=r)
+        self._lag = _CursorLag()
+        r.register(self._lag)
+
+    def count_ingest(self, status: str, source: str, kind: str) -> None:
+        """Count what became of one arrival (an ``IngestResult.status``)."""
+        if status == "stored":
+            self.events.labels(source, kind).inc()
+        elif status == "duplicate":
+            self.duplicates.labels(source).inc()
+        else:
+            self.stale.labels(kind).inc()
+
+    def set_cursor(self, kind: str, cursor: str) -> None:
+        """Remember a kind's cursor for the lag gauge."""
+        self._lag.cursors_us[kind] = instant_us(cursor)
+
+    def set_backlog(self, counts: Mapping[str, Mapping[str, int]]) -> None:
+        """Set the backlog gauges from ``handler -> status -> count`` (missing means 0)."""
+        for handler, by_status in counts.items():
+            for status in ("pending", "running", "dead"):
+                self.backlog.labels(handler, status).set(by_status.get(status, 0))
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)
