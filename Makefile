@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+## the simulator and the bridge side by side (Ctrl-C stops both)
+demo: $(STAMP)
+	demo/run
+
 ## the daemon in the foreground on the example configuration
 run: $(STAMP)
 	$(BIN)/tcbridge run --config config.example.toml
