@@ -123,12 +123,8 @@ def cmd_events(args: argparse.Namespace) -> int:
     settings = _quiet_settings(args)
     rows = asyncio.run(_with_store(settings, lambda s: s.events(
         entity_id=args.entity, limit=args.limit)))
-    if args.json:
-        for row in rows:
-            print(json.dumps(row))
-        return 0
-    _table(rows, ["seq", "id", "kind", "entityId", "lastUpdatedAt", "eventName", "source",
-                  "late", "duplicates"])
+    _print_rows(rows, ["seq", "id", "kind", "entityId", "lastUpdatedAt", "eventName",
+                       "source", "late", "duplicates"], as_json=args.json)
     return 0
 
 
@@ -149,12 +145,8 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     settings = _quiet_settings(args)
     rows = asyncio.run(_with_store(settings, lambda s: s.deliveries(
         status=args.status, handler=args.handler, limit=args.limit)))
-    if args.json:
-        for row in rows:
-            print(json.dumps(row))
-        return 0
-    _table(rows, ["id", "eventId", "handler", "kind", "entityId", "eventName", "status",
-                  "attempts", "lastError"])
+    _print_rows(rows, ["id", "eventId", "handler", "kind", "entityId", "eventName", "status",
+                       "attempts", "lastError"], as_json=args.json)
     return 0
 
 
@@ -308,6 +300,15 @@ def _quiet_settings(args: argparse.Namespace) -> Settings:
 async def _with_store(settings: Settings, op: Callable[[Store], Any]) -> Any:
     async with Store(settings.store.path, settings.store) as store:
         return await op(store)
+
+
+def _print_rows(rows: list[dict[str, Any]], columns: list[str], *, as_json: bool) -> None:
+    """One JSON object per line, or a table of the given columns."""
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        _table(rows, columns)
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
