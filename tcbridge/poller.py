@@ -3,9 +3,11 @@
 Paging is keyset first, offset only inside a run of equal timestamps. After a full page
 the next query starts after the newest timestamp that is *complete* in what we have seen
 (``lastUpdatedAfter`` is exclusive), skipping the few items of the last timestamp already
-seen. Plain offset paging over a changing result set can skip an item when another one
-is updated between two pages; this cannot, except inside one run of equal timestamps.
-Each page's items and the cursor it makes safe are committed in one transaction.
+seen. Offsets over a changing result set can still skip an item: when an item before the
+offset is updated between two pages it moves to the end and every later item moves up
+one. So each offset query asks for the previous page's last item again; if that item
+does not come back first, the run shifted and the poller re-reads it from the query's
+start. Each page's items and the cursor it makes safe are committed in one transaction.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import contextlib
 import json
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 import structlog
@@ -101,6 +103,9 @@ def _readable(stamp: str) -> bool:
     return True
 
 
+MAX_SHIFTS_PER_CYCLE = 5
+
+
 class Poller:
     """Polls each configured kind every ``interval_s`` and stores what it finds."""
 
@@ -147,12 +152,26 @@ class Poller:
         # start_from); after that, what it sees first is what the webhook missed.
         recover = (self._hybrid and not self._cursor_prefix
                    and await self._store.poll_succeeded(name))
-        cursor, offset = start, 0
+        cursor, offset, overlap, shifts = start, 0, None, 0
         stats = CycleStats(cursor=start)
         while True:
-            page = await self._fetch(kind, cursor, offset)
+            raw = await self._fetch(kind, cursor, offset - 1 if overlap else offset)
+            page = _after_overlap(raw, overlap)
+            if page is None:
+                # An item before ``offset`` was updated since the last page (it moved to the
+                # end), so every later item moved up one: offset paging would skip one.
+                # Re-read from the query's start (a committed, safe cursor); duplicates are
+                # harmless. If it keeps shifting, end the cycle: the next one resumes there.
+                shifts += 1
+                log.info("poll.run_shifted", kind=kind, cursor=cursor, offset=offset,
+                         shifts=shifts)
+                if shifts > MAX_SHIFTS_PER_CYCLE:
+                    log.warning("poll.cycle_cut_short", kind=kind, cursor=cursor)
+                    return stats
+                offset, overlap = 0, None
+                continue
             candidates, rejects, stamps = self._normalise(kind, page)
-            full = len(page.items) >= self._settings.page_size
+            full = len(raw.items) >= self._settings.page_size
             if full:
                 position = next_position(stamps, cursor, offset, inclusive=self._api == "search")
                 commit = position.safe_cursor
@@ -164,6 +183,9 @@ class Poller:
             if not full or self._stop.is_set():  # on shutdown, stop between pages
                 return stats
             cursor, offset = position.cursor, position.offset
+            # Ask for the last item again: if it does not come first, the offsets shifted.
+            overlap = (_item_id(page.items[-1]) if offset and page.items
+                       and self._settings.page_size > 1 else None)
 
     async def _fetch(self, kind: PollKind, cursor: str, offset: int) -> PollPage:
         self._metrics.poll_requests.labels(kind).inc()
@@ -295,6 +317,20 @@ class Poller:
                         message="first seen by the poller: the webhook missed it")
         else:
             log.debug("poll.stored", **fields)
+
+
+def _item_id(item: Mapping[str, Any]) -> str | None:
+    value = item.get("id")
+    return value if isinstance(value, str) else None
+
+
+def _after_overlap(page: PollPage, overlap: str | None) -> PollPage | None:
+    """The page without the item asked for again; None if that item is not the expected one."""
+    if overlap is None:
+        return page
+    if not page.items or _item_id(page.items[0]) != overlap:
+        return None
+    return replace(page, items=page.items[1:])
 
 
 _STAT = {"stored": "stored", "duplicate": "duplicates", "stale": "stale"}
