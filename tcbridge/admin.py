@@ -7,6 +7,7 @@ this faces the people and the monitoring that run tcbridge.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from importlib import resources
 
 from aiohttp import web
 
@@ -15,6 +16,8 @@ from tcbridge.metrics import Metrics
 Reasons = Callable[[], Awaitable[list[str]]]
 Refresh = Callable[[], Awaitable[None]]
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The OpenAPI document of tcbridge's own endpoints (webhook and admin), shipped in the package.
+OPENAPI = resources.files("tcbridge").joinpath("openapi.json").read_bytes()
 
 
 def build_admin_app(metrics: Metrics, readiness: Reasons, refresh: Refresh) -> web.Application:
@@ -36,7 +39,11 @@ def build_admin_app(metrics: Metrics, readiness: Reasons, refresh: Refresh) -> w
         return web.Response(body=metrics.render(),
                             headers={"Content-Type": METRICS_CONTENT_TYPE})
 
+    async def openapi(request: web.Request) -> web.Response:
+        return web.Response(body=OPENAPI, content_type="application/json")
+
     app = web.Application()
+    app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", scrape)

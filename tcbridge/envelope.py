@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeGuard
 
 from tcbridge.config import EventKind, PollKind, Source
 from tcbridge.errors import InvalidEvent
@@ -183,15 +183,27 @@ def _event_name(data: Mapping[str, Any]) -> str | None:
     name = data.get("eventName")
     if name is None:
         return None
-    if not isinstance(name, str) or not name or len(name) > MAX_ID_LENGTH:
+    if not _plain_text(name):
         raise InvalidEvent("eventName must be a non-empty string")
     return name
+
+
+def _plain_text(value: object) -> TypeGuard[str]:
+    """A usable id or name: a non-blank string, not too long, valid Unicode (a lone
+    surrogate such as "\\ud800" parses as JSON but is no text)."""
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_LENGTH:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _entity_id(data: Mapping[str, Any], keys: tuple[str, ...], where: str) -> str:
     for key in keys:
         value = data.get(key)
-        if isinstance(value, str) and value.strip() and len(value) <= MAX_ID_LENGTH:
+        if _plain_text(value):
             return value
         if value is not None:
             raise InvalidEvent(f"{where}.{key} must be a non-empty string")
@@ -211,7 +223,7 @@ def _version(
         return str(stamp), f"t:{instant}", instant
     if isinstance(meta, Mapping):
         message_id = meta.get("messageId")
-        if isinstance(message_id, str) and message_id and len(message_id) <= MAX_ID_LENGTH:
+        if _plain_text(message_id):
             return None, f"m:{message_id}", None
         created = meta.get("createdDateTime")
         if isinstance(created, str):
@@ -245,7 +257,7 @@ def _iter_lines(data: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     return [
         (line["id"], line)
         for line in lines
-        if isinstance(line, Mapping) and isinstance(line.get("id"), str)
+        if isinstance(line, Mapping) and _plain_text(line.get("id"))
     ]
 
 

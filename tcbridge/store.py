@@ -632,8 +632,7 @@ def _insert_event(
         (
             envelope["id"], candidate.kind, candidate.entity_id, candidate.version_key,
             candidate.last_updated_at, candidate.instant_us, candidate.event_name,
-            candidate.source, received_at, int(late),
-            json.dumps(envelope, separators=(",", ":"), ensure_ascii=False), int(recovered),
+            candidate.source, received_at, int(late), envelope_json(envelope), int(recovered),
         ),
     )
     seq = int(cursor.lastrowid or 0)
@@ -647,6 +646,17 @@ def _insert_event(
              candidate.last_updated_at),
         )
     return seq
+
+
+def envelope_json(envelope: Mapping[str, Any]) -> str:
+    """The envelope as compact JSON text; a payload with a lone surrogate (valid JSON
+    syntax, but no valid Unicode) is stored with escapes instead of being refused."""
+    text = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(envelope, separators=(",", ":"))
+    return text
 
 
 def _sighting(

@@ -25,7 +25,10 @@ def parse_instant(value: object) -> datetime:
         raise InvalidEvent(f"not an ISO 8601 timestamp: {value[:64]!r}") from e
     if parsed.tzinfo is None:
         raise InvalidEvent(f"timestamp has no time zone: {value[:64]!r}")
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError as e:  # year 1 with a positive offset, year 9999 with a negative one
+        raise InvalidEvent(f"timestamp out of range: {value[:64]!r}") from e
 
 
 def instant_us(value: object) -> int:

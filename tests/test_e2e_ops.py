@@ -58,6 +58,8 @@ async def test_admin_endpoints_and_metrics(
         {"name": "drop", "type": "file", "directory": str(tmp_path / "out")}]})
     await daemon.start()
     assert (await get(f"{daemon.admin_url}/healthz"))[0] == 200
+    status, document = await get(f"{daemon.admin_url}/openapi.json")
+    assert status == 200 and "/webhook/order" in json.loads(document)["paths"]
     status, body = await get(f"{daemon.admin_url}/readyz")
     assert status == 200 and json.loads(body)["status"] == "ready"
     event = order_event_body("o-m1")
