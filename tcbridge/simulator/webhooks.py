@@ -58,6 +58,8 @@ class WebhookSender:
         self._headers = auth_header(config.auth)
         self._faults = faults
         self._rng = rng
+        # One record per attempt: kind, entityId, eventName, seq (the change's ground-truth
+        # seq), status (None: unreachable or timed out), attempt, dropped, duplicate.
         self.results: list[dict[str, Any]] = []
         self._pending: list[Change] = []
         self._unfinished = 0
@@ -163,5 +165,6 @@ class WebhookSender:
     ) -> None:
         self.results.append({
             "kind": change.kind, "entityId": change.entity_id, "eventName": change.event_name,
-            "status": status, "attempt": attempt, "dropped": dropped, "duplicate": duplicate,
+            "seq": change.seq, "status": status, "attempt": attempt, "dropped": dropped,
+            "duplicate": duplicate,
         })
