@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from typing import Any
 import aiohttp
 
 from tcbridge.timefmt import instant_us
-from tests.conftest import Daemon, tradecloud_config
+from tests.conftest import Daemon, tradecloud_config, until
 
 TOKEN = {"Authorization": "Bearer hook-token-1"}
 START = "2020-01-01T00:00:00.000Z"
@@ -185,3 +186,21 @@ async def test_legacy_get_webhook_fetches_and_stores_the_order(
     assert len(stored["payload"]["lines"]) == 4 and stored["eventName"] is None
     assert query(daemon, "SELECT status, attempts FROM fetch_requests") == [("done", 3)]
     assert [r["path"] for r in sim.requests].count("/v2/authentication/login") >= 1
+
+
+async def test_update_inside_a_run_between_two_pages_skips_nothing(
+    daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any]
+) -> None:
+    sim, url = await simulator_factory()
+    burst = sim.add_orders(15, same_timestamp=True, lines=1)
+    sim.faults.api_latency_s = 0.3  # the simulator answers each page after 0.3 s
+    daemon = daemon_factory(poll_config(url, page_size=10))
+    await daemon.start()
+    await until(lambda: bool(order_polls(sim)), timeout_s=10)
+    await asyncio.sleep(0.35)  # page 1 is answered; page 2 is being evaluated
+    sim.update_order(sorted(o["id"] for o in burst)[0])  # it moves to the end of the run
+    await daemon.wait_for_log("poll.done", kind="order", count=2)
+    assert await daemon.stop() == 0
+    stored = {row[0] for row in query(daemon, "SELECT entity_id FROM events")}
+    assert stored == {o["id"] for o in burst}
+    assert any(line["event"] == "poll.run_shifted" for line in daemon.logs())
