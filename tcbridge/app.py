@@ -8,7 +8,7 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -272,7 +272,18 @@ async def _stop_tasks(tasks: Iterable[asyncio.Task[None]], timeout_s: float) -> 
 
 def run(settings: Settings) -> int:
     """Run the daemon in a fresh event loop with signal handling; returns the exit code."""
-    return asyncio.run(_run_with_signals(settings))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(_run_with_signals(settings))
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when it is installed (the `fast` extra): measured in bench/README.md."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 async def _run_with_signals(settings: Settings) -> int:

@@ -104,28 +104,29 @@ class Lane:
         while not stop.is_set():
             self.wake.clear()
             try:
-                await self._fill()
-                due = await self._store.next_due(self.name)
+                due = await self._fill()
             except StoreError as e:
                 log.warning("dispatch.store_failed", handler=self.name, error=str(e))
                 due = time.time() + STORE_RETRY_S
             await wait_any(stop, self.wake, self._delay(due))
 
     def _delay(self, due: float | None) -> float:
-        if len(self._running) >= self.settings.concurrency:
-            return IDLE_CHECK_S
         if due is None:
             return IDLE_CHECK_S
         return min(IDLE_CHECK_S, max(0.0, due - time.time()))
 
-    async def _fill(self) -> None:
+    async def _fill(self) -> float | None:
+        """Claim what fits; returns when the next pending delivery is due (None: nothing
+        to do until woken, or every slot is busy and a finishing one will wake us)."""
         free = self.settings.concurrency - len(self._running)
         if free <= 0:
-            return
-        for claim in await self._store.claim(self.name, free):
+            return None
+        claims, due = await self._store.claim_and_next_due(self.name, free)
+        for claim in claims:
             task = asyncio.create_task(self._deliver(claim), name=f"deliver-{claim.id}")
             self._running[claim.id] = task
             task.add_done_callback(functools.partial(self._done, claim.id))
+        return due
 
     def _done(self, claim_id: int, _task: asyncio.Task[None]) -> None:
         # A finished delivery frees a slot and may unblock the next one of its entity.

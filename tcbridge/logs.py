@@ -6,10 +6,15 @@ import logging
 import sys
 from typing import Literal, TextIO
 
+import orjson
 import structlog
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "error": logging.ERROR}
+
+
+def _orjson_text(value: object, **_: object) -> str:
+    return orjson.dumps(value, default=repr).decode()
 
 
 def configure(
@@ -21,7 +26,8 @@ def configure(
     stream = stream or sys.stdout
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer(serializer=_orjson_text)
+        if use_json else structlog.dev.ConsoleRenderer()
     )
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import orjson
 import structlog
 
 from tcbridge.config import StoreSettings
@@ -193,6 +194,11 @@ MIGRATIONS: list[list[str]] = [
             last_items INTEGER,
             last_stored INTEGER
         )""",
+    ],
+    [
+        # Retention and replay find an event's deliveries by its seq.
+        "DROP INDEX deliveries_event",
+        "CREATE INDEX deliveries_event_seq ON deliveries (event_seq)",
     ],
 ]
 
@@ -421,6 +427,16 @@ class Store:
         """Claim due deliveries of one handler, in order per entity."""
         return await self.run(lambda conn: claim_deliveries(conn, handler, limit, time.time()))
 
+    async def claim_and_next_due(
+        self, handler: str, limit: int
+    ) -> tuple[list[Claim], float | None]:
+        """Claim due deliveries and say when the next pending one is due, in one step."""
+        def op(conn: sqlite3.Connection) -> tuple[list[Claim], float | None]:
+            claims = claim_deliveries(conn, handler, limit, time.time())
+            return claims, next_delivery_due(conn, handler)
+
+        return await self.run(op)
+
     async def finish(
         self,
         claim: Claim,
@@ -517,22 +533,52 @@ def _set_results(results: Iterable[Outcome]) -> None:
 def run_batch(
     conn: sqlite3.Connection, batch: Sequence[tuple[Op, asyncio.Future[Any]]]
 ) -> list[Outcome]:
-    """Run queued operations in one transaction, each in a savepoint; commit once."""
+    """Run queued operations in one transaction and commit once.
+
+    The fast path runs them one after the other; if one raises, the transaction is rolled
+    back and the batch runs again with each operation in its own savepoint, so one failing
+    operation never spoils its neighbours (operations are functions of the database
+    state, so running them again is safe)."""
     try:
         conn.execute("BEGIN IMMEDIATE")
     except sqlite3.Error as e:
-        error = StoreUnavailable(f"cannot begin a transaction: {e}")
-        return [(future, None, error) for _, future in batch]
-    outcomes: list[Outcome] = []
-    for op, future in batch:
-        outcomes.append((future, *_run_in_savepoint(conn, op)))
+        return _fail_all(batch, StoreUnavailable(f"cannot begin a transaction: {e}"))
+    try:
+        outcomes: list[Outcome] = [(future, op(conn), None) for op, future in batch]
+    except Exception:
+        _rollback(conn)
+        return _run_batch_guarded(conn, batch)
+    return _commit(conn, batch, outcomes)
+
+
+def _run_batch_guarded(
+    conn: sqlite3.Connection, batch: Sequence[tuple[Op, asyncio.Future[Any]]]
+) -> list[Outcome]:
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as e:
+        return _fail_all(batch, StoreUnavailable(f"cannot begin a transaction: {e}"))
+    outcomes = [(future, *_run_in_savepoint(conn, op)) for op, future in batch]
+    return _commit(conn, batch, outcomes)
+
+
+def _commit(
+    conn: sqlite3.Connection,
+    batch: Sequence[tuple[Op, asyncio.Future[Any]]],
+    outcomes: list[Outcome],
+) -> list[Outcome]:
     try:
         conn.execute("COMMIT")
     except sqlite3.Error as e:
         _rollback(conn)
-        error = StoreUnavailable(f"commit failed: {e}")
-        return [(future, None, error) for _, future in batch]
+        return _fail_all(batch, StoreUnavailable(f"commit failed: {e}"))
     return outcomes
+
+
+def _fail_all(
+    batch: Sequence[tuple[Op, asyncio.Future[Any]]], error: BaseException
+) -> list[Outcome]:
+    return [(future, None, error) for _, future in batch]
 
 
 def _run_in_savepoint(conn: sqlite3.Connection, op: Op) -> tuple[Any, BaseException | None]:
@@ -650,13 +696,12 @@ def _insert_event(
 
 def envelope_json(envelope: Mapping[str, Any]) -> str:
     """The envelope as compact JSON text; a payload with a lone surrogate (valid JSON
-    syntax, but no valid Unicode) is stored with escapes instead of being refused."""
-    text = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False)
+    syntax, but no valid Unicode; only the poller can bring one) is stored with escapes
+    instead of being refused."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
+        return orjson.dumps(envelope).decode()
+    except TypeError:
         return json.dumps(envelope, separators=(",", ":"))
-    return text
 
 
 def _sighting(
@@ -826,12 +871,17 @@ def insert_deliveries(
     """One pending delivery per handler, due at once."""
     due = time.time()
     rows = [(seq, event_id, name, entity_id, due, now, int(replay)) for name in handlers]
-    conn.executemany(
-        "INSERT INTO deliveries (event_seq, event_id, handler, entity_id, next_attempt_at,"
-        " created_at, replay) VALUES (?,?,?,?,?,?,?)",
-        rows,
-    )
+    if len(rows) == 1:  # the common case; execute is cheaper than executemany
+        conn.execute(_INSERT_DELIVERY_SQL, rows[0])
+    else:
+        conn.executemany(_INSERT_DELIVERY_SQL, rows)
     return len(rows)
+
+
+_INSERT_DELIVERY_SQL = (
+    "INSERT INTO deliveries (event_seq, event_id, handler, entity_id, next_attempt_at,"
+    " created_at, replay) VALUES (?,?,?,?,?,?,?)"
+)
 
 
 _CLAIM_SQL = (
@@ -918,8 +968,8 @@ def replay_event(
         raise StoreError(f"no event with id {event_id!r}")
     if handlers is None:
         handlers = [h for (h,) in conn.execute(
-            "SELECT DISTINCT handler FROM deliveries WHERE event_id = ? ORDER BY handler",
-            (event_id,))]
+            "SELECT DISTINCT handler FROM deliveries WHERE event_seq = ? ORDER BY handler",
+            (row[0],))]
     return insert_deliveries(conn, row[0], event_id, row[1], handlers, utc_now_iso(),
                              replay=True)
 

@@ -203,3 +203,13 @@ async def test_failed_fetch_is_rescheduled_or_given_up(store: Store) -> None:
     assert await store.next_fetch_due_at() is None
     assert rows(store.path, "SELECT status, last_error FROM fetch_requests") == [
         ("failed", "gone")]
+
+
+async def test_payload_text_with_a_lone_surrogate_is_stored_escaped(store: Store) -> None:
+    order = order_obj("o-s", "2024-05-01T10:00:00.000Z")
+    order["note"] = "\udfff"  # only the poller can bring one: the webhook refuses it
+    result = await store.ingest(parse_snapshot("order", order, "poll"))
+    assert result.status == "stored"
+    (envelope,) = rows(store.path, "SELECT envelope FROM events")[0]
+    assert "\\udfff" in str(envelope)
+    assert json.loads(str(envelope))["payload"]["note"] == "\udfff"
