@@ -12,7 +12,8 @@ import pytest
 from tcbridge import app
 from tcbridge.config import Settings
 from tcbridge.poller import Poller
-from tests.conftest import free_port, order_event_body
+from tests.conftest import order_event_body
+from tests.support import free_port
 
 
 def settings(tmp_path: Path, **overrides: Any) -> Settings:
