@@ -28,8 +28,21 @@ test: $(STAMP) lint
 	$(BIN)/pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check tcbridge tests
+	$(BIN)/ruff check tcbridge tests bench
 	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+
+## the benchmark suite of issue 6 (about 10 minutes): a table of ratios against baselines
+## measured in the same run, written into bench/README.md
+.PHONY: bench-smoke
+bench: $(STAMP)
+	@sh bench/ensure_wrk.sh
+	@$(BIN)/python -m pip install --quiet py-spy || echo "bench: py-spy not installed: no profile"
+	$(BIN)/python -m bench --profile --write-readme
+
+## every benchmark for a second or two with tiny sizes, no speed asserted (CI runs it)
+bench-smoke: $(STAMP)
+	@sh bench/ensure_wrk.sh
+	$(BIN)/python -m bench --smoke

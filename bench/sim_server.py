@@ -1,0 +1,114 @@
+"""The Tradecloud simulator with N orders and no rate limit, for the backfill benchmark.
+
+    python -m bench.sim_server --orders 100000 --user U --password P
+
+Prints ``READY <base url>`` once it serves, then runs until SIGTERM. Two things differ from
+``tcbridge simulate``, both so that the simulator is not what the benchmark measures:
+
+- the orders are made with the simulator's own data model (``Factory.order``, 2-8 lines,
+  2-5 KB each) but stored directly, without a change log or webhook bodies;
+- the poll query runs on a list sorted once (bisect to the cursor) instead of filtering and
+  sorting all N orders for every page. The world does not change during the benchmark, so
+  the answers are the same; any other query falls back to the simulator's own code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import signal
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from tcbridge.simulator import Simulator, api, query
+from tcbridge.simulator.model import format_ms, parse_instant_us
+from tcbridge.simulator.query import Indexed, Page
+
+CURSOR_KEYS = {False: "lastUpdatedAfter", True: "lastUpdatedSince"}
+
+
+def fill_orders(sim: Simulator, count: int) -> None:
+    """``count`` orders with strictly increasing stamps, 2-8 lines each."""
+    world = sim.world
+    for i in range(count):
+        stamp = format_ms(world._clock.next_ms())  # the simulator's own clock
+        order = world.factory.order(stamp, 2 + i % 7)
+        world._orders[order["id"]] = world._index(order, stamp)
+
+
+def sorted_query() -> Any:
+    """run_query on a list sorted once per world size (the world is static here)."""
+    original = query.run_query
+    cache: dict[int, tuple[list[Indexed], list[int]]] = {}
+
+    def run(items: Iterable[Indexed], body: object, *, inclusive: bool,
+            filter_paths: tuple[str, ...]) -> Page:
+        items = list(items)
+        simple = _simple(body, CURSOR_KEYS[inclusive])
+        if simple is None:
+            return original(items, body, inclusive=inclusive, filter_paths=filter_paths)
+        cursor, offset, limit = simple
+        if len(items) not in cache:
+            ordered = sorted(items, key=lambda it: (it.instant_us, it.entity_id))
+            cache.clear()
+            cache[len(items)] = (ordered, [it.instant_us for it in ordered])
+        ordered, instants = cache[len(items)]
+        start = 0
+        if cursor is not None:
+            us = parse_instant_us(cursor)
+            find = bisect.bisect_left if inclusive else bisect.bisect_right
+            start = find(instants, us)
+        page = ordered[start + offset:start + offset + limit]
+        return Page([it.obj for it in page], len(ordered) - start,
+                    page[-1].stamp if page else None)
+
+    return run
+
+
+def _simple(body: object, cursor_key: str) -> tuple[str | None, int, int] | None:
+    """(cursor, offset, limit) of a plain cursor query, None for anything else."""
+    if not isinstance(body, dict) or set(body) - {"filters", "offset", "limit"}:
+        return None
+    filters = body.get("filters") or {}
+    if not isinstance(filters, dict) or set(filters) - {cursor_key}:
+        return None
+    cursor, offset, limit = filters.get(cursor_key), body.get("offset", 0), body.get("limit", 100)
+    if cursor is not None and not isinstance(cursor, str):
+        return None
+    if type(offset) is not int or type(limit) is not int or offset < 0 or not 0 <= limit <= 100:
+        return None
+    return cursor, offset, limit
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """Build the world, serve it, print READY, wait for SIGTERM."""
+    sim = Simulator(username=args.user, password=args.password, rate_limit_per_s=None,
+                    seed=args.seed)
+    fill_orders(sim, args.orders)
+    api.run_query = sorted_query()
+    url = await sim.start("127.0.0.1", 0)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"READY {url}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await sim.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--orders", type=int, default=100_000)
+    parser.add_argument("--user", default="bench@example.com")
+    parser.add_argument("--password", default="bench-password")
+    parser.add_argument("--seed", type=int, default=4)
+    asyncio.run(serve(parser.parse_args()))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,444 @@
+"""The seven benchmarks of issue 6. Each returns table rows; nothing here asserts a speed.
+
+Every figure is measured against a baseline taken in the same run, on the same machine,
+because the machines are shared and noisy. Throughput figures take the best of ``rounds``
+runs of each side, alternating baseline and tcbridge, since interference only slows down.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import profile
+from bench.backfill import SimServer, fetch_only, tradecloud_section
+from bench.bodies import sizes
+from bench.common import (
+    Daemon,
+    RssSampler,
+    baseline_app,
+    db_query,
+    file_size,
+    log_time,
+    rss_kb,
+    wait_http,
+)
+from bench.load import LoadResult, closed_loop, fixed_rate, percentile
+from bench.prefill import prefill
+
+PARKED = {"name": "erp", "type": "python", "callable": "bench.handlers:park", "concurrency": 1}
+NOOP = {"name": "erp", "type": "python", "callable": "bench.handlers:noop"}
+START_FROM = "2000-01-01T00:00:00.000Z"
+
+
+@dataclass(frozen=True, slots=True)
+class Scale:
+    """How big and long each benchmark is."""
+
+    ingest_s: float = 10
+    rounds: int = 2
+    connections: int = 64
+    latency_s: float = 10
+    e2e_rate: float = 1000
+    e2e_s: float = 30
+    e2e_baseline_s: float = 10
+    e2e_drain_s: float = 60
+    backfill_orders: int = 50_000  # 100,000 takes 2.5 min here (see README)
+    dedup_events: int = 1_000_000
+    memory_s: float = 30
+    memory_drain_s: float = 120
+    startup_runs: int = 5
+    profile_s: float = 8
+
+
+FULL = Scale()
+SMOKE = Scale(ingest_s=1, rounds=1, connections=8, latency_s=1, e2e_rate=100, e2e_s=1,
+              e2e_baseline_s=1, e2e_drain_s=20, backfill_orders=500, dedup_events=3000,
+              memory_s=1.5, memory_drain_s=30, startup_runs=1, profile_s=1)
+
+
+@dataclass(slots=True)
+class Row:
+    """One line of the table."""
+
+    name: str
+    measured: str
+    baseline: str
+    ratio: float | None
+    target: str
+    met: bool | None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Context:
+    """What the benchmarks share in one run."""
+
+    workdir: Path
+    templates_path: Path
+    scale: Scale
+    force_python: bool = False
+    profile: bool = False
+    prefix_counter: int = 0
+    notes: list[str] = field(default_factory=list)
+    ingest_best: LoadResult | None = None
+    profile_text: str = ""
+
+    def prefix(self) -> str:
+        """A fresh 8-hex prefix, so no two loads ever send the same order id."""
+        self.prefix_counter += 1
+        return f"{os.getpid() % 0xFFFF:04x}{self.prefix_counter:04x}"
+
+    def templates(self) -> list[str]:
+        return self.templates_path.read_text(encoding="utf-8").splitlines()
+
+    def load(self, url: str, connections: int, duration_s: float) -> LoadResult:
+        return closed_loop(url, self.templates_path, self.prefix(), connections=connections,
+                           duration_s=duration_s, force_python=self.force_python)
+
+
+def fmt_rate(value: float, unit: str = "req/s") -> str:
+    return f"{value:,.0f} {unit}"
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _fresh_daemon(ctx: Context, name: str, config: dict[str, Any], **kw: Any) -> Daemon:
+    for path in ctx.workdir.glob(f"{name}.*"):
+        path.unlink()
+    return Daemon(ctx.workdir, name, config, **kw)
+
+
+def _baseline_load(ctx: Context, connections: int, duration_s: float) -> LoadResult:
+    proc, port = baseline_app(ctx.workdir)
+    with proc.start():
+        wait_http(port, "GET", "/readyz", None, {}, proc)
+        return ctx.load(f"http://127.0.0.1:{port}/webhook/order", connections, duration_s)
+
+
+def _check_unique(daemon: Daemon, result: LoadResult) -> dict[str, int]:
+    """Every request must have become a new event: no duplicates, nothing lost."""
+    events = db_query(daemon.db_path, "SELECT count(*) FROM events")[0][0]
+    duplicates = db_query(daemon.db_path, "SELECT count(*) FROM sightings")[0][0]
+    if duplicates:
+        raise RuntimeError(f"{daemon.name}: {duplicates} duplicate sightings: bodies not unique")
+    if result.errors:
+        raise RuntimeError(f"{daemon.name}: {result.errors} failed requests")
+    return {"events": events, "duplicates": duplicates}
+
+
+def _tcbridge_load(ctx: Context, name: str, connections: int, duration_s: float,
+                   *, db: Path | None = None) -> tuple[LoadResult, dict[str, int]]:
+    config: dict[str, Any] = {"handlers": [PARKED]}
+    if db is not None:
+        config["store"] = {"path": str(db)}
+    with _fresh_daemon(ctx, name, config).start_and_wait() as daemon:
+        before = db_query(daemon.db_path, "SELECT count(*) FROM events")[0][0]
+        result = ctx.load(daemon.url + "/webhook/order", connections, duration_s)
+        counts = _check_unique(daemon, result)
+    counts["events"] -= before
+    return result, counts
+
+
+# -- 1. ingest throughput ----------------------------------------------------------------------
+
+
+def ingest_throughput(ctx: Context) -> Row:
+    """64 connections of unique 2-5 KB order events: tcbridge vs a bare aiohttp app."""
+    s = ctx.scale
+    base: list[LoadResult] = []
+    tcb: list[LoadResult] = []
+    for i in range(s.rounds):
+        base.append(_baseline_load(ctx, s.connections, s.ingest_s))
+        tcb.append(_tcbridge_load(ctx, f"ingest{i}", s.connections, s.ingest_s)[0])
+    best_base = max(base, key=lambda r: r.rps)
+    best = max(tcb, key=lambda r: r.rps)
+    ctx.ingest_best = best
+    ratio = best.rps / best_base.rps
+    low, mean, high = sizes(ctx.templates())
+    return Row(
+        f"1 ingest, {s.connections} conn, {low / 1000:.1f}-{high / 1000:.1f} KB bodies",
+        f"{fmt_rate(best.rps)} (p99 {best.p99_ms:.0f} ms)",
+        f"{fmt_rate(best_base.rps)} bare aiohttp",
+        ratio, ">= 0.80 x", ratio >= 0.80,
+        {"tcbridge": [r.as_dict() for r in tcb], "baseline": [r.as_dict() for r in base],
+         "body_bytes": {"min": low, "mean": round(mean), "max": high}},
+    )
+
+
+# -- 2. ack latency ----------------------------------------------------------------------------
+
+
+def ack_latency(ctx: Context) -> Row:
+    """One connection: how long a webhook waits for its 200 (one fsync each)."""
+    s = ctx.scale
+    base = _baseline_load(ctx, 1, s.latency_s)
+    tcb, _ = _tcbridge_load(ctx, "latency", 1, s.latency_s)
+    ratio = tcb.p99_ms / base.p99_ms if base.p99_ms else None
+    return Row(
+        "2 ack latency p99, 1 conn",
+        f"{tcb.p99_ms:.1f} ms (p50 {tcb.p50_ms:.1f}, {fmt_rate(tcb.rps)})",
+        f"{base.p99_ms:.1f} ms (p50 {base.p50_ms:.1f})",
+        ratio, "<= 10 ms", tcb.p99_ms <= 10.0,
+        {"tcbridge": tcb.as_dict(), "baseline": base.as_dict()},
+    )
+
+
+# -- 3. end to end -----------------------------------------------------------------------------
+
+
+def end_to_end(ctx: Context) -> Row:
+    """Webhook sent -> file handler's file renamed into place, at a fixed rate."""
+    s = ctx.scale
+    proc, port = baseline_app(ctx.workdir)
+    with proc.start():
+        wait_http(port, "GET", "/readyz", None, {}, proc)
+        base = fixed_rate(f"http://127.0.0.1:{port}/webhook/order", ctx.templates_path,
+                          ctx.prefix(), rate_per_s=s.e2e_rate, duration_s=s.e2e_baseline_s)
+    base_p99 = percentile([x.ack_ms for x in base.ok], 99)
+    drop = ctx.workdir / "drop"
+    shutil.rmtree(drop, ignore_errors=True)
+    handler = {"name": "erp-drop", "type": "file", "directory": str(drop)}
+    with _fresh_daemon(ctx, "e2e", {"handlers": [handler]}).start_and_wait() as daemon:
+        run = fixed_rate(f"{daemon.url}/webhook/order", ctx.templates_path,
+                         ctx.prefix(), rate_per_s=s.e2e_rate, duration_s=s.e2e_s)
+        ok = [x for x in run.ok if x.event_id]
+        waited = _wait_files(drop, {x.event_id for x in ok if x.event_id}, s.e2e_drain_s)
+    latencies = []
+    for sent in ok:
+        try:
+            ctime_ns = (drop / f"{sent.event_id}.json").stat().st_ctime_ns
+        except FileNotFoundError:
+            latencies.append(float("inf"))
+            continue
+        latencies.append(ctime_ns / 1e6 - sent.sent_at * 1e3)
+    missing = sum(1 for x in latencies if x == float("inf"))
+    p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+    acks = [x.ack_ms for x in ok]
+    failed = len(run.sent) - len(ok)
+    measured = (f"p50 {_ms(p50)} / p99 {_ms(p99)}" + (f", {missing} not written" if missing
+                                                      else "")
+                + f" (ack p99 {percentile(acks, 99):.0f} ms)")
+    return Row(
+        f"3 end to end, {s.e2e_rate:.0f}/s for {s.e2e_s:.0f} s",
+        measured, f"ack p99 {base_p99:.1f} ms bare aiohttp",
+        p99 / base_p99 if base_p99 and p99 != float("inf") else None,
+        "p99 <= 50 ms", p99 <= 50.0 and not failed,
+        {"sent": len(run.sent), "ok": len(ok), "failed": failed, "missing": missing,
+         "p50_ms": p50, "p99_ms": p99, "max_lag_ms": round(run.max_lag_ms, 1),
+         "ack_p50_ms": percentile(acks, 50), "ack_p99_ms": percentile(acks, 99),
+         "drain_wait_s": round(waited, 1), "baseline_ack_p99_ms": base_p99,
+         "method": "client time.time() before the POST -> st_ctime of the renamed file"},
+    )
+
+
+def _ms(value: float) -> str:
+    return "never" if value == float("inf") else f"{value:,.1f} ms"
+
+
+def _wait_files(directory: Path, names: set[str], limit_s: float) -> float:
+    """Wait (polling, no inotify) until every ``<id>.json`` exists; returns seconds waited."""
+    started = time.monotonic()
+    missing = set(names)
+    while missing and time.monotonic() - started < limit_s:
+        missing = {n for n in missing if not (directory / f"{n}.json").exists()}
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+# -- 4. backfill -------------------------------------------------------------------------------
+
+
+def backfill(ctx: Context) -> Row:
+    """N orders from the simulator in pages of 100: stored by the poller vs merely fetched."""
+    s = ctx.scale
+    with SimServer(ctx.workdir, s.backfill_orders).start() as sim:
+        url = sim.wait_ready()
+        items, pages, fetch_s = fetch_only(url, START_FROM, 100)
+        config = {"mode": "poll", "tradecloud": tradecloud_section(url),
+                  "poll": {"kinds": ["order"], "start_from": START_FROM, "interval_s": 3600,
+                           "page_size": 100},
+                  "handlers": [PARKED]}
+        daemon = _fresh_daemon(ctx, "backfill", config, module="bench.unpaced")
+        with daemon.start():
+            started = daemon.wait_log("tcbridge.started")
+            done = daemon.wait_log("poll.done", timeout_s=600)
+            stored_s = log_time(done) - log_time(started)
+            stored = db_query(daemon.db_path, "SELECT count(*) FROM events")[0][0]
+    if items != s.backfill_orders or stored != s.backfill_orders:
+        raise RuntimeError(f"backfill: fetched {items}, stored {stored}, expected "
+                           f"{s.backfill_orders}")
+    fetch_rate, store_rate = items / fetch_s, stored / stored_s
+    ratio = store_rate / fetch_rate
+    return Row(
+        f"4 backfill {s.backfill_orders:,} orders, pages of 100",
+        f"{fmt_rate(store_rate, 'orders/s')} stored ({stored_s:.1f} s)",
+        f"{fmt_rate(fetch_rate, 'orders/s')} fetched ({fetch_s:.1f} s)",
+        ratio, ">= 0.80 x", ratio >= 0.80,
+        {"orders": items, "pages": pages, "fetch_s": fetch_s, "store_s": stored_s,
+         "pacing": "TradecloudClient._pace disabled in both (bench/unpaced.py)"},
+    )
+
+
+# -- 5. dedup at scale -------------------------------------------------------------------------
+
+
+def dedup_at_scale(ctx: Context) -> Row:
+    """The ingest load again, on a store already holding N delivered events."""
+    s = ctx.scale
+    db = ctx.workdir / "dedup.db"
+    fill_s = prefill(db, s.dedup_events, ctx.templates(), PARKED["name"])
+    runs = [_tcbridge_load(ctx, f"dedup{i}", s.connections, s.ingest_s, db=db)[0]
+            for i in range(s.rounds)]
+    best = max(runs, key=lambda r: r.rps)
+    empty = ctx.ingest_best
+    if empty is None:
+        empty = _tcbridge_load(ctx, "dedup-empty", s.connections, s.ingest_s)[0]
+    ratio = best.rps / empty.rps
+    size = file_size(db)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    return Row(
+        f"5 ingest with {s.dedup_events:,} events stored",
+        fmt_rate(best.rps), f"{fmt_rate(empty.rps)} empty store (1)",
+        ratio, ">= 0.90 x", ratio >= 0.90,
+        {"runs": [r.as_dict() for r in runs], "prefill_s": round(fill_s, 1),
+         "db_bytes": size},
+    )
+
+
+# -- 6. memory ---------------------------------------------------------------------------------
+
+
+def memory(ctx: Context) -> list[Row]:
+    """RSS while ingesting (64 conn) and delivering to a no-op handler, and after."""
+    s = ctx.scale
+    daemon = _fresh_daemon(ctx, "memory", {"handlers": [NOOP]})
+    with daemon.start_and_wait():
+        idle_kb = rss_kb(daemon.pid) or 0
+        sampler = RssSampler(daemon.pid).start()
+        started = time.monotonic()
+        load = ctx.load(daemon.url + "/webhook/order", s.connections, s.memory_s)
+        ingest_end = time.monotonic()
+        open_left = _wait_delivered(daemon, s.memory_drain_s)
+        finished = time.monotonic()
+        samples = sampler.stop()
+        final_kb = rss_kb(daemon.pid) or 0
+        events = db_query(daemon.db_path, "SELECT count(*) FROM events")[0][0]
+        done = db_query(daemon.db_path,
+                        "SELECT count(*) FROM deliveries WHERE status = 'done'")[0][0]
+        db_bytes = file_size(daemon.db_path)
+    mid_kb = _median_between(samples, started, finished, 0.45, 0.55)
+    end_kb = _median_between(samples, started, finished, 0.90, 1.00)
+    growth = (end_kb - mid_kb) / mid_kb if mid_kb else 0.0
+    peak_kb = max((kb for _, kb in samples), default=final_kb)
+    _, mean_body, _ = sizes(ctx.templates())
+    per_event = db_bytes / max(events, 1)
+    data = {"events": events, "delivered": done, "open_left": open_left,
+            "ingest_rps": round(load.rps, 1), "ingest_s": round(ingest_end - started, 1),
+            "drain_s": round(finished - ingest_end, 1), "idle_kb": idle_kb, "mid_kb": mid_kb,
+            "end_kb": end_kb, "peak_kb": peak_kb, "final_kb": final_kb, "db_bytes": db_bytes,
+            "samples": [(round(t - started, 1), kb) for t, kb in samples]}
+    delivered = f"{done:,} delivered" + (f", {open_left:,} still open" if open_left else "")
+    return [
+        Row(f"6 RSS after {events:,} events ({delivered})",
+            f"{final_kb / 1024:.0f} MB (peak {peak_kb / 1024:.0f})",
+            f"{idle_kb / 1024:.0f} MB at start", final_kb / idle_kb if idle_kb else None,
+            "<= 150 MB", final_kb / 1024 <= 150 and not open_left, data),
+        Row("6 RSS growth over 2nd half", f"{growth * 100:+.1f} %",
+            f"{mid_kb / 1024:.0f} MB at half-time", end_kb / mid_kb if mid_kb else None,
+            "<= +5 %", growth <= 0.05, {}),
+        Row("6 store size per event", f"{per_event:,.0f} B",
+            f"{mean_body:,.0f} B mean body", per_event / mean_body, "report", None, {}),
+    ]
+
+
+def _wait_delivered(daemon: Daemon, limit_s: float) -> int:
+    """Wait until no delivery is pending or running; returns how many are still open."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        left = db_query(daemon.db_path, "SELECT count(*) FROM deliveries"
+                        " WHERE status IN ('pending', 'running')")[0][0]
+        if not left or time.monotonic() > deadline:
+            return int(left)
+        time.sleep(0.5)
+
+
+def _median_between(samples: list[tuple[float, int]], start: float, end: float,
+                    low: float, high: float) -> int:
+    span = end - start
+    chosen = [kb for t, kb in samples if start + low * span <= t <= start + high * span]
+    if not chosen:
+        chosen = [kb for _, kb in samples[-1:]]
+    return int(statistics.median(chosen)) if chosen else 0
+
+
+# -- 7. start-up -------------------------------------------------------------------------------
+
+
+def startup(ctx: Context) -> Row:
+    """Process start -> webhook port accepts an authenticated POST (and /readyz 200)."""
+    s = ctx.scale
+    base_ms, post_ms, ready_ms, log_ms = [], [], [], []
+    for i in range(s.startup_runs):
+        proc, port = baseline_app(ctx.workdir)
+        with proc.start():
+            base_ms.append((wait_http(port, "GET", "/readyz", None, {}, proc) -
+                            proc.started_at) * 1e3)
+        daemon = _fresh_daemon(ctx, f"startup{i}", {"handlers": [PARKED]})
+        with daemon.start():
+            post_ms.append((daemon.probe() - daemon.started_at) * 1e3)
+            if daemon.admin_port is not None:
+                ready_ms.append((daemon.ready() - daemon.started_at) * 1e3)
+            started = daemon.wait_log("tcbridge.started")
+            log_ms.append((log_time(started) - daemon.started_at) * 1e3)
+    post, base = statistics.median(post_ms), statistics.median(base_ms)
+    extra = f", /readyz {statistics.median(ready_ms):.0f} ms" if ready_ms else ""
+    return Row(
+        "7 start-up to accepting (median)",
+        f"{post:.0f} ms to 1st POST 200{extra}", f"{base:.0f} ms bare aiohttp",
+        post / base, "report", None,
+        {"post_ms": post_ms, "readyz_ms": ready_ms, "started_log_ms": log_ms,
+         "baseline_ms": base_ms},
+    )
+
+
+# -- profile -----------------------------------------------------------------------------------
+
+
+def profile_ingest(ctx: Context) -> str:
+    """py-spy on the daemon under the ingest load (not a measured run)."""
+    s = ctx.scale
+    out = ctx.workdir / "profile-ingest.txt"
+    with _fresh_daemon(ctx, "profile", {"handlers": [PARKED]}).start_and_wait() as daemon:
+        result: dict[str, LoadResult] = {}
+        thread = threading.Thread(target=lambda: result.update(load=ctx.load(
+            daemon.url + "/webhook/order", s.connections, s.profile_s + 2)))
+        thread.start()
+        time.sleep(1)
+        recorded = profile.record(daemon.pid, s.profile_s, out)
+        thread.join()
+    if recorded is None:
+        return "py-spy not available: no profile"
+    text = profile.summarise(recorded, top=12)
+    (ctx.workdir / "profile-ingest-summary.txt").write_text(text + "\n")
+    return f"(while profiled: {result['load'].rps:,.0f} req/s)\n{text}"
+
+
+BENCHMARKS: dict[str, Callable[[Context], Row | list[Row]]] = {
+    "ingest": ingest_throughput,
+    "latency": ack_latency,
+    "e2e": end_to_end,
+    "backfill": backfill,
+    "dedup": dedup_at_scale,
+    "memory": memory,
+    "startup": startup,
+}
