@@ -16,7 +16,7 @@ from tcbridge.backfill import backfill
 from tcbridge.config import PollKind, Settings, load_settings
 from tcbridge.errors import ApiError, ConfigError, InvalidEvent, StoreError
 from tcbridge.store import Store
-from tcbridge.timefmt import instant_us
+from tcbridge.timefmt import instant_us, parse_instant
 
 EXIT_USAGE = 2
 
@@ -231,7 +231,7 @@ def _dash(value: object) -> str:
 def cmd_backfill(args: argparse.Namespace) -> int:
     """``tcbridge backfill``: the poller's paging and dedup from ``--since``, own cursor."""
     settings = _quiet_settings(args)
-    _parse_assignment(f"order={args.since}")  # validates the timestamp
+    _timestamp(args.since, "--since")
     kinds = args.kinds or settings.poll.kinds
     totals = asyncio.run(_backfill(settings, args.since, kinds))
     for kind, stats in totals.items():
@@ -282,13 +282,16 @@ def _parse_assignment(text: str) -> tuple[str, str]:
     kind, sep, value = text.partition("=")
     if not sep or kind not in ("order", "shipment"):
         raise ConfigError(f"--set {text!r}: expected order=TIMESTAMP or shipment=TIMESTAMP")
-    try:
-        from tcbridge.timefmt import parse_instant
+    return kind, _timestamp(value, f"--set {text!r}")
 
+
+def _timestamp(value: str, where: str) -> str:
+    """A timestamp argument, refused with exit 2 when it is not one."""
+    try:
         parse_instant(value)
     except InvalidEvent as e:
-        raise ConfigError(f"--set {text!r}: {e}") from e
-    return kind, value
+        raise ConfigError(f"{where}: {e}") from e
+    return value
 
 
 def _quiet_settings(args: argparse.Namespace) -> Settings:

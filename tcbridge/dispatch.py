@@ -12,16 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
-import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import structlog
 
 from tcbridge.aio import wait_any
+from tcbridge.backoff import backoff_s
 from tcbridge.config import HandlerSettings
 from tcbridge.errors import InvalidEvent, StoreError
 from tcbridge.handlers import Handler, Outcome, matches
@@ -45,11 +45,7 @@ class Decision:
 
 def retry_delay_s(settings: HandlerSettings, attempt: int, retry_after_s: float | None) -> float:
     """Exponential backoff with jitter between the handler's bounds; Retry-After is a floor."""
-    ceiling = min(settings.retry_max_s, settings.retry_initial_s * 2.0 ** min(attempt - 1, 30))
-    delay = random.uniform(max(settings.retry_initial_s, ceiling / 2), ceiling)  # noqa: S311
-    if retry_after_s is not None:
-        delay = max(delay, min(retry_after_s, settings.retry_max_s))
-    return delay
+    return backoff_s(settings.retry_initial_s, settings.retry_max_s, attempt - 1, retry_after_s)
 
 
 def decide(settings: HandlerSettings, outcome: Outcome, attempt: int, now: float) -> Decision:
@@ -146,7 +142,7 @@ class Lane:
         return len(late)
 
     async def _deliver(self, claim: Claim) -> None:
-        envelope: Mapping[str, Any] = json.loads(claim.body) if claim.body else {}
+        envelope: Mapping[str, Any] = orjson.loads(claim.body) if claim.body else {}
         with structlog.contextvars.bound_contextvars(
             event_id=claim.event_id, entity_id=claim.entity_id, kind=envelope.get("kind"),
             source=envelope.get("source"), handler=self.name, attempt=claim.attempt,

@@ -183,12 +183,12 @@ def _event_name(data: Mapping[str, Any]) -> str | None:
     name = data.get("eventName")
     if name is None:
         return None
-    if not _plain_text(name):
+    if not plain_text(name):
         raise InvalidEvent("eventName must be a non-empty string")
     return name
 
 
-def _plain_text(value: object) -> TypeGuard[str]:
+def plain_text(value: object) -> TypeGuard[str]:
     """A usable id or name: a non-blank string, not too long, valid Unicode (a lone
     surrogate such as "\\ud800" parses as JSON but is no text)."""
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_LENGTH:
@@ -203,7 +203,7 @@ def _plain_text(value: object) -> TypeGuard[str]:
 def _entity_id(data: Mapping[str, Any], keys: tuple[str, ...], where: str) -> str:
     for key in keys:
         value = data.get(key)
-        if _plain_text(value):
+        if plain_text(value):
             return value
         if value is not None:
             raise InvalidEvent(f"{where}.{key} must be a non-empty string")
@@ -223,7 +223,7 @@ def _version(
         return str(stamp), f"t:{instant}", instant
     if isinstance(meta, Mapping):
         message_id = meta.get("messageId")
-        if _plain_text(message_id):
+        if plain_text(message_id):
             return None, f"m:{message_id}", None
         created = meta.get("createdDateTime")
         if isinstance(created, str):
@@ -257,7 +257,7 @@ def _iter_lines(data: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     return [
         (line["id"], line)
         for line in lines
-        if isinstance(line, Mapping) and _plain_text(line.get("id"))
+        if isinstance(line, Mapping) and plain_text(line.get("id"))
     ]
 
 

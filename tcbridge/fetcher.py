@@ -9,13 +9,13 @@ are rescheduled in the store, so a restart resumes them.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from typing import Any, Literal, Protocol
 
 import structlog
 
 from tcbridge.aio import wait_any
+from tcbridge.backoff import backoff_s
 from tcbridge.config import FetchSettings
 from tcbridge.envelope import parse_snapshot
 from tcbridge.errors import (
@@ -39,10 +39,10 @@ class FetchClient(Protocol):
 
 
 def retry_delay_s(settings: FetchSettings, attempts: int, retry_after_s: float | None) -> float:
-    """Exponential backoff with jitter; a server's Retry-After is a floor."""
-    ceiling = min(settings.retry_max_s, settings.retry_initial_s * 2.0 ** min(attempts, 30))
-    delay = random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not crypto
-    return max(delay, retry_after_s or 0.0)
+    """Exponential backoff with jitter; a server's Retry-After is a floor, honoured in full
+    (asking again sooner only earns another 429)."""
+    return backoff_s(settings.retry_initial_s, settings.retry_max_s, attempts, retry_after_s,
+                     cap_retry_after=False)
 
 
 class Fetcher:

@@ -459,10 +459,6 @@ class Store:
         """Interrupted deliveries back to pending; all running ones when ``ids`` is None."""
         return await self.run(lambda conn: release_running(conn, ids))
 
-    async def next_due(self, handler: str) -> float | None:
-        """When the handler's next pending delivery is due (epoch seconds)."""
-        return await self.run(lambda conn: next_delivery_due(conn, handler))
-
     async def replay(self, event_id: str, handlers: Sequence[str] | None) -> int:
         """Deliver a stored event again (to ``handlers``, or to those it went to before)."""
         return await self.run(lambda conn: replay_event(conn, event_id, handlers))
@@ -544,10 +540,9 @@ def run_batch(
     back and the batch runs again with each operation in its own savepoint, so one failing
     operation never spoils its neighbours (operations are functions of the database
     state, so running them again is safe)."""
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-    except sqlite3.Error as e:
-        return _fail_all(batch, StoreUnavailable(f"cannot begin a transaction: {e}"))
+    failed = _begin(conn, batch)
+    if failed is not None:
+        return failed
     try:
         outcomes: list[Outcome] = [(future, op(conn), None) for op, future in batch]
     except Exception:
@@ -559,12 +554,24 @@ def run_batch(
 def _run_batch_guarded(
     conn: sqlite3.Connection, batch: Sequence[tuple[Op, asyncio.Future[Any]]]
 ) -> list[Outcome]:
+    failed = _begin(conn, batch)
+    if failed is not None:
+        return failed
+    outcomes = [(future, *_run_in_savepoint(conn, op)) for op, future in batch]
+    return _commit(conn, batch, outcomes)
+
+
+def _begin(
+    conn: sqlite3.Connection, batch: Sequence[tuple[Op, asyncio.Future[Any]]]
+) -> list[Outcome] | None:
+    """Start the batch's transaction; on failure, the answers for the whole batch."""
+    if conn.in_transaction:  # a failed ROLLBACK left one open: never stay stuck in it
+        _rollback(conn)
     try:
         conn.execute("BEGIN IMMEDIATE")
     except sqlite3.Error as e:
         return _fail_all(batch, StoreUnavailable(f"cannot begin a transaction: {e}"))
-    outcomes = [(future, *_run_in_savepoint(conn, op)) for op, future in batch]
-    return _commit(conn, batch, outcomes)
+    return None
 
 
 def _commit(
@@ -1008,11 +1015,14 @@ def select_deliveries(
 
 
 def delivery_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
-    """handler -> status -> count."""
+    """handler -> status -> count, done included (a scan: for tools and tests)."""
+    rows = conn.execute("SELECT handler, status, count(*) FROM deliveries GROUP BY 1, 2")
+    return _by_handler(rows)
+
+
+def _by_handler(rows: Iterable[tuple[str, str, int]]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
-    for handler, status, count in conn.execute(
-        "SELECT handler, status, count(*) FROM deliveries GROUP BY handler, status"
-    ):
+    for handler, status, count in rows:
         out.setdefault(handler, {})[status] = int(count)
     return out
 
@@ -1045,20 +1055,14 @@ def record_poll(
 
 def backlog_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
     """handler -> status -> count for deliveries that are not done (uses an index)."""
-    out: dict[str, dict[str, int]] = {}
-    for handler, status, count in conn.execute(
+    return _by_handler(conn.execute(
         "SELECT handler, status, count(*) FROM deliveries"
-        " WHERE status IN ('pending', 'running', 'dead') GROUP BY handler, status"
-    ):
-        out.setdefault(handler, {})[status] = int(count)
-    return out
+        " WHERE status IN ('pending', 'running', 'dead') GROUP BY handler, status"))
 
 
 def read_status(conn: sqlite3.Connection) -> dict[str, Any]:
     """Counts, cursors, poll state and backlog for ``tcbridge status``."""
-    def one(sql: str) -> int:
-        return int(conn.execute(sql).fetchone()[0])
-
+    counts = count_rows(conn)
     sources = dict(conn.execute(
         "SELECT source, count(*) FROM sightings WHERE reason = 'duplicate' GROUP BY source"
     ).fetchall())
@@ -1070,12 +1074,13 @@ def read_status(conn: sqlite3.Connection) -> dict[str, Any]:
     }
     return {
         "counts": {
-            "events": one("SELECT count(*) FROM events"),
+            "events": counts["events"],
             "duplicates": {str(k): int(v) for k, v in sources.items()},
-            "stale": one("SELECT count(*) FROM sightings WHERE reason = 'stale'"),
-            "rejected": one("SELECT count(*) FROM rejected"),
-            "recovered": one("SELECT count(*) FROM events WHERE recovered = 1"),
-            "fetchPending": one("SELECT count(*) FROM fetch_requests WHERE status = 'pending'"),
+            "stale": counts["stale"],
+            "rejected": counts["rejected"],
+            "recovered": int(conn.execute(
+                "SELECT count(*) FROM events WHERE recovered = 1").fetchone()[0]),
+            "fetchPending": counts["fetch_pending"],
         },
         "cursors": {kind: {"value": value, "updatedAt": updated} for kind, value, updated
                     in conn.execute("SELECT kind, value, updated_at FROM cursors")},

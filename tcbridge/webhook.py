@@ -18,7 +18,7 @@ from aiohttp import web
 
 from tcbridge import auth
 from tcbridge.config import WebhookSettings
-from tcbridge.envelope import MAX_ID_LENGTH, parse_order_webhook, parse_shipment_webhook
+from tcbridge.envelope import parse_order_webhook, parse_shipment_webhook, plain_text
 from tcbridge.errors import InvalidEvent, StoreUnavailable
 from tcbridge.metrics import Metrics
 from tcbridge.store import Rejected, Store
@@ -203,7 +203,7 @@ def _get_handler(kind: Literal["order", "shipment"]) -> Handler:
 
     async def handle(request: web.Request) -> web.StreamResponse:
         entity_id = request.match_info.get("entity_id") or request.query.get(param, "")
-        if not entity_id.strip() or len(entity_id) > MAX_ID_LENGTH:
+        if not plain_text(entity_id):  # the same rule as ids in event bodies
             return await _reject(request, b"", f"missing or invalid {param}")
         fetch_id = await request.app[STORE_KEY].request_fetch(kind, entity_id)
         log.info("webhook.fetch_queued", kind=kind, entity_id=entity_id, fetch_id=fetch_id)

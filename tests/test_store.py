@@ -12,7 +12,7 @@ import pytest
 
 from tcbridge.envelope import parse_order_webhook, parse_snapshot
 from tcbridge.errors import StoreError, StoreUnavailable
-from tcbridge.store import MIGRATIONS, Rejected, Store
+from tcbridge.store import MIGRATIONS, Rejected, Store, migrate, read_cursor, run_batch
 from tests.conftest import order_event_body, order_obj
 
 
@@ -213,3 +213,15 @@ async def test_payload_text_with_a_lone_surrogate_is_stored_escaped(store: Store
     (envelope,) = rows(store.path, "SELECT envelope FROM events")[0]
     assert "\\udfff" in str(envelope)
     assert json.loads(str(envelope))["payload"]["note"] == "\udfff"
+
+
+def test_a_transaction_left_open_does_not_block_the_next_batch(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "db.sqlite", isolation_level=None)
+    migrate(conn)
+    conn.execute("BEGIN")  # as a failed ROLLBACK after a failed COMMIT would leave it
+    conn.execute("INSERT INTO cursors VALUES ('order', 'half-done', 'x')")
+    future = object()
+    (outcome,) = run_batch(conn, [(lambda c: read_cursor(c, "order"), future)])  # type: ignore[list-item]
+    assert outcome == (future, None, None)  # the stale transaction was rolled back first
+    assert not conn.in_transaction
+    conn.close()
