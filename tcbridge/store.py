@@ -55,6 +55,16 @@ class IngestResult:
 
 
 @dataclass(frozen=True, slots=True)
+class WriterHealth:
+    """What the writer thread says about itself (for readiness, the watchdog and metrics)."""
+
+    alive: bool  # the thread runs; False once it stopped (closed, or died)
+    connected: bool  # it holds an open connection (False while the file cannot be opened)
+    last_error: str | None  # why the last batch failed; None once a batch committed
+    errors: int  # store operations answered StoreUnavailable since open
+
+
+@dataclass(frozen=True, slots=True)
 class Rejected:
     """A request or item we could not accept, kept for inspection."""
 
@@ -221,15 +231,31 @@ class Store:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = True
+        # Writer state, written by the writer thread, read by the loop (plain attributes).
+        self._connected = False
+        self._last_error: str | None = None
+        self._errors = 0
+        self._dead: str | None = None  # why the writer thread died, once it has
+        self._dead_lock = threading.Lock()  # so no operation is queued behind a dead writer
+        self._rejected_bytes: int | None = None  # writer thread only: kept rejected bytes
+        self._in_hand: Sequence[tuple[Op, asyncio.Future[Any]]] = []  # the batch running
+        self.failed: asyncio.Future[str] | None = None  # set to the reason if the writer dies
 
     # -- lifecycle ---------------------------------------------------------------
 
-    async def open(self) -> None:
-        """Open the file, apply migrations and start the writer thread."""
+    async def open(self, *, keep_trying: bool = False) -> None:
+        """Open the file, apply migrations and start the writer thread.
+
+        ``keep_trying`` (the daemon): if the file cannot be opened now (a full disk, a
+        missing mount), start anyway; every operation fails with StoreUnavailable (a 503)
+        while the writer keeps trying to open it. A schema newer than ours still raises."""
         self._loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = self._loop.create_future()
+        self.failed = self._loop.create_future()
+        self._dead = None
         self._thread = threading.Thread(
-            target=self._thread_main, args=(ready,), name="tcbridge-store", daemon=True
+            target=self._thread_main, args=(ready, keep_trying), name="tcbridge-store",
+            daemon=True,
         )
         self._closed = False
         self._thread.start()
@@ -256,21 +282,71 @@ class Store:
 
     # -- the writer thread ---------------------------------------------------------
 
-    def _thread_main(self, ready: asyncio.Future[None]) -> None:
+    @property
+    def writer_alive(self) -> bool:
+        """Whether the writer thread runs and answers (False when closed or dead)."""
+        return (not self._closed and self._dead is None and self._thread is not None
+                and self._thread.is_alive())
+
+    def health(self) -> WriterHealth:
+        """The writer's state now (cheap: no SQL, no waiting)."""
+        return WriterHealth(alive=self.writer_alive, connected=self._connected,
+                            last_error=self._dead or self._last_error, errors=self._errors)
+
+    def _thread_main(self, ready: asyncio.Future[None], keep_trying: bool) -> None:
+        conn: sqlite3.Connection | None = None
         try:
-            conn = self._connect()
-            migrate(conn)
-        except (sqlite3.Error, OSError) as e:
-            self._resolve([(ready, None, StoreUnavailable(f"cannot open store {self.path}: {e}"))])
-            return
+            conn = self._open_connection()
+        except StoreUnavailable as e:
+            if not keep_trying:
+                self._resolve([(ready, None, e)])
+                return
+            self._last_error = str(e)
+            log.error("store.unavailable", error=str(e), message="retrying; webhooks get 503")
         except StoreError as e:
             self._resolve([(ready, None, e)])
             return
         self._resolve([(ready, None, None)])
         try:
             self._serve(conn)
-        finally:
-            conn.close()
+        except BaseException:  # the thread ends here: the daemon must know at once
+            log.critical("store.writer_crashed", exc_info=True)
+            self._writer_died()
+
+    def _open_connection(self) -> sqlite3.Connection:
+        """Connect and migrate; StoreUnavailable when the file cannot be used now."""
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = self._connect()
+            migrate(conn)
+        except (sqlite3.Error, OSError) as e:
+            _close_quietly(conn)
+            raise StoreUnavailable(f"cannot open store {self.path}: {e}") from e
+        except BaseException:
+            _close_quietly(conn)
+            raise
+        self._connected = True
+        return conn
+
+    def _writer_died(self) -> None:
+        """The thread is ending on an error nothing caught: answer everybody, say so."""
+        reason = "the store's writer thread stopped on an unexpected error"
+        with self._dead_lock:
+            self._dead = reason
+            self._connected = False
+            waiting = _fail_all(self._in_hand, StoreUnavailable(reason))
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    waiting.append((item[1], None, StoreUnavailable(reason)))
+        log.critical("store.writer_died", message=reason)
+        self._resolve(waiting)
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(_set_failed, self.failed, reason)
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -286,26 +362,83 @@ class Store:
         conn.execute("PRAGMA foreign_keys = ON")
         return conn
 
-    def _serve(self, conn: sqlite3.Connection) -> None:
-        limit = self._settings.commit_batch_max
+    def _serve(self, conn: sqlite3.Connection | None) -> None:
+        """Run batches until told to stop. No error of a batch ends this loop: its waiters
+        get StoreUnavailable, and a connection that cannot be trusted is reopened."""
         while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            batch = [item]
-            stop = False
-            while len(batch) < limit:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            self._resolve(run_batch(conn, batch))
+            batch, stop = self._next_batch(REOPEN_EVERY_S if conn is None else None)
+            if conn is None:
+                conn = self._reopen()
+            if batch:
+                self._in_hand = batch  # answered by _writer_died if this thread dies now
+                outcomes, conn = self._run_safely(conn, batch)
+                self._account(outcomes)
+                self._resolve(outcomes)
+                self._in_hand = []
             if stop:
+                _close_quietly(conn)
                 return
+
+    def _next_batch(
+        self, timeout_s: float | None
+    ) -> tuple[list[tuple[Op, asyncio.Future[Any]]], bool]:
+        """Up to ``commit_batch_max`` queued operations, and whether to stop after them."""
+        try:
+            item = self._queue.get(timeout=timeout_s)
+        except queue.Empty:
+            return [], False
+        if item is None:
+            return [], True
+        batch = [item]
+        while len(batch) < self._settings.commit_batch_max:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                return batch, True
+            batch.append(nxt)
+        return batch, False
+
+    def _run_safely(
+        self, conn: sqlite3.Connection | None, batch: Sequence[tuple[Op, asyncio.Future[Any]]]
+    ) -> tuple[list[Outcome], sqlite3.Connection | None]:
+        if conn is None:
+            error = StoreUnavailable(f"store not open: {self._last_error}")
+            return _fail_all(batch, error), None
+        try:
+            outcomes = run_batch(conn, batch)
+        except Exception as e:  # a fault run_batch did not foresee: never end the thread
+            log.exception("store.batch_failed")
+            return _fail_all(batch, StoreUnavailable(f"store failed: {e}")), self._discard(conn)
+        if any(isinstance(error, StoreUnavailable) for _, _, error in outcomes) and (
+            not _usable(conn)
+        ):
+            conn = self._discard(conn)
+        return outcomes, conn
+
+    def _discard(self, conn: sqlite3.Connection) -> sqlite3.Connection | None:
+        """Close a connection that cannot be trusted; the next batch opens a new one."""
+        log.warning("store.reopening", path=str(self.path))
+        _close_quietly(conn)
+        self._connected = False
+        self._rejected_bytes = None
+        return None
+
+    def _reopen(self) -> sqlite3.Connection | None:
+        try:
+            return self._open_connection()
+        except StoreError as e:
+            self._last_error = str(e)
+            return None
+
+    def _account(self, outcomes: Sequence[Outcome]) -> None:
+        failures = [error for _, _, error in outcomes if isinstance(error, StoreUnavailable)]
+        if failures:
+            self._errors += len(failures)
+            self._last_error = str(failures[0])
+        else:
+            self._last_error = None
 
     def _resolve(self, results: list[Outcome]) -> None:
         assert self._loop is not None
@@ -318,7 +451,10 @@ class Store:
         if self._closed or self._loop is None:
             raise StoreUnavailable("store is closed")
         future: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put((op, future))
+        with self._dead_lock:
+            if self._dead is not None:
+                raise StoreUnavailable(self._dead)
+            self._queue.put((op, future))
         return await future
 
     # -- ingest --------------------------------------------------------------------
@@ -505,8 +641,14 @@ class Store:
         return await self.run(lambda conn: purge_batch(conn, policy, time.time()))
 
     async def ping(self) -> None:
-        """A no-op write transaction: proves the writer thread answers and can lock the file."""
-        await self.run(lambda conn: None)
+        """A write transaction that proves the writer thread answers and can lock the file.
+
+        After a failed commit it writes for real (the schema version, unchanged), so
+        readiness turns true again only once a commit succeeds (space is back)."""
+        if self._last_error is None:
+            await self.run(lambda conn: None)
+        else:
+            await self.run(_probe_write)
 
     # -- reading -------------------------------------------------------------------
 
@@ -519,6 +661,36 @@ class Store:
     async def counts(self) -> dict[str, int]:
         """Row counts for status output and tests."""
         return await self.run(count_rows)
+
+
+REOPEN_EVERY_S = 1.0  # while the file cannot be opened, try again this often
+
+
+def _set_failed(future: asyncio.Future[str] | None, reason: str) -> None:
+    if future is not None and not future.done():
+        future.set_result(reason)
+
+
+def _close_quietly(conn: sqlite3.Connection | None) -> None:
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def _usable(conn: sqlite3.Connection) -> bool:
+    """Whether a connection can run the next batch: answers, and no transaction is stuck."""
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        conn.execute("SELECT 1").fetchone()
+    except sqlite3.Error:
+        return False
+    return not conn.in_transaction
+
+
+def _probe_write(conn: sqlite3.Connection) -> None:
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    conn.execute(f"PRAGMA user_version = {version}")
 
 
 def _set_results(results: Iterable[Outcome]) -> None:
@@ -557,7 +729,16 @@ def _run_batch_guarded(
     failed = _begin(conn, batch)
     if failed is not None:
         return failed
-    outcomes = [(future, *_run_in_savepoint(conn, op)) for op, future in batch]
+    try:
+        outcomes = [(future, *_run_in_savepoint(conn, op)) for op, future in batch]
+    except (sqlite3.Error, _TransactionLost) as e:
+        # A savepoint could not be set, rolled back or released: SQLite has rolled the
+        # whole transaction back (SQLITE_FULL, an I/O error), so no operation of it holds.
+        _rollback(conn)
+        if len(batch) == 1:
+            return _fail_all(batch, StoreUnavailable(f"store transaction failed: {e}"))
+        # One operation that cannot fit must not fail the small ones beside it.
+        return [outcome for item in batch for outcome in run_batch(conn, [item])]
     return _commit(conn, batch, outcomes)
 
 
@@ -579,6 +760,8 @@ def _commit(
     batch: Sequence[tuple[Op, asyncio.Future[Any]]],
     outcomes: list[Outcome],
 ) -> list[Outcome]:
+    if not conn.in_transaction:  # SQLite rolled it back under us: nothing of it holds
+        return _fail_all(batch, StoreUnavailable("the transaction was rolled back"))
     try:
         conn.execute("COMMIT")
     except sqlite3.Error as e:
@@ -593,13 +776,20 @@ def _fail_all(
     return [(future, None, error) for _, future in batch]
 
 
+class _TransactionLost(Exception):
+    """An operation failed and its savepoint could not be undone: the transaction is gone."""
+
+
 def _run_in_savepoint(conn: sqlite3.Connection, op: Op) -> tuple[Any, BaseException | None]:
     conn.execute("SAVEPOINT op")
     try:
         value = op(conn)
     except Exception as e:  # one failing operation must not spoil its neighbours
-        conn.execute("ROLLBACK TO op")
-        conn.execute("RELEASE op")
+        try:
+            conn.execute("ROLLBACK TO op")
+            conn.execute("RELEASE op")
+        except sqlite3.Error as undo:
+            raise _TransactionLost(f"{e} (then: {undo})") from e
         if isinstance(e, sqlite3.OperationalError):
             return None, StoreUnavailable(f"store operation failed: {e}")
         return None, e
@@ -608,6 +798,8 @@ def _run_in_savepoint(conn: sqlite3.Connection, op: Op) -> tuple[Any, BaseExcept
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
+    if not conn.in_transaction:  # SQLite rolled it back itself (SQLITE_FULL does)
+        return
     try:
         conn.execute("ROLLBACK")
     except sqlite3.Error:
