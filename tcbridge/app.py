@@ -36,6 +36,11 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 READY_PING_TIMEOUT_S = 2.0
 STALE_POLL_INTERVALS = 3
+# Background loops (poller, fetcher, retention) hold nothing that a cancel can lose (each
+# page commits with its cursor), so stopping does not wait out their HTTP retries.
+LOOP_STOP_GRACE_S = 0.25
+LOGOUT_TIMEOUT_S = 2.0
+STORE_RETRY_S = 1.0
 
 
 @dataclass(slots=True)
@@ -74,13 +79,17 @@ async def serve(
         parts.notifier.ready(status_line(settings, parts))
         return await main_loop(parts, stop)
     finally:
+        stop.set()  # a failed start-up must not wait for loops that were already started
         await shutdown(settings, parts)
         parts.notifier.close()
 
 
 async def startup(settings: Settings, parts: Parts, stop: asyncio.Event) -> None:
     """Open the store, then the HTTP client, the loops, the listeners."""
-    await parts.store.open()
+    # A store that cannot be written yet (a full disk) answers 503 until it can.
+    await parts.store.open(keep_trying=True)
+    parts.metrics.watch_store(lambda: parts.store.health().errors)
+    _spawn(parts, "store", _watch_store(parts.store, stop))
     parts.session = aiohttp.ClientSession(
         headers={"User-Agent": f"tcbridge/{__version__}"}, raise_for_status=False
     )
@@ -101,9 +110,24 @@ async def startup(settings: Settings, parts: Parts, stop: asyncio.Event) -> None
         await _start_listener(settings, parts)
     if parts.notifier.watchdog_interval_s is not None:
         _spawn(parts, "watchdog", parts.notifier.watchdog_loop(
-            stop, lambda: status_line(settings, parts)))
+            stop, lambda: status_line(settings, parts),
+            healthy=lambda: parts.store.writer_alive))
     log.info("tcbridge.started", version=__version__, mode=settings.mode,
-             store=str(settings.store.path), listening=parts.bound, admin=parts.admin_bound)
+             store=str(settings.store.path), listening=parts.bound, admin=parts.admin_bound,
+             base_url=settings.tradecloud.base_url if settings.poll_enabled else None)
+
+
+async def _watch_store(store: Store, stop: asyncio.Event) -> None:
+    """Raises (a part crashed: the daemon exits non-zero) when the writer thread dies."""
+    assert store.failed is not None
+    stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    failed: asyncio.Future[Any] = store.failed
+    try:
+        await asyncio.wait([failed, stopping], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if store.failed.done():
+        raise StoreError(store.failed.result())
 
 
 async def _start_dispatcher(settings: Settings, parts: Parts, stop: asyncio.Event) -> None:
@@ -111,11 +135,26 @@ async def _start_dispatcher(settings: Settings, parts: Parts, stop: asyncio.Even
     lanes = [Lane(h, build_handler(h, parts.session), parts.store, metrics=parts.metrics)
              for h in settings.handlers]
     parts.dispatcher = Dispatcher(lanes, parts.store, parts.dispatch_wake)
-    await parts.dispatcher.start()
-    _spawn(parts, "dispatcher", parts.dispatcher.run(stop))
+    _spawn(parts, "dispatcher", _dispatch(parts.dispatcher, stop))
     if not lanes:
         log.warning("dispatch.no_handlers",
                     message="no [[handlers]] configured: events are stored, not delivered")
+
+
+async def _dispatch(dispatcher: Dispatcher, stop: asyncio.Event) -> None:
+    """Release what a crash left running, then deliver. While the store cannot be written
+    (a full disk at start) keep trying: the listener answers 503 meanwhile."""
+    while True:
+        try:
+            await dispatcher.start()
+            break
+        except StoreError as e:
+            log.warning("dispatch.start_deferred", error=str(e))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=STORE_RETRY_S)
+            if stop.is_set():
+                return
+    await dispatcher.run(stop)
 
 
 async def _start_listener(settings: Settings, parts: Parts) -> None:
@@ -169,7 +208,8 @@ def _tls(settings: Settings) -> ssl.SSLContext | None:
 
 
 async def readiness(settings: Settings, parts: Parts) -> list[str]:
-    """Why the daemon is not ready: draining, the store not writable, polls too old."""
+    """Why the daemon is not ready: draining, the store not writable (or its last commit
+    failed), a part down, the poller's credentials refused, polls too old."""
     reasons = []
     if parts.draining.is_set():
         reasons.append("shutting down")
@@ -177,6 +217,14 @@ async def readiness(settings: Settings, parts: Parts) -> list[str]:
         await asyncio.wait_for(parts.store.ping(), timeout=READY_PING_TIMEOUT_S)
     except (TimeoutError, StoreError) as e:
         reasons.append(f"store not writable: {e or 'no answer'}")
+    else:
+        error = parts.store.health().last_error
+        if error is not None:
+            reasons.append(f"last store commit failed: {error}")
+    reasons += [f"{name} is down" for name, task in parts.tasks.items()
+                if task.done() and not parts.draining.is_set()]
+    if parts.poller is not None and parts.poller.auth_refused is not None:
+        reasons.append(f"tradecloud refuses the credentials: {parts.poller.auth_refused}")
     if parts.poller is not None:
         now = asyncio.get_running_loop().time()
         limit_s = STALE_POLL_INTERVALS * parts.poller.base_interval_s
@@ -231,13 +279,14 @@ async def shutdown(settings: Settings, parts: Parts) -> None:
         cut = await parts.dispatcher.drain(_left(deadline))
         if cut:
             log.warning("dispatch.cut_off", deliveries=cut, message="left pending for next start")
-    await _stop_tasks(parts.tasks.values(), _left(deadline))
+    await _stop_tasks(parts.tasks.values(), min(LOOP_STOP_GRACE_S, _left(deadline)))
     if parts.dispatcher is not None:
         await parts.dispatcher.close()
     if parts.admin is not None:
         await parts.admin.cleanup()
     if parts.client is not None:
-        await parts.client.close()
+        with contextlib.suppress(TimeoutError):  # a logout must not hold up the stop
+            await asyncio.wait_for(parts.client.close(), timeout=LOGOUT_TIMEOUT_S)
     if parts.session is not None:
         await parts.session.close()
     await parts.store.close()

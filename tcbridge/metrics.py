@@ -8,10 +8,10 @@ when scraped, so they are right across restarts.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tcbridge.timefmt import instant_us
@@ -34,6 +34,18 @@ class _CursorLag(Collector):
         for kind, cursor_us in sorted(self.cursors_us.items()):
             family.add_metric([kind], max(0.0, (now_us - cursor_us) / 1_000_000))
         yield family
+
+
+class _StoreErrors(Collector):
+    """Store operations that failed (full disk, locked, writer gone), read when scraped."""
+
+    def __init__(self) -> None:
+        self.errors: Callable[[], int] = lambda: 0
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "tcbridge_store_errors", "Store operations that could not commit",
+            value=self.errors())
 
 
 class Metrics:
@@ -72,6 +84,15 @@ class Metrics:
                              ["handler", "status"], registry=r)
         self._lag = _CursorLag()
         r.register(self._lag)
+        self.webhook_responses = Counter("tcbridge_webhook_responses",
+                                         "Webhook answers by HTTP status", ["status"],
+                                         registry=r)
+        self._store_errors = _StoreErrors()
+        r.register(self._store_errors)
+
+    def watch_store(self, errors: Callable[[], int]) -> None:
+        """Expose ``errors()`` (store operations answered "unavailable") as a counter."""
+        self._store_errors.errors = errors
 
     def count_ingest(self, status: str, source: str, kind: str) -> None:
         """Count what became of one arrival (an ``IngestResult.status``)."""

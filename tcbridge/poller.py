@@ -24,7 +24,7 @@ import structlog
 
 from tcbridge.config import PollKind, PollSettings
 from tcbridge.envelope import Candidate, parse_snapshot
-from tcbridge.errors import ApiError, InvalidEvent, StoreError
+from tcbridge.errors import ApiAuthError, ApiError, InvalidEvent, StoreError
 from tcbridge.metrics import Metrics
 from tcbridge.store import IngestResult, Rejected, Store
 from tcbridge.timefmt import instant_us
@@ -134,6 +134,7 @@ class Poller:
         self._failures = 0
         self._stop = asyncio.Event()
         self.last_success: dict[str, float] = {}
+        self.auth_refused: str | None = None  # Tradecloud refused our credentials (readiness)
         self.interval_s = self.base_interval_s
 
     @property
@@ -229,6 +230,15 @@ class Poller:
     async def _cycle(self, kind: PollKind, started: float) -> CycleStats | None:
         try:
             stats = await self.run_once(kind)
+        except ApiAuthError as e:
+            # Not transient: say so at once (readiness, an error line), and keep trying.
+            self._failures += 1
+            self.auth_refused = str(e)
+            self._metrics.poll_errors.labels(kind).inc()
+            log.error("poll.credentials_refused", kind=kind, error=str(e),
+                      message="check tradecloud.username and the password")
+            await self._record(kind, None, str(e))
+            return None
         except (ApiError, StoreError) as e:
             self._failures += 1
             self._metrics.poll_errors.labels(kind).inc()
@@ -237,6 +247,7 @@ class Poller:
             await self._record(kind, None, str(e))
             return None
         self._failures = 0
+        self.auth_refused = None
         self.last_success[kind] = started
         log.info("poll.done", kind=kind, pages=stats.pages, items=stats.items,
                  stored=stats.stored, duplicates=stats.duplicates, stale=stats.stale,

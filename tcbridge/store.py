@@ -372,7 +372,6 @@ class Store:
             if batch:
                 self._in_hand = batch  # answered by _writer_died if this thread dies now
                 outcomes, conn = self._run_safely(conn, batch)
-                self._account(outcomes)
                 self._resolve(outcomes)
                 self._in_hand = []
             if stop:
@@ -404,13 +403,18 @@ class Store:
         self, conn: sqlite3.Connection | None, batch: Sequence[tuple[Op, asyncio.Future[Any]]]
     ) -> tuple[list[Outcome], sqlite3.Connection | None]:
         if conn is None:
-            error = StoreUnavailable(f"store not open: {self._last_error}")
-            return _fail_all(batch, error), None
+            outcomes = _fail_all(batch, StoreUnavailable(f"store not open: {self._last_error}"))
+            self._account(outcomes, wrote=False)
+            return outcomes, None
+        changes = conn.total_changes
         try:
             outcomes = run_batch(conn, batch)
         except Exception as e:  # a fault run_batch did not foresee: never end the thread
             log.exception("store.batch_failed")
-            return _fail_all(batch, StoreUnavailable(f"store failed: {e}")), self._discard(conn)
+            outcomes = _fail_all(batch, StoreUnavailable(f"store failed: {e}"))
+            self._account(outcomes, wrote=False)
+            return outcomes, self._discard(conn)
+        self._account(outcomes, wrote=conn.total_changes > changes)
         if any(isinstance(error, StoreUnavailable) for _, _, error in outcomes) and (
             not _usable(conn)
         ):
@@ -432,12 +436,14 @@ class Store:
             self._last_error = str(e)
             return None
 
-    def _account(self, outcomes: Sequence[Outcome]) -> None:
+    def _account(self, outcomes: Sequence[Outcome], *, wrote: bool) -> None:
+        """Remember the last failure until a batch that wrote something commits (a batch
+        that only read proves nothing: small writes may fit where an event does not)."""
         failures = [error for _, _, error in outcomes if isinstance(error, StoreUnavailable)]
         if failures:
             self._errors += len(failures)
             self._last_error = str(failures[0])
-        else:
+        elif wrote:
             self._last_error = None
 
     def _resolve(self, results: list[Outcome]) -> None:
@@ -641,14 +647,8 @@ class Store:
         return await self.run(lambda conn: purge_batch(conn, policy, time.time()))
 
     async def ping(self) -> None:
-        """A write transaction that proves the writer thread answers and can lock the file.
-
-        After a failed commit it writes for real (the schema version, unchanged), so
-        readiness turns true again only once a commit succeeds (space is back)."""
-        if self._last_error is None:
-            await self.run(lambda conn: None)
-        else:
-            await self.run(_probe_write)
+        """A no-op write transaction: proves the writer thread answers and can lock the file."""
+        await self.run(lambda conn: None)
 
     # -- reading -------------------------------------------------------------------
 
@@ -686,11 +686,6 @@ def _usable(conn: sqlite3.Connection) -> bool:
     except sqlite3.Error:
         return False
     return not conn.in_transaction
-
-
-def _probe_write(conn: sqlite3.Connection) -> None:
-    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    conn.execute(f"PRAGMA user_version = {version}")
 
 
 def _set_results(results: Iterable[Outcome]) -> None:

@@ -69,13 +69,15 @@ class Notifier:
         self.notify(WATCHDOG="1")
 
     async def watchdog_loop(
-        self, stop: asyncio.Event, status: Callable[[], str] | None = None
+        self, stop: asyncio.Event, status: Callable[[], str] | None = None,
+        *, healthy: Callable[[], bool] | None = None,
     ) -> None:
         """Ping every ``watchdog_interval_s`` until ``stop`` is set.
 
         The pings come from the event loop itself: a loop that is stuck stops them, and
         systemd kills and restarts the service. ``status()``, when given, refreshes
-        ``STATUS=`` with a ping at most every :data:`STATUS_EVERY_S` seconds.
+        ``STATUS=`` with a ping at most every :data:`STATUS_EVERY_S` seconds. While
+        ``healthy()`` is false (the store's writer thread is gone) no ping is sent.
         """
         interval_s = self.watchdog_interval_s
         if interval_s is None:
@@ -83,6 +85,9 @@ class Notifier:
         loop = asyncio.get_running_loop()
         status_sent_at = -math.inf
         while not await _wait(stop, interval_s):
+            if healthy is not None and not _call_healthy(healthy):
+                log.error("systemd.watchdog_withheld", message="a part is dead: no ping")
+                continue
             fields = {"WATCHDOG": "1"}
             if status is not None and loop.time() - status_sent_at >= STATUS_EVERY_S:
                 text = _call_status(status)
@@ -168,3 +173,11 @@ def _call_status(status: Callable[[], str]) -> str | None:
     except Exception:
         log.exception("systemd.status_failed")
         return None
+
+
+def _call_healthy(healthy: Callable[[], bool]) -> bool:
+    try:
+        return healthy()
+    except Exception:
+        log.exception("systemd.health_check_failed")
+        return False

@@ -109,7 +109,19 @@ def unavailable(request: web.Request, message: str) -> web.Response:
 
 @web.middleware
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every unforeseen fault into a 503: a 500 would make Tradecloud drop the event."""
+    """Turn every unforeseen fault into a 503 (a 500 would make Tradecloud drop the event)
+    and count every answer by status."""
+    responses = request.app[METRICS_KEY].webhook_responses
+    try:
+        response = await _answer(request, handler)
+    except web.HTTPException as e:
+        responses.labels(str(e.status)).inc()
+        raise
+    responses.labels(str(response.status)).inc()
+    return response
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except web.HTTPException:
