@@ -107,7 +107,9 @@ def _add_simulate(sub: Any) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """``tcbridge run``."""
     settings = load_settings(args.config)
-    logs.configure(settings.log.level, args.log_format or settings.log.format)
+    logs.configure(settings.log.level, args.log_format or settings.log.format,
+                   repeat_burst=settings.log.repeat_burst,
+                   repeat_interval_s=settings.log.repeat_interval_s)
     return app.run(settings)
 
 

@@ -189,6 +189,8 @@ class LogSettings(_Section):
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
+    repeat_burst: int = Field(default=10, ge=1)
+    repeat_interval_s: float = Field(default=60.0, gt=0)
 
 
 class _HandlerBase(_Section):
