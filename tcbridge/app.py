@@ -88,7 +88,10 @@ async def startup(settings: Settings, parts: Parts, stop: asyncio.Event) -> None
     """Open the store, then the HTTP client, the loops, the listeners."""
     # A store that cannot be written yet (a full disk) answers 503 until it can.
     await parts.store.open(keep_trying=True)
-    parts.metrics.watch_store(lambda: parts.store.health().errors)
+    parts.metrics.watch_store(lambda: {
+        "errors": parts.store.health().errors,
+        "rejected_truncated": parts.store.rejected_truncated,
+        "rejected_dropped": parts.store.rejected_dropped})
     _spawn(parts, "store", _watch_store(parts.store, stop))
     parts.session = aiohttp.ClientSession(
         headers={"User-Agent": f"tcbridge/{__version__}"}, raise_for_status=False

@@ -69,6 +69,14 @@ class StoreSettings(_Section):
     dedup_retention_days: float = Field(default=90.0, gt=0, le=100_000)
     purge_interval_s: float = Field(default=3600.0, gt=0)
     purge_batch: int = Field(default=500, ge=1, le=100_000)
+    rejected_body_max_bytes: int = Field(default=64 * 1024, ge=0)
+    rejected_max_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)
+
+    @model_validator(mode="after")
+    def _rejected_caps(self) -> StoreSettings:
+        if self.rejected_body_max_bytes > self.rejected_max_bytes:
+            raise ValueError("rejected_body_max_bytes must not exceed rejected_max_bytes")
+        return self
 
 
 class TradecloudSettings(_Section):

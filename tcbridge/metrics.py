@@ -36,16 +36,25 @@ class _CursorLag(Collector):
         yield family
 
 
-class _StoreErrors(Collector):
-    """Store operations that failed (full disk, locked, writer gone), read when scraped."""
+STORE_COUNTERS = {
+    "errors": ("tcbridge_store_errors", "Store operations that could not commit"),
+    "rejected_truncated": ("tcbridge_rejected_truncated",
+                           "Rejected bodies cut to store.rejected_body_max_bytes"),
+    "rejected_dropped": ("tcbridge_rejected_dropped",
+                         "Rejected requests dropped, oldest first, for store.rejected_max_bytes"),
+}
+
+
+class _StoreCounters(Collector):
+    """Counters the store keeps itself (see STORE_COUNTERS), read when scraped."""
 
     def __init__(self) -> None:
-        self.errors: Callable[[], int] = lambda: 0
+        self.read: Callable[[], Mapping[str, int]] = dict
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily(
-            "tcbridge_store_errors", "Store operations that could not commit",
-            value=self.errors())
+        values = self.read()
+        for key, (name, documentation) in STORE_COUNTERS.items():
+            yield CounterMetricFamily(name, documentation, value=values.get(key, 0))
 
 
 class Metrics:
@@ -87,12 +96,12 @@ class Metrics:
         self.webhook_responses = Counter("tcbridge_webhook_responses",
                                          "Webhook answers by HTTP status", ["status"],
                                          registry=r)
-        self._store_errors = _StoreErrors()
-        r.register(self._store_errors)
+        self._store = _StoreCounters()
+        r.register(self._store)
 
-    def watch_store(self, errors: Callable[[], int]) -> None:
-        """Expose ``errors()`` (store operations answered "unavailable") as a counter."""
-        self._store_errors.errors = errors
+    def watch_store(self, read: Callable[[], Mapping[str, int]]) -> None:
+        """Expose the store's own counters: ``read()`` returns the keys of STORE_COUNTERS."""
+        self._store.read = read
 
     def count_ingest(self, status: str, source: str, kind: str) -> None:
         """Count what became of one arrival (an ``IngestResult.status``)."""

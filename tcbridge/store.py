@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -239,6 +239,8 @@ class Store:
         self._dead_lock = threading.Lock()  # so no operation is queued behind a dead writer
         self._rejected_bytes: int | None = None  # writer thread only: kept rejected bytes
         self._in_hand: Sequence[tuple[Op, asyncio.Future[Any]]] = []  # the batch running
+        self.rejected_truncated = 0  # rejected bodies cut to rejected_body_max_bytes
+        self.rejected_dropped = 0  # rejected rows dropped (oldest first) for rejected_max_bytes
         self.failed: asyncio.Future[str] | None = None  # set to the reason if the writer dies
 
     # -- lifecycle ---------------------------------------------------------------
@@ -490,7 +492,7 @@ class Store:
                 for c in candidates
             ]
             for rejected in rejects:
-                insert_rejected(conn, rejected, received_at)
+                self._keep_rejected(conn, rejected, received_at)
             if cursor is not None:
                 advance_cursor(conn, kind, cursor)
             return results
@@ -500,7 +502,28 @@ class Store:
     async def reject(self, rejected: Rejected) -> int:
         """Keep a rejected request for inspection; returns its row id."""
         received_at = utc_now_iso()
-        return await self.run(lambda conn: insert_rejected(conn, rejected, received_at))
+        return await self.run(lambda conn: self._keep_rejected(conn, rejected, received_at))
+
+    def _keep_rejected(self, conn: sqlite3.Connection, rejected: Rejected,
+                       received_at: str) -> int:
+        """Keep a rejected request within ``rejected_body_max_bytes`` per request and
+        ``rejected_max_bytes`` in all (oldest out first): a sender must not fill the disk."""
+        limit = self._settings.rejected_body_max_bytes
+        if len(rejected.body) > limit:
+            self.rejected_truncated += 1
+            rejected = replace(
+                rejected, body=rejected.body[:limit],
+                reason=f"{rejected.reason} (body of {len(rejected.body)} bytes cut to {limit})")
+        row_id = insert_rejected(conn, rejected, received_at)
+        if self._rejected_bytes is None:
+            self._rejected_bytes = rejected_bytes(conn)
+        else:
+            self._rejected_bytes += _rejected_size(rejected)
+        if self._rejected_bytes > self._settings.rejected_max_bytes:
+            dropped, self._rejected_bytes = trim_rejected(
+                conn, self._settings.rejected_max_bytes, keep=row_id)
+            self.rejected_dropped += dropped
+        return row_id
 
     # -- cursors -------------------------------------------------------------------
 
@@ -934,6 +957,44 @@ def insert_rejected(conn: sqlite3.Connection, rejected: Rejected, received_at: s
          rejected.query, rejected.remote, json.dumps(headers), rejected.body),
     )
     return int(cursor.lastrowid or 0)
+
+
+_REJECTED_BYTES_SQL = (
+    "SELECT coalesce(sum(length(body) + length(headers) + length(reason)), 0) FROM rejected")
+_OLDEST_REJECTED_SQL = (
+    "SELECT id, length(body) + length(headers) + length(reason) FROM rejected"
+    " WHERE id != ? ORDER BY id LIMIT 100")
+
+
+def _rejected_size(rejected: Rejected) -> int:
+    # About what insert_rejected stores (headers as JSON); the exact sum is read when it
+    # matters, before anything is dropped.
+    return len(rejected.body) + len(json.dumps(dict(rejected.headers))) + len(rejected.reason)
+
+
+def rejected_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes held by rejected requests (bodies, headers, reasons)."""
+    return int(conn.execute(_REJECTED_BYTES_SQL).fetchone()[0])
+
+
+def trim_rejected(conn: sqlite3.Connection, max_bytes: int, *, keep: int) -> tuple[int, int]:
+    """Drop the oldest rejected requests until at most ``max_bytes`` are held, never row
+    ``keep`` (the one just stored); returns (rows dropped, bytes now held)."""
+    held = rejected_bytes(conn)
+    dropped = 0
+    while held > max_bytes:
+        rows = conn.execute(_OLDEST_REJECTED_SQL, (keep,)).fetchall()
+        if not rows:
+            break
+        victims = []
+        for row_id, size in rows:
+            if held <= max_bytes:
+                break
+            victims.append((row_id,))
+            held -= int(size)
+        conn.executemany("DELETE FROM rejected WHERE id = ?", victims)
+        dropped += len(victims)
+    return dropped, held
 
 
 def read_cursor(conn: sqlite3.Connection, kind: str) -> str | None:

@@ -214,3 +214,41 @@ async def test_only_a_commit_that_wrote_clears_the_last_error(store: Store) -> N
     await free_space(store)
     await store.ingest(big_event("o-after"))
     assert store.health().last_error is None
+
+
+def rejected_rows(path: Path) -> list[tuple[int, int, str]]:
+    with sqlite3.connect(path) as conn:
+        return conn.execute(
+            "SELECT id, length(body), reason FROM rejected ORDER BY id").fetchall()
+
+
+async def test_rejected_bodies_are_capped_and_the_oldest_dropped(
+    store_factory: Callable[..., Store],
+) -> None:
+    store = store_factory(rejected_body_max_bytes=1000, rejected_max_bytes=10_000)
+    async with store:
+        ids = [await store.reject(store_module.Rejected(
+            source="webhook", reason=f"bad {i}", body=b"x" * 5000)) for i in range(30)]
+        kept = rejected_rows(store.path)
+        assert all(size == 1000 for _, size, _ in kept)
+        assert "body of 5000 bytes cut to 1000" in kept[0][2]
+        assert kept[-1][0] == ids[-1]  # the newest stays, the oldest went first
+        assert [row[0] for row in kept] == ids[-len(kept):]
+        with sqlite3.connect(store.path) as conn:
+            assert store_module.rejected_bytes(conn) <= 10_000
+        assert store.rejected_truncated == 30
+        assert store.rejected_dropped == 30 - len(kept) > 0
+
+
+async def test_the_rejected_cap_holds_across_a_restart(
+    store_factory: Callable[..., Store],
+) -> None:
+    async with store_factory(rejected_max_bytes=100_000) as store:
+        for _ in range(10):
+            await store.reject(store_module.Rejected(source="poll", reason="r",
+                                                     body=b"y" * 9000))
+    async with store_factory(rejected_max_bytes=20_000, rejected_body_max_bytes=9000) as again:
+        await again.reject(store_module.Rejected(source="poll", reason="r", body=b"z"))
+        with sqlite3.connect(again.path) as conn:
+            assert store_module.rejected_bytes(conn) <= 20_000
+        assert again.rejected_dropped >= 8
