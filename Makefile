@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	demo/run
 
-## the daemon in the foreground on the example configuration
+## the daemon in the foreground (make run CONFIG=my.toml); the example configuration's
+## placeholder secrets are refused: copy it, set real ones, and pass it as CONFIG
+CONFIG ?= config.example.toml
 run: $(STAMP)
-	$(BIN)/tcbridge run --config config.example.toml
+	$(BIN)/tcbridge run --config $(CONFIG)
 
 ## ruff, mypy (strict) and the whole test suite
 test: $(STAMP) lint

@@ -14,11 +14,13 @@ from typing import Any
 from tcbridge import __version__, app, logs, retention
 from tcbridge.backfill import backfill
 from tcbridge.config import PollKind, Settings, load_settings
-from tcbridge.errors import ApiError, ConfigError, InvalidEvent, StoreError
+from tcbridge.errors import ApiError, ConfigError, InvalidEvent, StoreError, UnknownName
 from tcbridge.store import Store
 from tcbridge.timefmt import instant_us, parse_instant
 
 EXIT_USAGE = 2
+DESCRIPTION = ("tcbridge: Tradecloud webhooks and polling into a durable store, delivered "
+               "at least once to your ERP's handlers.")
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -30,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command: Command = args.func
     try:
         return command(args)
-    except ConfigError as e:
+    except (ConfigError, UnknownName) as e:
         print(f"tcbridge: {e}", file=sys.stderr)
         return EXIT_USAGE
     except StoreError as e:
@@ -46,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands and their options."""
-    parser = argparse.ArgumentParser(prog="tcbridge", description=__doc__)
+    parser = argparse.ArgumentParser(prog="tcbridge", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"tcbridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -122,7 +124,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_events(args: argparse.Namespace) -> int:
     """``tcbridge events``."""
-    settings = _quiet_settings(args)
+    settings = _quiet_settings(args, read_only=True)
     rows = asyncio.run(_with_store(settings, lambda s: s.events(
         entity_id=args.entity, limit=args.limit)))
     _print_rows(rows, ["seq", "id", "kind", "entityId", "lastUpdatedAt", "eventName",
@@ -132,7 +134,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 def cmd_cursor(args: argparse.Namespace) -> int:
     """``tcbridge cursor``."""
-    settings = _quiet_settings(args)
+    settings = _quiet_settings(args, read_only=not args.set)
     updates = [_parse_assignment(text) for text in args.set]
     cursors = asyncio.run(_with_store(settings, lambda s: _cursor_op(s, updates)))
     for kind in sorted(set(cursors) | set(settings.poll.kinds)):
@@ -144,20 +146,31 @@ def cmd_cursor(args: argparse.Namespace) -> int:
 
 def cmd_deliveries(args: argparse.Namespace) -> int:
     """``tcbridge deliveries``."""
-    settings = _quiet_settings(args)
-    rows = asyncio.run(_with_store(settings, lambda s: s.deliveries(
-        status=args.status, handler=args.handler, limit=args.limit)))
+    settings = _quiet_settings(args, read_only=True)
+    rows = asyncio.run(_with_store(settings, lambda s: _deliveries(s, args, settings)))
     _print_rows(rows, ["id", "eventId", "handler", "kind", "entityId", "eventName", "status",
                        "attempts", "lastError"], as_json=args.json)
     return 0
 
 
+async def _deliveries(
+    store: Store, args: argparse.Namespace, settings: Settings
+) -> list[dict[str, Any]]:
+    known = {h.name for h in settings.handlers} | set(await store.delivery_counts())
+    if args.handler is not None and args.handler not in known:
+        raise UnknownName(f"no handler named {args.handler!r} in {args.config} or the store"
+                          f" (known: {', '.join(sorted(known)) or 'none'})")
+    rows: list[dict[str, Any]] = await store.deliveries(
+        status=args.status, handler=args.handler, limit=args.limit)
+    return rows
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     """``tcbridge replay``: new attempts of the same event ids, picked up by the daemon."""
-    settings = _quiet_settings(args)
+    settings = _quiet_settings(args, read_only=True)
     names = {h.name for h in settings.handlers}
     if args.handler is not None and args.handler not in names:
-        raise ConfigError(f"{args.config}: no handler named {args.handler!r}")
+        raise UnknownName(f"{args.config}: no handler named {args.handler!r}")
     handlers = None if args.handler is None else [args.handler]
     if args.dead:
         count = asyncio.run(_with_store(settings, lambda s: s.requeue_dead(args.handler)))
@@ -170,7 +183,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """``tcbridge status``."""
-    settings = _quiet_settings(args)
+    settings = _quiet_settings(args, read_only=True)
     report = asyncio.run(_with_store(settings, lambda s: s.status()))
     report = {"mode": settings.mode, **report}
     report["cursors"] = {
@@ -248,7 +261,7 @@ async def _backfill(settings: Settings, since: str, kinds: list[PollKind]) -> di
 
 def cmd_purge(args: argparse.Namespace) -> int:
     """``tcbridge purge``: what retention does, on demand."""
-    settings = _quiet_settings(args)
+    settings = _quiet_settings(args, read_only=True)
     totals = asyncio.run(_with_store(settings, lambda s: retention.purge_all(
         s, retention.policy(settings.store))))
     print("purged: " + ", ".join(f"{k} {v}" for k, v in totals.items()))
@@ -296,9 +309,14 @@ def _timestamp(value: str, where: str) -> str:
     return value
 
 
-def _quiet_settings(args: argparse.Namespace) -> Settings:
+def _quiet_settings(args: argparse.Namespace, *, read_only: bool = False) -> Settings:
+    """The settings, with logging to stderr; ``read_only``: the store must exist already
+    (a wrong --config or store.path must not show a new, empty store as if it were real)."""
     settings = load_settings(args.config)
     logs.configure("warning", "console", stream=sys.stderr)
+    if read_only and not settings.store.path.exists():
+        raise ConfigError(f"{args.config}: no store at {settings.store.path} (store.path);"
+                          " is this the daemon's configuration?")
     return settings
 
 

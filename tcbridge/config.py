@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -343,15 +344,39 @@ def load_settings(path: Path | str) -> Settings:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as e:
-        raise ConfigError(_describe(path, e)) from e
+        raise ConfigError(_describe(path, e, os.environ)) from e
+    return _anchored(settings, path)
 
 
-def _describe(path: Path, error: ValidationError) -> str:
+def _anchored(settings: Settings, path: Path) -> Settings:
+    """A relative ``store.path`` is relative to the configuration file's directory, so
+    ``tcbridge status`` from another directory reads the daemon's store, not a new one."""
+    if settings.store.path.is_absolute():
+        return settings
+    store = settings.store.model_copy(update={"path": path.parent / settings.store.path})
+    return settings.model_copy(update={"store": store})
+
+
+def _describe(path: Path, error: ValidationError, environ: Mapping[str, str]) -> str:
     lines = [f"{path}: invalid configuration"]
     for item in error.errors(include_url=False, include_input=False):
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"  {key}: {message}")
+        variable = _variable_for(item["loc"], environ)
+        where = f" (from the environment variable {variable}, not the file)" if variable else ""
+        lines.append(f"  {key}: {message}{where}")
     return "\n".join(lines)
+
+
+def _variable_for(loc: tuple[int | str, ...], environ: Mapping[str, str]) -> str | None:
+    """The ``TCBRIDGE_`` variable that set the value at ``loc`` (or a section around it)."""
+    names = {name.upper(): name for name in environ}
+    for end in range(len(loc), 0, -1):
+        if not all(isinstance(part, str) for part in loc[:end]):
+            continue
+        wanted = "TCBRIDGE_" + "__".join(str(part) for part in loc[:end]).upper()
+        if wanted in names:
+            return names[wanted]
+    return None

@@ -19,6 +19,10 @@ class AuthError(TcbridgeError):
     """A webhook request failed authentication."""
 
 
+class UnknownName(TcbridgeError):
+    """A name given on the command line (an event id, a handler) that does not exist."""
+
+
 class StoreError(TcbridgeError):
     """The store failed."""
 

@@ -27,7 +27,7 @@ import structlog
 
 from tcbridge.config import StoreSettings
 from tcbridge.envelope import Candidate, changed_lines, envelope_dict
-from tcbridge.errors import StoreError, StoreUnavailable
+from tcbridge.errors import StoreError, StoreUnavailable, UnknownName
 from tcbridge.timefmt import instant_us, utc_now_iso
 
 log = structlog.get_logger(__name__)
@@ -1226,7 +1226,7 @@ def replay_event(
     """New deliveries of a stored event, even if it was delivered before."""
     row = conn.execute("SELECT seq, entity_id FROM events WHERE id = ?", (event_id,)).fetchone()
     if row is None:
-        raise StoreError(f"no event with id {event_id!r}")
+        raise UnknownName(f"no event with id {event_id!r}")
     if handlers is None:
         handlers = [h for (h,) in conn.execute(
             "SELECT DISTINCT handler FROM deliveries WHERE event_seq = ? ORDER BY handler",

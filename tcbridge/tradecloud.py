@@ -225,7 +225,8 @@ class TradecloudClient:
                 return outcome
             if retries >= self._settings.max_retries:
                 raise ApiTransientError(
-                    f"tradecloud {method} {path}: {outcome.reason} after {retries + 1} attempts",
+                    f"tradecloud {method} {self._settings.base_url}{path}: {outcome.reason}"
+                    f" after {retries + 1} attempts",
                     status=outcome.status,
                     retry_after_s=outcome.retry_after_s,
                 )
@@ -235,7 +236,7 @@ class TradecloudClient:
                 delay_s = self._backoff_s(retries)
             log.warning(
                 "tradecloud.retry",
-                path=path,
+                url=self._settings.base_url + path,
                 status=outcome.status,
                 error=outcome.reason,
                 attempt=retries,
@@ -249,9 +250,10 @@ class TradecloudClient:
         try:
             response = await self._send(method, path, headers, body)
         except _TRANSIENT_ERRORS as e:
-            return _Failure(type(e).__name__)
+            return _Failure(_reason(e))
         except aiohttp.ClientError as e:
-            raise ApiPermanentError(f"tradecloud {method} {path}: {type(e).__name__}") from e
+            raise ApiPermanentError(
+                f"tradecloud {method} {self._settings.base_url}{path}: {_reason(e)}") from e
         if response.status == 429 or response.status >= 500:
             retry_after_s = _retry_after_s(
                 response.headers.get("Retry-After"), self._wall_clock(), self._settings.retry_max_s
@@ -287,6 +289,15 @@ class TradecloudClient:
         settings = self._settings
         ceiling_s = min(settings.retry_max_s, settings.retry_initial_s * 2.0 ** min(retry - 1, 64))
         return self._rng.uniform(0.0, ceiling_s)
+
+
+def _reason(error: BaseException) -> str:
+    """An exception as the operator needs it: its type and what it says (aiohttp's
+    connection errors name host and port; a timeout says nothing, so say so)."""
+    text = str(error).strip()
+    if isinstance(error, TimeoutError) and not text:
+        text = "no answer in time"
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _check(response: _Response, path: str) -> None:

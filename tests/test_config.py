@@ -35,7 +35,7 @@ def test_example_config_is_valid() -> None:
 
 def test_defaults_and_values(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, MINIMAL))
-    assert settings.store.path == Path("var/tcbridge.db")
+    assert settings.store.path == tmp_path / "var/tcbridge.db"  # beside the file
     assert settings.tradecloud.api == "poll"
     assert settings.poll.kinds == ["order", "shipment"]
     assert settings.poll.interval_s == 300
