@@ -339,6 +339,10 @@ def load_settings(path: Path | str) -> Settings:
             data = tomllib.load(f)
     except FileNotFoundError as e:
         raise ConfigError(f"{path}: config file not found") from e
+    except PermissionError as e:
+        raise ConfigError(
+            f"{path}: cannot read config file: {e.strerror} (as uid {os.getuid()}; it holds"
+            " no secrets, so mode 0644 lets a service's DynamicUser= account read it)") from e
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
@@ -355,7 +359,8 @@ def _anchored(settings: Settings, path: Path) -> Settings:
     ``tcbridge status`` from another directory reads the daemon's store, not a new one."""
     if settings.store.path.is_absolute():
         return settings
-    store = settings.store.model_copy(update={"path": path.parent / settings.store.path})
+    base = Path(os.path.abspath(path)).parent
+    store = settings.store.model_copy(update={"path": base / settings.store.path})
     return settings.model_copy(update={"store": store})
 
 

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -20,6 +21,7 @@ from structlog.testing import capture_logs
 from tcbridge import systemd
 from tcbridge.cli import main
 from tcbridge.config import Settings, load_settings
+from tcbridge.errors import ConfigError
 from tcbridge.systemd import Notifier
 
 UNIT_DIR = Path(__file__).parent.parent / "systemd"
@@ -443,3 +445,75 @@ def test_example_config_without_credentials_names_the_file(
     err = capsys.readouterr().err
     assert f"{CREDENTIALS_DIR}/tradecloud-password" in err
     assert "tradecloud: cannot read secret file" in err
+
+
+# --- the install steps, as the unit's user -----------------------------------------------------
+
+README = Path(__file__).parent.parent / "README.md"
+SYSTEMD_README = UNIT.parent / "README.md"
+CONFIG_TARGET = "/etc/tcbridge/tcbridge.toml"
+
+
+def install_modes(text: str) -> dict[str, list[int]]:
+    """target -> modes of every ``install -m MODE ... TARGET`` in the text."""
+    out: dict[str, list[int]] = {}
+    for match in re.finditer(r"install (?:-d )?-m (0?\d{3,4}) (?:\S+ )?(/\S+?)[`\s]", text):
+        out.setdefault(match[2], []).append(int(match[1], 8))
+    return out
+
+
+@pytest.mark.parametrize("document", [README, SYSTEMD_README], ids=["README", "systemd"])
+def test_install_steps_leave_the_config_readable_by_the_dynamic_user(document: Path) -> None:
+    text = document.read_text()
+    modes = install_modes(text)
+    assert modes.get(CONFIG_TARGET), f"{document.name} does not install {CONFIG_TARGET}"
+    # DynamicUser= is neither the owner (root) nor in the group: "other" must read it.
+    assert all(mode & 0o004 for mode in modes[CONFIG_TARGET]), modes[CONFIG_TARGET]
+    assert all(mode & 0o001 for mode in modes.get("/etc/tcbridge", [0o755]))
+    steps = text[text.index(CONFIG_TARGET) - 400:]
+    assert "sudo install" in steps and "check-config" in steps
+
+
+def read_as(uid: int, path: Path, environ: dict[str, str]) -> int:
+    """load_settings(path) in a child running as ``uid``: 0 ok, 2 ConfigError, 3 other."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 3
+        try:
+            os.environ.update(environ)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            load_settings(path)
+            code = 0
+        except ConfigError:
+            code = 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.parametrize(("mode", "expected"), [(0o644, 0), (0o640, 2)])
+def test_the_unit_user_can_read_a_config_installed_as_documented(
+    mode: int, expected: int
+) -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root, to read the files as another uid as DynamicUser= would")
+    nobody = 65534
+    with tempfile.TemporaryDirectory() as top:
+        etc, creds = Path(top) / "etc", Path(top) / "credentials"
+        os.chmod(top, 0o755)
+        etc.mkdir(mode=0o755)
+        creds.mkdir(mode=0o700)
+        config = etc / "tcbridge.toml"
+        shutil.copy(EXAMPLE_CONFIG, config)
+        os.chmod(config, mode)  # root-owned, as `sudo install -m MODE` leaves it
+        for name, value in (("tradecloud-password", "s3cret"), ("webhook-token", "t" * 40)):
+            (creds / name).write_text(value)
+            os.chmod(creds / name, 0o400)
+            os.chown(creds / name, nobody, nobody)  # systemd hands them to the service user
+        os.chown(creds, nobody, nobody)
+        environ = {"TCBRIDGE_TRADECLOUD__PASSWORD_FILE": str(creds / "tradecloud-password"),
+                   "TCBRIDGE_WEBHOOK__BEARER_TOKEN_FILE": str(creds / "webhook-token")}
+        assert read_as(nobody, config, environ) == expected
