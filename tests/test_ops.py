@@ -23,6 +23,13 @@ from tests.support import write_config
 TOKEN = "t" * 40
 
 
+@pytest.fixture(autouse=True)
+def _keep_test_logging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commands configure structlog for the process (cached loggers included): not
+    inside the test process, where later tests capture logs."""
+    monkeypatch.setattr("tcbridge.logs.configure", lambda *args, **kwargs: None)
+
+
 def config(directory: Path, **store: Any) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     return write_config(directory / "tcbridge.toml", {

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from tcbridge.config import WebhookSettings
+from tcbridge.config import StoreSettings, WebhookSettings
 from tcbridge.store import Store
 from tcbridge.webhook import build_app
 from tests.conftest import basic_header, order_event_body, shipment_obj
@@ -93,7 +93,9 @@ async def test_bad_bodies_get_400_and_are_kept(
     assert answer["error"] == "invalid_event" and message in answer["message"]
     ((reason, method, path, query, body, headers),) = rejected_rows(store)
     assert message in reason and (method, path, query) == ("POST", "/webhook/order", "x=1")
-    assert body == raw
+    limit = StoreSettings().rejected_body_max_bytes
+    assert body == raw[:limit]  # a body beyond the cap is kept cut (the reason says so)
+    assert (len(raw) > limit) == ("cut to" in reason)
     assert "hook-token-1" not in headers
     assert (await store.counts())["events"] == 0 and not wake.is_set()
 
