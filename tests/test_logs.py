@@ -116,3 +116,19 @@ async def test_a_daemon_whose_stdout_is_a_broken_pipe_still_answers_200(
         proc.terminate()
         code = await asyncio.to_thread(proc.wait, 20)
     assert code == 0
+
+
+def test_cli_warnings_into_a_pipe_have_no_colour_codes(tmp_path: Path) -> None:
+    from tests.support import write_config
+
+    config = write_config(tmp_path / "c.toml", {
+        "mode": "poll", "store": {"path": "db.sqlite"},
+        "tradecloud": {"base_url": "http://127.0.0.1:9", "username": "u", "password": "p",
+                       "max_retries": 1, "retry_initial_s": 0.01, "retry_max_s": 0.02},
+        "poll": {"kinds": ["order"]}})
+    done = subprocess.run(
+        [sys.executable, "-m", "tcbridge", "backfill", "--since", "2024-01-01T00:00:00Z",
+         "--config", str(config)], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert "tradecloud.retry" in done.stderr and "http://127.0.0.1:9" in done.stderr
+    assert "\x1b[" not in done.stderr + done.stdout
