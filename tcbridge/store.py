@@ -433,10 +433,12 @@ class Store:
 
     def _reopen(self) -> sqlite3.Connection | None:
         try:
-            return self._open_connection()
+            conn = self._open_connection()
         except StoreError as e:
             self._last_error = str(e)
             return None
+        log.info("store.reopened", path=str(self.path))
+        return conn
 
     def _account(self, outcomes: Sequence[Outcome], *, wrote: bool) -> None:
         """Remember the last failure until a batch that wrote something commits (a batch
