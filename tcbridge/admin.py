@@ -20,12 +20,19 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENAPI = resources.files("tcbridge").joinpath("openapi.json").read_bytes()
 
 
-def build_admin_app(metrics: Metrics, readiness: Reasons, refresh: Refresh) -> web.Application:
+def build_admin_app(
+    metrics: Metrics, readiness: Reasons, refresh: Refresh,
+    alive: Callable[[], bool] = lambda: True,
+) -> web.Application:
     """``readiness`` returns why the daemon is not ready (empty: ready); ``refresh`` updates
-    the gauges read from the store before a scrape."""
+    the gauges read from the store before a scrape; ``alive`` is false once a part that
+    cannot come back (the store's writer thread) is gone."""
 
     async def healthz(request: web.Request) -> web.Response:
         # Answering at all proves the process and its event loop are alive.
+        if not alive():
+            return web.json_response({"status": "dead", "reason": "store writer stopped"},
+                                      status=503)
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:

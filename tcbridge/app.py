@@ -176,7 +176,8 @@ async def _start_listener(settings: Settings, parts: Parts) -> None:
 
 async def _start_admin(settings: Settings, parts: Parts) -> None:
     app = build_admin_app(parts.metrics, lambda: readiness(settings, parts),
-                          lambda: _refresh_gauges(parts))
+                          lambda: _refresh_gauges(parts),
+                          alive=lambda: parts.store.writer_alive or parts.draining.is_set())
     parts.admin = await _listen(app, settings.admin.host, settings.admin.port, 1.0, None)
     parts.admin_bound.extend(_addresses(parts.admin))
 

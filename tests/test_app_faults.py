@@ -181,3 +181,24 @@ async def test_readiness_says_when_the_last_commit_failed(
     status, _ = await get(f"http://127.0.0.1:{config.admin.port}/healthz")
     stop.set()
     assert await asyncio.wait_for(serving, GUARD_S) == app.EXIT_OK
+
+
+async def test_healthz_is_503_once_the_store_writer_is_gone() -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from tcbridge.admin import build_admin_app
+    from tcbridge.metrics import Metrics
+
+    async def no_reasons() -> list[str]:
+        return []
+
+    async def nothing() -> None:
+        return None
+
+    alive = [True]
+    admin = build_admin_app(Metrics(), no_reasons, nothing, alive=lambda: alive[0])
+    async with TestClient(TestServer(admin)) as client:
+        assert (await client.get("/healthz")).status == 200
+        alive[0] = False
+        response = await client.get("/healthz")
+        assert response.status == 503 and "writer" in (await response.json())["reason"]
