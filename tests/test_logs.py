@@ -132,3 +132,22 @@ def test_cli_warnings_into_a_pipe_have_no_colour_codes(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "tradecloud.retry" in done.stderr and "http://127.0.0.1:9" in done.stderr
     assert "\x1b[" not in done.stderr + done.stdout
+
+
+async def test_a_flood_of_401s_is_cut_to_a_burst_of_log_lines(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    daemon = daemon_factory({"log": {"level": "info", "repeat_burst": 5,
+                                     "repeat_interval_s": 3600}})
+    await daemon.start()
+    async with aiohttp.ClientSession() as session:
+        for _ in range(100):
+            async with session.post(f"{daemon.url}/webhook/order", json={},
+                                    headers={"Authorization": "Bearer wrong"}) as response:
+                assert response.status == 401
+        async with session.post(f"{daemon.url}/webhook/order", headers=TOKEN,
+                                json=order_event_body("o-after-flood")) as response:
+            assert response.status == 200
+    await daemon.wait_for_log("webhook.stored")
+    assert len([line for line in daemon.logs() if line.get("event") == "webhook.auth_failed"]) == 5
+    assert await daemon.stop() == 0
