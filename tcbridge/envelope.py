@@ -159,7 +159,7 @@ def parse_shipment_webhook(body: object) -> Candidate:
         if stamp is not None and stamp == candidate.instant_us
     )
     name = _event_name(data)
-    meta = _message_meta(data, None)
+    meta = _message_meta(data, shipment)
     return replace(candidate, event_name=name, line_ids=changed, line_instants=(),
                    meta=meta, message_id=_message_id(meta),
                    content_digest=content_digest(name, shipment))

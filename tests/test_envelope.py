@@ -222,3 +222,13 @@ def test_first_sighting_of_a_polled_order_changes_only_lines_after_the_query_cur
     shipment = fixture("shipment_event.json")["shipment"]
     since = parse_snapshot("shipment", shipment, "poll", since="2024-05-02T00:00:00.000Z")
     assert changed_lines(since, None) == ["DA%2F77/3", "DA%2F77/1"]
+
+
+def test_without_a_top_level_meta_the_events_own_meta_is_kept() -> None:
+    body = fixture("shipment_event.json")
+    del body["meta"]
+    candidate = parse_shipment_webhook(body)
+    assert candidate.meta == body["shipment"]["meta"] and candidate.message_id is None
+    order = fixture("order_event.json")
+    del order["meta"]
+    assert parse_order_webhook(order).meta is None
