@@ -122,6 +122,25 @@ async def test_search_api_sends_last_updated_after_with_a_login_token(
     assert cursor(daemon) == orders[-1]["lastUpdatedAt"]
 
 
+async def test_search_paging_with_last_updated_after_skips_nothing(
+    daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any]
+) -> None:
+    # Paging follows the filter's name, not the API: treating the exclusive lastUpdatedAfter
+    # of the search API as inclusive would skip an item after every full page.
+    sim, url = await simulator_factory()
+    orders = sim.add_orders(7, lines=1)
+    config = poll_config(url, page_size=2)
+    config["tradecloud"]["api"] = "search"
+    daemon = daemon_factory(config)
+    await daemon.start()
+    await daemon.wait_for_log("poll.done", kind="order", stored=7)
+    assert await daemon.stop() == 0
+    stored = {r[0] for r in query(daemon, "SELECT entity_id FROM events")}
+    assert stored == {o["id"] for o in orders}
+    # Inclusive paging on an exclusive server would look like shifted runs and re-read them.
+    assert not [e for e in daemon.logs() if e.get("event") == "poll.run_shifted"]
+
+
 async def test_search_cursor_filter_keeps_the_old_inclusive_name(
     daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any]
 ) -> None:
