@@ -49,7 +49,9 @@ def _templatise(body: dict[str, object]) -> str:
     assert isinstance(event, dict)
     text = json.dumps(body)
     text = text.replace(json.dumps(event["orderId"]), json.dumps(ORDER))
-    text = text.replace(json.dumps(event["meta"]["messageId"]), json.dumps(MSG))
+    meta = body["meta"]  # the message meta sits at the top of the body (docs order/buyer/receive)
+    assert isinstance(meta, dict)
+    text = text.replace(json.dumps(meta["messageId"]), json.dumps(MSG))
     return text.replace(json.dumps(event["lastUpdatedAt"]), json.dumps(STAMP))
 
 

@@ -44,11 +44,12 @@ def sorted_query() -> Any:
     cache: dict[int, tuple[list[Indexed], list[int]]] = {}
 
     def run(items: Iterable[Indexed], body: object, *, inclusive: bool,
-            filter_paths: tuple[str, ...]) -> Page:
+            filter_paths: tuple[str, ...], cursor_key: str | None = None) -> Page:
         items = list(items)
-        simple = _simple(body, CURSOR_KEYS[inclusive])
+        simple = _simple(body, cursor_key or CURSOR_KEYS[inclusive])
         if simple is None:
-            return original(items, body, inclusive=inclusive, filter_paths=filter_paths)
+            return original(items, body, inclusive=inclusive, filter_paths=filter_paths,
+                            cursor_key=cursor_key)
         cursor, offset, limit = simple
         if len(items) not in cache:
             ordered = sorted(items, key=lambda it: (it.instant_us, it.entity_id))

@@ -105,7 +105,8 @@ async def startup(settings: Settings, parts: Parts, stop: asyncio.Event) -> None
     if settings.poll_enabled:
         parts.poller = Poller(settings.poll, parts.client, parts.store, parts.dispatch_wake,
                               api=settings.tradecloud.api, hybrid=settings.mode == "hybrid",
-                              metrics=parts.metrics)
+                              metrics=parts.metrics,
+                              inclusive=settings.tradecloud.cursor_inclusive)
         _spawn(parts, "poller", parts.poller.run(stop))
     if settings.admin.enabled:
         await _start_admin(settings, parts)

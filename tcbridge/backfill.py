@@ -64,7 +64,8 @@ async def backfill(
         client = TradecloudClient(session, settings.tradecloud)
         poller = Poller(settings.poll, client, store, asyncio.Event(),
                         api=settings.tradecloud.api, cursor_prefix=CURSOR_PREFIX,
-                        progress=progress.update)
+                        progress=progress.update,
+                        inclusive=settings.tradecloud.cursor_inclusive)
         try:
             for kind in kinds:
                 await store.set_cursor(CURSOR_PREFIX + kind, since)

@@ -94,6 +94,23 @@ class TradecloudSettings(_Section):
     max_retries: int = Field(default=5, ge=0, le=100)
     retry_initial_s: float = Field(default=1.0, gt=0)
     retry_max_s: float = Field(default=60.0, gt=0)
+    # The search endpoints' cursor filter: lastUpdatedAfter since January 2024 (docs commit
+    # "Rename lastUpdatedSince filter to lastUpdatedAfter"); the old, inclusive name for
+    # old installations. The poll endpoints always take lastUpdatedAfter.
+    search_cursor_filter: Literal["lastUpdatedAfter", "lastUpdatedSince"] = "lastUpdatedAfter"
+    # The company's order webhook sends singleDeliveryOrderEvent: poll the single-delivery
+    # route so that polled orders have the same line layout (docs api/delivery-schedule.md).
+    single_delivery: bool = False
+
+    @property
+    def cursor_filter(self) -> str:
+        """The filter name the cursor is sent in."""
+        return self.search_cursor_filter if self.api == "search" else "lastUpdatedAfter"
+
+    @property
+    def cursor_inclusive(self) -> bool:
+        """True when the cursor filter returns items stamped at the cursor again."""
+        return self.cursor_filter == "lastUpdatedSince"
 
     @field_validator("base_url")
     @classmethod
@@ -105,6 +122,9 @@ class TradecloudSettings(_Section):
     @model_validator(mode="after")
     def _secrets(self) -> TradecloudSettings:
         _resolve_secrets(self, "password")
+        if self.single_delivery and self.api == "search":
+            raise ValueError("single_delivery = true needs api = 'poll': the search API "
+                             "has no single-delivery route")
         return self
 
 
@@ -167,6 +187,11 @@ class PollSettings(_Section):
     order_filters: dict[str, Any] = Field(default_factory=dict)
     shipment_filters: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("order_filters", "shipment_filters")
+    @classmethod
+    def _nest(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return nest_filters(value)
+
     @field_validator("start_from")
     @classmethod
     def _instant(cls, value: str) -> str:
@@ -175,6 +200,44 @@ class PollSettings(_Section):
         except InvalidEvent as e:
             raise ValueError(str(e)) from e
         return value
+
+
+def nest_filters(filters: dict[str, Any]) -> dict[str, Any]:
+    """Filters as the API takes them: nested objects (``{"buyerOrder": {"companyId": [..]}}``,
+    SDK samples PollOrders.cs, PollShipments.cs). A dotted key such as
+    ``"buyerOrder.companyId"`` is expanded into that nesting and merged with the rest."""
+    out: dict[str, Any] = {}
+    for key, value in filters.items():
+        parts = key.split(".")
+        if any(not part for part in parts):
+            raise ValueError(f"filter name {key!r} has an empty part")
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"filter {key!r} clashes with {part!r}")
+            node = child
+        leaf = nest_filters(value) if isinstance(value, dict) else value
+        last = parts[-1]
+        if isinstance(node.get(last), dict) and isinstance(leaf, dict):
+            node[last] = _merge(node[last], leaf, key)
+        elif last in node:
+            raise ValueError(f"filter {key!r} is given twice")
+        else:
+            node[last] = leaf
+    return out
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any], where: str) -> dict[str, Any]:
+    merged = dict(a)
+    for key, value in b.items():
+        if isinstance(merged.get(key), dict) and isinstance(value, dict):
+            merged[key] = _merge(merged[key], value, f"{where}.{key}")
+        elif key in merged:
+            raise ValueError(f"filter {where}.{key} is given twice")
+        else:
+            merged[key] = value
+    return merged
 
 
 class FetchSettings(_Section):

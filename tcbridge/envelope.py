@@ -9,9 +9,13 @@ envelope that handlers receive (:func:`envelope_dict`).
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, TypeGuard
+from typing import Any, Literal, TypeGuard
+from urllib.parse import quote
+
+import orjson
 
 from tcbridge.config import EventKind, PollKind, Source
 from tcbridge.errors import InvalidEvent
@@ -25,6 +29,15 @@ ORDER_EVENT_KEYS: dict[str, EventKind] = {
 }
 SHIPMENT_EVENT_KEYS = ("shipment", "shipmentEvent")
 MAX_ID_LENGTH = 200
+Layout = Literal["delivery-schedule", "single-delivery"]
+# The order line layout each webhook body field carries (docs api/delivery-schedule.md).
+LAYOUTS: dict[str, Layout] = {
+    "orderEvent": "delivery-schedule",
+    "singleDeliveryOrderEvent": "single-delivery",
+    "simpleOrderEvent": "single-delivery",
+}
+# The buyer or supplier asking for the order again: same lastUpdatedAt, always delivered.
+RESENT_EVENTS = frozenset({"OrderResentByBuyer", "OrderResentBySupplier", "ShipmentResentByBuyer"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +59,11 @@ class Candidate:
     payload: Mapping[str, Any]
     line_ids: tuple[str, ...]
     line_instants: tuple[tuple[str, int | None], ...]
+    meta: Mapping[str, Any] | None = None
+    layout: Layout | None = None
+    message_id: str | None = None
+    content_digest: str | None = None
+    since_us: int | None = None
 
     @property
     def is_snapshot(self) -> bool:
@@ -56,6 +74,27 @@ class Candidate:
     def event_id(self) -> str:
         """The stable id of the event this candidate would become."""
         return event_id(self.kind, self.entity_id, self.version_key)
+
+
+def sibling_version_key(candidate: Candidate) -> str:
+    """The version key of a distinct message that shares a stored event's timestamp.
+
+    A Resent event is its own message whatever its content: keyed by its message id.
+    Any other sibling is keyed by its content, so a repeat of it stays a duplicate."""
+    if candidate.event_name in RESENT_EVENTS and candidate.message_id is not None:
+        return f"{candidate.version_key}|m:{candidate.message_id}"
+    return f"{candidate.version_key}|d:{candidate.content_digest}"
+
+
+def content_digest(event_name: str | None, event: Mapping[str, Any]) -> str:
+    """What a webhook event says, without its message meta: two messages with the same
+    digest are the same change (another message id alone does not make a new event)."""
+    content = {key: value for key, value in event.items() if key != "meta"}
+    try:
+        raw = orjson.dumps([event_name, content], option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # a lone surrogate: fall back to the escaping encoder
+        raw = json.dumps([event_name, content], sort_keys=True).encode()
+    return hashlib.sha256(raw).hexdigest()[:32]
 
 
 def event_id(kind: str, entity_id: str, version_key: str) -> str:
@@ -75,19 +114,32 @@ def parse_order_webhook(body: object) -> Candidate:
         )
     key = present[0]
     event = _require_object(data[key], key)
+    kind = ORDER_EVENT_KEYS[key]
     entity = _entity_id(event, ("orderId", "id"), key)
-    stamp, version, instant = _version(event, key, meta=event.get("meta"))
+    meta = _message_meta(data, event)
+    message_id = _message_id(meta)
+    name = _event_name(data)
+    if kind == "order_documents":
+        # Its model is undocumented and may lack lastUpdatedAt: never refuse it for that
+        # (a 4xx is never retried), key it by the message id or by what it says.
+        stamp, version, instant = _documents_version(event, key, message_id, name)
+    else:
+        stamp, version, instant = _version(event, key, meta=meta)
     return Candidate(
-        kind=ORDER_EVENT_KEYS[key],
+        kind=kind,
         entity_id=entity,
         last_updated_at=stamp,
         version_key=version,
         instant_us=instant,
-        event_name=_event_name(data),
+        event_name=name,
         source="webhook",
         payload=event,
         line_ids=tuple(line_id for line_id, _ in _lines(event, "lastUpdatedAt")),
         line_instants=(),
+        meta=meta,
+        layout=LAYOUTS.get(key),
+        message_id=message_id,
+        content_digest=content_digest(name, event),
     )
 
 
@@ -100,19 +152,36 @@ def parse_shipment_webhook(body: object) -> Candidate:
     key = present[0]
     shipment = _require_object(data[key], key)
     candidate = _shipment(shipment, "webhook", key)
-    # A shipment event carries every line; the changed ones share the shipment's stamp.
+    # A shipment event carries every line; a line changed when its meta.lastUpdatedAt
+    # equals the shipment's (docs shipment/buyer/receive/README.md).
     changed = tuple(
         line_id for line_id, stamp in candidate.line_instants
         if stamp is not None and stamp == candidate.instant_us
     )
-    return replace(candidate, event_name=_event_name(data), line_ids=changed, line_instants=())
+    name = _event_name(data)
+    meta = _message_meta(data, shipment)
+    return replace(candidate, event_name=name, line_ids=changed, line_instants=(),
+                   meta=meta, message_id=_message_id(meta),
+                   content_digest=content_digest(name, shipment))
 
 
-def parse_snapshot(kind: PollKind, obj: object, source: Source) -> Candidate:
-    """Normalise a whole order or shipment from a poll page or a fetch by id."""
+def parse_snapshot(
+    kind: PollKind,
+    obj: object,
+    source: Source,
+    *,
+    since: str | None = None,
+    layout: Layout | None = None,
+) -> Candidate:
+    """Normalise a whole order or shipment from a poll page or a fetch by id.
+
+    ``since``: the cursor of the query that brought it (None for a fetch by id); on a
+    first sighting only the lines stamped after it count as changed. ``layout``: the
+    order line layout of the endpoint (default: the native delivery schedule)."""
     data = _require_object(obj, kind)
+    since_us = _line_instant(since) if since is not None else None
     if kind == "shipment":
-        return _shipment(data, source, kind)
+        return replace(_shipment(data, source, kind), since_us=since_us)
     entity = _entity_id(data, ("id", "orderId"), kind)
     stamp, version, instant = _version(data, kind, meta=None)
     lines = _lines(data, "lastUpdatedAt")
@@ -120,6 +189,7 @@ def parse_snapshot(kind: PollKind, obj: object, source: Source) -> Candidate:
         kind="order", entity_id=entity, last_updated_at=stamp, version_key=version,
         instant_us=instant, event_name=None, source=source, payload=data,
         line_ids=tuple(line_id for line_id, _ in lines), line_instants=lines,
+        layout=layout or "delivery-schedule", since_us=since_us,
     )
 
 
@@ -127,13 +197,18 @@ def changed_lines(candidate: Candidate, newest_stored_us: int | None) -> list[st
     """The ``changedLineIds`` of the event a candidate becomes.
 
     Events: the lines they hold. Snapshots: lines stamped after the newest stored
-    version of the entity; every line on a first sighting.
+    version of the entity; on a first sighting, lines stamped after the cursor of the
+    query that brought it ("use data.lines.lastUpdatedAt to identify which lines have
+    changed since the lastUpdatedAfter time you provided"), every line of a fetch.
     """
-    if not candidate.is_snapshot or newest_stored_us is None:
+    if not candidate.is_snapshot:
+        return list(candidate.line_ids)
+    after = newest_stored_us if newest_stored_us is not None else candidate.since_us
+    if after is None:
         return list(candidate.line_ids)
     return [
         line_id for line_id, stamp in candidate.line_instants
-        if stamp is None or stamp > newest_stored_us
+        if stamp is None or stamp > after
     ]
 
 
@@ -144,6 +219,7 @@ def envelope_dict(
     received_at: str,
     changed_line_ids: list[str],
     late: bool,
+    sibling: bool = False,
 ) -> dict[str, Any]:
     """The envelope handlers receive, in Tradecloud's camelCase."""
     return {
@@ -156,6 +232,9 @@ def envelope_dict(
         "receivedAt": received_at,
         "changedLineIds": changed_line_ids,
         "late": late,
+        "sibling": sibling,
+        "meta": candidate.meta,
+        "layout": candidate.layout,
         "payload": candidate.payload,
     }
 
@@ -171,6 +250,33 @@ def _shipment(data: Mapping[str, Any], source: Source, where: str) -> Candidate:
         instant_us=instant, event_name=None, source=source, payload=data,
         line_ids=tuple(line_id for line_id, _ in lines), line_instants=lines,
     )
+
+
+def _message_meta(
+    data: Mapping[str, Any], event: Mapping[str, Any] | None
+) -> Mapping[str, Any] | None:
+    """The message meta: at the top of the body (docs order/buyer/receive, shipment/buyer/
+    receive), else the event's own (older bodies, tradecloud-bc-connector's model)."""
+    for holder in (data, event):
+        meta = holder.get("meta") if holder is not None else None
+        if isinstance(meta, Mapping):
+            return meta
+    return None
+
+
+def _message_id(meta: Mapping[str, Any] | None) -> str | None:
+    value = meta.get("messageId") if meta is not None else None
+    return value if plain_text(value) else None
+
+
+def _documents_version(
+    event: Mapping[str, Any], where: str, message_id: str | None, name: str | None
+) -> tuple[str | None, str, int | None]:
+    if event.get("lastUpdatedAt") is not None:
+        return _version(event, where, meta=None)
+    if message_id is not None:
+        return None, f"m:{message_id}", None
+    return None, f"d:{content_digest(name, event)}", None
 
 
 def _require_object(value: object, where: str) -> Mapping[str, Any]:
@@ -243,11 +349,76 @@ def _lines(data: Mapping[str, Any], stamp_key: str) -> tuple[tuple[str, int | No
 
 def _shipment_lines(data: Mapping[str, Any]) -> tuple[tuple[str, int | None], ...]:
     out = []
-    for line_id, line in _iter_lines(data):
+    for line_id, line in shipment_lines(data):
         meta = line.get("meta")
         stamp = meta.get("lastUpdatedAt") if isinstance(meta, Mapping) else None
         out.append((line_id, _line_instant(stamp)))
     return tuple(out)
+
+
+def shipment_lines(data: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """Every line of a shipment with its identity: ``lines`` first, then each of
+    ``loadCarriers[].lines`` in order.
+
+    A shipment line has no id (docs shipment/buyer/receive/README.md), so its identity
+    is built from its documented fields, each part percent-encoded (``/`` -> ``%2F``):
+    ``<despatchAdviceNumber>/<despatchAdviceLinePosition>`` (both mandatory, "unique
+    within the despatch advice and immutable"); without them
+    ``po/<purchaseOrderNumber>/<purchaseOrderLinePosition>/<deliverySchedulePosition>``;
+    without those ``@lines/<i>`` or ``@loadCarriers/<j>/lines/<i>`` (its place). A
+    repeat of an identity within the shipment gets ``#2``, ``#3``... in that order.
+    """
+    found: list[tuple[str, Mapping[str, Any]]] = []
+    for where, line in _shipment_line_places(data):
+        found.append((_shipment_line_key(line) or where, line))
+    seen: dict[str, int] = {}
+    out = []
+    for key, line in found:
+        seen[key] = seen.get(key, 0) + 1
+        out.append((key if seen[key] == 1 else f"{key}#{seen[key]}", line))
+    return out
+
+
+def _shipment_line_places(data: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    places = [(f"@lines/{i}", line) for i, line in enumerate(_list(data.get("lines")))]
+    for j, carrier in enumerate(_list(data.get("loadCarriers"))):
+        if isinstance(carrier, Mapping):
+            places += [(f"@loadCarriers/{j}/lines/{i}", line)
+                       for i, line in enumerate(_list(carrier.get("lines")))]
+    return [(where, line) for where, line in places if isinstance(line, Mapping)]
+
+
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _shipment_line_key(line: Mapping[str, Any]) -> str | None:
+    supplier = line.get("supplierLine")
+    if isinstance(supplier, Mapping):
+        parts = _parts(supplier, ("despatchAdviceNumber", "despatchAdviceLinePosition"))
+        if parts is not None:
+            return "/".join(parts)
+    parts = _parts(line, ("purchaseOrderNumber", "purchaseOrderLinePosition"))
+    if parts is None:
+        return None
+    schedule = _part(line.get("deliverySchedulePosition")) or ""
+    return "/".join(["po", *parts, schedule])
+
+
+def _parts(data: Mapping[str, Any], keys: tuple[str, ...]) -> list[str] | None:
+    parts = [_part(data.get(key)) for key in keys]
+    return None if None in parts else [p for p in parts if p is not None]
+
+
+def _part(value: object) -> str | None:
+    """One identity part: text or a number (positions are sometimes numbers), encoded."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        value = str(value)
+    if not plain_text(value):
+        return None
+    return quote(value.strip(), safe="")
 
 
 def _iter_lines(data: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:

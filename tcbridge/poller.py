@@ -121,12 +121,16 @@ class Poller:
         metrics: Metrics | None = None,
         cursor_prefix: str = "",
         progress: Callable[[str, CycleStats, int | None], None] | None = None,
+        inclusive: bool | None = None,
     ) -> None:
         self._settings = settings
         self._client = client
         self._store = store
         self._wake = wake
         self._api = api
+        # Tied to the cursor filter's name (lastUpdatedSince returns the cursor's items again),
+        # not to the API: the search API takes the exclusive lastUpdatedAfter since 2024.
+        self._inclusive = api == "search" if inclusive is None else inclusive
         self._hybrid = hybrid
         self._metrics = metrics or Metrics()
         self._cursor_prefix = cursor_prefix  # "backfill:" keeps a backfill off the main cursor
@@ -171,10 +175,10 @@ class Poller:
                     return stats
                 offset, overlap = 0, None
                 continue
-            candidates, rejects, stamps = self._normalise(kind, page)
+            candidates, rejects, stamps = self._normalise(kind, page, cursor)
             full = len(raw.items) >= self._settings.page_size
             if full:
-                position = next_position(stamps, cursor, offset, inclusive=self._api == "search")
+                position = next_position(stamps, cursor, offset, inclusive=self._inclusive)
                 commit = position.safe_cursor
             else:
                 commit = page_cursor(page, stamps, api=self._api)
@@ -274,14 +278,15 @@ class Poller:
         return self._settings.shipment_filters
 
     def _normalise(
-        self, kind: PollKind, page: PollPage
+        self, kind: PollKind, page: PollPage, since: str
     ) -> tuple[list[Candidate], list[Rejected], list[str | None]]:
         candidates: list[Candidate] = []
         rejects: list[Rejected] = []
         stamps: list[str | None] = []
         for item in page.items:
             try:
-                candidate = parse_snapshot(kind, item, "poll")
+                # ``since``: a first sighting's changed lines are those after the query's cursor.
+                candidate = parse_snapshot(kind, item, "poll", since=since, layout=page.layout)
             except InvalidEvent as e:
                 rejects.append(_rejected_item(kind, item, str(e)))
                 stamps.append(None)

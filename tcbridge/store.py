@@ -26,7 +26,17 @@ import orjson
 import structlog
 
 from tcbridge.config import StoreSettings
-from tcbridge.envelope import Candidate, changed_lines, envelope_dict
+from tcbridge.envelope import (
+    RESENT_EVENTS,
+    Candidate,
+    changed_lines,
+    content_digest,
+    envelope_dict,
+    sibling_version_key,
+)
+from tcbridge.envelope import (
+    event_id as make_event_id,
+)
 from tcbridge.errors import StoreError, StoreUnavailable, UnknownName
 from tcbridge.timefmt import instant_us, utc_now_iso
 
@@ -856,10 +866,17 @@ def ingest_one(
     recovered: bool = False,
 ) -> IngestResult:
     """The dedup rules, inside the caller's transaction."""
-    event_id = candidate.event_id
-    if conn.execute("SELECT 1 FROM events WHERE id = ?", (event_id,)).fetchone():
-        _sighting(conn, candidate, event_id, "duplicate", received_at)
-        return IngestResult("duplicate", event_id)
+    event_id, sibling = candidate.event_id, False
+    stored = conn.execute(
+        "SELECT source, envelope FROM events WHERE id = ?", (event_id,)).fetchone()
+    if stored is not None:
+        sibling_id = _sibling_id(candidate, stored[0], stored[1])
+        if sibling_id is None or conn.execute(
+                "SELECT 1 FROM events WHERE id = ?", (sibling_id,)).fetchone():
+            duplicate_of = sibling_id or event_id
+            _sighting(conn, candidate, duplicate_of, "duplicate", received_at)
+            return IngestResult("duplicate", duplicate_of)
+        event_id, sibling = sibling_id, True
     newest = _newest(conn, candidate)
     late = (
         candidate.instant_us is not None and newest is not None and candidate.instant_us < newest
@@ -869,7 +886,7 @@ def ingest_one(
         return IngestResult("stale", event_id)
     envelope = envelope_dict(
         event_id=event_id, candidate=candidate, received_at=received_at,
-        changed_line_ids=changed_lines(candidate, newest), late=late,
+        changed_line_ids=changed_lines(candidate, newest), late=late, sibling=sibling,
     )
     seq = _insert_event(conn, candidate, envelope, received_at, late, recovered)
     routes = route(envelope)
@@ -877,6 +894,37 @@ def ingest_one(
         insert_deliveries(conn, seq, event_id, candidate.entity_id, routes, received_at)
     return IngestResult("stored", event_id, late=late, deliveries=len(routes),
                         recovered=recovered)
+
+
+def _sibling_id(
+    candidate: Candidate, stored_source: str, stored_envelope: str | None
+) -> str | None:
+    """The id of a distinct message that shares a stored event's timestamp, or None when
+    the candidate repeats that event.
+
+    Events carry only the lines they changed, so two messages stamped alike may say
+    different things: both are delivered. A repeat (same message id, or same content)
+    stays a duplicate; so does every snapshot, and a webhook after a snapshot (which
+    holds the whole object), unless it is a Resent event (always delivered). An event
+    whose payload retention has dropped can no longer be compared: a duplicate."""
+    if candidate.is_snapshot or stored_envelope is None:
+        return None
+    resent = candidate.event_name in RESENT_EVENTS
+    if stored_source != "webhook" and not resent:
+        return None
+    try:
+        envelope = json.loads(stored_envelope)
+    except ValueError:
+        return None
+    meta = envelope.get("meta")
+    stored_message = meta.get("messageId") if isinstance(meta, dict) else None
+    if candidate.message_id is not None and candidate.message_id == stored_message:
+        return None
+    payload = envelope.get("payload")
+    if not resent and isinstance(payload, dict) and candidate.content_digest == content_digest(
+            envelope.get("eventName"), payload):
+        return None
+    return make_event_id(candidate.kind, candidate.entity_id, sibling_version_key(candidate))
 
 
 def _newest(conn: sqlite3.Connection, candidate: Candidate) -> int | None:

@@ -2,8 +2,9 @@
 
 Tradecloud asks integrations to send requests one at a time, at most 10 per second, and
 to back off on 429, 5xx and timeouts; every HTTP exchange here goes through one lock and
-one pacer so that holds for the whole process. Poll/search calls use Basic auth; single
-objects need the token flow (login -> Bearer, refresh before expiry, log in again on 401).
+one pacer so that holds for the whole process. Poll calls use Basic auth; search calls and
+single objects need the token flow (login -> Bearer, refresh before expiry, log in again
+on 401).
 
 Nothing that is logged or raised here contains the password, a token or an auth header.
 """
@@ -25,6 +26,7 @@ import aiohttp
 import structlog
 
 from tcbridge.config import PollKind, TradecloudSettings
+from tcbridge.envelope import Layout
 from tcbridge.errors import ApiAuthError, ApiPermanentError, ApiTransientError
 from tcbridge.timefmt import retry_after_s
 
@@ -37,7 +39,9 @@ POLL_PATHS: dict[str, dict[str, str]] = {
     "poll": {"order": "/v2/order-search/poll", "shipment": "/v2/shipment/poll"},
     "search": {"order": "/v2/order-search/search", "shipment": "/v2/shipment/search"},
 }
-CURSOR_KEYS = {"poll": "lastUpdatedAfter", "search": "lastUpdatedSince"}
+# Companies whose order webhook sends singleDeliveryOrderEvent (docs api/delivery-schedule.md:
+# pollOrdersSingleDeliveryRoute), so that polled orders have the same line layout.
+SINGLE_DELIVERY_POLL_PATH = "/v2/order-search/poll/single-delivery"
 OBJECT_PATHS = {"order": "/v2/order/", "shipment": "/v2/shipment/"}
 DEFAULT_TOKEN_LIFETIME_S = 600.0  # the older docs' access-token lifetime: the safe guess
 REFRESH_MARGIN_S = 30.0
@@ -51,6 +55,7 @@ class PollPage:
     items: list[dict[str, Any]]
     total: int | None
     last_updated_at: str | None
+    layout: Layout | None = None  # of orders: which line layout the endpoint gives
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,30 +118,46 @@ class TradecloudClient:
         limit: int,
         filters: Mapping[str, Any] | None = None,
     ) -> PollPage:
-        """Fetch one page of objects updated after ``cursor`` (oldest first)."""
-        api = self._settings.api
-        path = POLL_PATHS[api][kind]
+        """Fetch one page of objects updated after ``cursor`` (oldest first).
+
+        The poll endpoints take Basic auth on every request; the search endpoints only
+        a login token (docs security/authentication.md)."""
+        settings = self._settings
+        path = POLL_PATHS[settings.api][kind]
+        layout: Layout | None = None
+        if kind == "order":
+            layout = "single-delivery" if settings.single_delivery else "delivery-schedule"
+            if settings.single_delivery:
+                path = SINGLE_DELIVERY_POLL_PATH
         body = {
-            "filters": {**(filters or {}), CURSOR_KEYS[api]: cursor},
+            "filters": {**(filters or {}), settings.cursor_filter: cursor},
             "offset": offset,
             "limit": limit,
         }
-        response = await self._call("POST", path, {"Authorization": self._basic()}, body)
+        if settings.api == "search":
+            response = await self._bearer_call("POST", path, body)
+        else:
+            response = await self._call("POST", path, {"Authorization": self._basic()}, body)
         _check(response, path)
-        return _parse_page(_json_object(response, path), path)
+        return replace(_parse_page(_json_object(response, path), path), layout=layout)
 
     async def get_object(self, kind: PollKind, entity_id: str) -> dict[str, Any]:
         """Fetch one whole order or shipment."""
         path = OBJECT_PATHS[kind] + quote(entity_id, safe="")
+        response = await self._bearer_call("GET", path)
+        _check(response, path)
+        return _json_object(response, path)
+
+    async def _bearer_call(self, method: str, path: str, body: Any = None) -> _Response:
+        """A call with the login token; on 401 one fresh login and one more try."""
         token = await self._bearer()
-        response = await self._call("GET", path, {"Authorization": f"Bearer {token}"})
+        response = await self._call(method, path, {"Authorization": f"Bearer {token}"}, body)
         if response.status == 401:
             # The token may have been revoked or the server restarted: one fresh login.
             log.info("tradecloud.token_refused", path=path)
             token = await self._bearer(rejected=token)
-            response = await self._call("GET", path, {"Authorization": f"Bearer {token}"})
-        _check(response, path)
-        return _json_object(response, path)
+            response = await self._call(method, path, {"Authorization": f"Bearer {token}"}, body)
+        return response
 
     async def close(self) -> None:
         """Log out if we hold a refresh token; never raises. The session stays the caller's."""

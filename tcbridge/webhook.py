@@ -87,8 +87,11 @@ def build_app(
     for kind in ("order", "shipment"):
         app.router.add_post(f"/webhook/{kind}", _post_handler(kind))
         app.router.add_get(f"/webhook/{kind}", _get_handler(kind), allow_head=False)
+        # ``.+``: an order id is <buyerCompanyId>-<purchaseOrderNumber>, and a purchase
+        # order number may hold "/": the path form takes it raw or as %2F (braces stay out,
+        # as in the default pattern).
         app.router.add_get(
-            f"/webhook/{kind}/{{entity_id}}", _get_handler(kind), allow_head=False
+            f"/webhook/{kind}/{{entity_id:[^{{}}]+}}", _get_handler(kind), allow_head=False
         )
     return app
 
@@ -194,6 +197,9 @@ def _post_handler(kind: Literal["order", "shipment"]) -> Handler:
         body = await _read_body(request)
         if isinstance(body, web.Response):
             return body
+        if is_xml(body, request.headers.get("Content-Type", "")):
+            return await _reject(request, body, XML_MESSAGE, status=415,
+                                 error="unsupported_media_type")
         try:
             candidate = parse(decode_body(body))
         except InvalidEvent as e:
@@ -235,6 +241,18 @@ async def _read_body(request: web.Request) -> bytes | web.Response:
         return _json(413, {"error": "too_large", "message": f"body exceeds {limit} bytes"})
 
 
+XML_MESSAGE = ("tcbridge takes JSON webhooks, this body is XML (tXML): choose JSON as the "
+               "webhook format in the Tradecloud portal")
+
+
+def is_xml(body: bytes, content_type: str) -> bool:
+    """A tXML body (Tradecloud can be set to send XML): by its media type or its first byte."""
+    media = content_type.partition(";")[0].strip().lower()
+    if media.endswith(("/xml", "+xml")):
+        return True
+    return body.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<")
+
+
 def decode_body(body: bytes) -> object:
     """Parse a webhook body: UTF-8 JSON (orjson: strict, and three times faster here)."""
     if not body:
@@ -245,11 +263,14 @@ def decode_body(body: bytes) -> object:
         raise InvalidEvent(f"malformed JSON: {str(e)[:200]}") from e
 
 
-async def _reject(request: web.Request, body: bytes, reason: str) -> web.Response:
+async def _reject(
+    request: web.Request, body: bytes, reason: str, *, status: int = 400,
+    error: str = "invalid_event",
+) -> web.Response:
     rejected_id = await _keep(request, body, reason)
     request.app[METRICS_KEY].rejected.labels("webhook").inc()
     log.warning("webhook.rejected", path=request.path, reason=reason, rejected_id=rejected_id)
-    return _json(400, {"error": "invalid_event", "message": reason, "rejectedId": rejected_id})
+    return _json(status, {"error": error, "message": reason, "rejectedId": rejected_id})
 
 
 async def _keep(request: web.Request, body: bytes, reason: str) -> int:

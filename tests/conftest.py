@@ -78,7 +78,9 @@ def shipment_obj(
     stamp: str = "2024-05-01T10:00:00.000Z",
     lines: list[tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """A whole shipment."""
+    """A whole shipment, shaped as in docs shipment/buyer/receive/README.md: a shipment
+    line has no id; ``lines`` gives (despatchAdviceLinePosition, meta.lastUpdatedAt) of
+    lines of despatch advice ``DA-1``, whose identity is ``DA-1/<position>``."""
     shipment_id = shipment_id or f"shipment-{next(_ids)}"
     lines = lines if lines is not None else [(f"{shipment_id}-l1", stamp)]
     return {
@@ -87,9 +89,12 @@ def shipment_obj(
         "status": {"processStatus": "Issued"},
         "meta": {"lastUpdatedAt": stamp, "createdDateTime": stamp},
         "lines": [
-            {"id": line_id, "purchaseOrderNumber": "PO-1", "purchaseOrderLinePosition": "1",
+            {"purchaseOrderNumber": "PO-1", "purchaseOrderLinePosition": str(i + 1),
+             "deliverySchedulePosition": "1",
+             "supplierLine": {"despatchAdviceNumber": "DA-1", "despatchAdviceLinePosition": line_id,
+                              "despatchQuantity": 1},
              "meta": {"lastUpdatedAt": line_stamp}}
-            for line_id, line_stamp in lines
+            for i, (line_id, line_stamp) in enumerate(lines)
         ],
     }
 

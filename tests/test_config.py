@@ -118,3 +118,57 @@ def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["check-config", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "mode" in err and str(bad) in err
+
+
+def test_filters_nest_from_tables_and_dotted_keys(tmp_path: Path) -> None:
+    text = MINIMAL + """
+[poll.order_filters]
+"status.processStatus" = ["Confirmed"]
+"buyerOrder.companyId" = ["c1"]
+[poll.order_filters.status]
+logisticsStatus = ["Shipped"]
+[poll.shipment_filters.buyerShipment]
+companyId = "c1"
+"""
+    settings = load_settings(write(tmp_path, text))
+    assert settings.poll.order_filters == {
+        "status": {"processStatus": ["Confirmed"], "logisticsStatus": ["Shipped"]},
+        "buyerOrder": {"companyId": ["c1"]},
+    }
+    assert settings.poll.shipment_filters == {"buyerShipment": {"companyId": "c1"}}
+
+
+def test_a_filter_given_twice_is_refused(tmp_path: Path) -> None:
+    text = MINIMAL + """
+[poll.order_filters]
+"status.processStatus" = ["Confirmed"]
+[poll.order_filters.status]
+processStatus = ["Issued"]
+"""
+    with pytest.raises(ConfigError, match="given twice"):
+        load_settings(write(tmp_path, text))
+
+
+def test_search_cursor_filter_and_single_delivery(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, MINIMAL))
+    assert settings.tradecloud.cursor_filter == "lastUpdatedAfter"
+    assert not settings.tradecloud.single_delivery and not settings.tradecloud.cursor_inclusive
+    old = MINIMAL.replace('password = "pw"', 'password = "pw"\napi = "search"\n'
+                          'search_cursor_filter = "lastUpdatedSince"')
+    legacy = load_settings(write(tmp_path, old)).tradecloud
+    assert legacy.cursor_filter == "lastUpdatedSince" and legacy.cursor_inclusive
+    on_poll = MINIMAL.replace('password = "pw"', 'password = "pw"\n'
+                              'search_cursor_filter = "lastUpdatedSince"')
+    # The poll endpoints always take lastUpdatedAfter, whatever the search setting.
+    assert load_settings(write(tmp_path, on_poll)).tradecloud.cursor_filter == "lastUpdatedAfter"
+
+
+def test_check_config_refuses_single_delivery_with_search(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = MINIMAL.replace('password = "pw"', 'password = "pw"\napi = "search"\n'
+                           'single_delivery = true')
+    assert main(["check-config", "--config", str(write(tmp_path, text))]) == 2
+    assert "single_delivery" in capsys.readouterr().err
+    ok = text.replace('api = "search"', 'api = "poll"')
+    assert main(["check-config", "--config", str(write(tmp_path, ok))]) == 0

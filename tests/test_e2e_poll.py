@@ -100,7 +100,10 @@ async def test_same_version_is_a_duplicate_newer_is_an_event(
     assert duplicates == (1,)
 
 
-async def test_search_api_inclusive_refetch_is_a_duplicate(
+# The search API takes filters.lastUpdatedAfter and a login token since 2024 (docs
+# security/authentication.md, docs commit "Rename lastUpdatedSince filter to
+# lastUpdatedAfter"); this test used to expect Basic auth and lastUpdatedSince.
+async def test_search_api_sends_last_updated_after_with_a_login_token(
     daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any]
 ) -> None:
     sim, url = await simulator_factory()
@@ -110,12 +113,125 @@ async def test_search_api_inclusive_refetch_is_a_duplicate(
     daemon = daemon_factory(config)
     await daemon.start()
     await daemon.wait_for_log("poll.done", kind="order", stored=5)
+    await daemon.wait_for_log("poll.done", kind="order", items=0)  # exclusive: nothing again
+    assert await daemon.stop() == 0
+    searches = [r for r in sim.requests if r["path"] == "/v2/order-search/search"]
+    assert {r["auth"] for r in searches} == {"bearer"} and {r["status"] for r in searches} == {200}
+    assert searches[1]["body"]["filters"] == {"lastUpdatedAfter": orders[-1]["lastUpdatedAt"]}
+    assert query(daemon, "SELECT count(*) FROM events") == [(5,)]
+    assert cursor(daemon) == orders[-1]["lastUpdatedAt"]
+
+
+async def test_search_paging_with_last_updated_after_skips_nothing(
+    daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any]
+) -> None:
+    # Paging follows the filter's name, not the API: treating the exclusive lastUpdatedAfter
+    # of the search API as inclusive would skip an item after every full page.
+    sim, url = await simulator_factory()
+    orders = sim.add_orders(7, lines=1)
+    config = poll_config(url, page_size=2)
+    config["tradecloud"]["api"] = "search"
+    daemon = daemon_factory(config)
+    await daemon.start()
+    await daemon.wait_for_log("poll.done", kind="order", stored=7)
+    assert await daemon.stop() == 0
+    stored = {r[0] for r in query(daemon, "SELECT entity_id FROM events")}
+    assert stored == {o["id"] for o in orders}
+    # Inclusive paging on an exclusive server would look like shifted runs and re-read them.
+    assert not [e for e in daemon.logs() if e.get("event") == "poll.run_shifted"]
+
+
+async def test_search_cursor_filter_keeps_the_old_inclusive_name(
+    daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any]
+) -> None:
+    sim, url = await simulator_factory(search_cursor_filter="lastUpdatedSince")
+    orders = sim.add_orders(5)
+    config = poll_config(url)
+    config["tradecloud"].update(api="search", search_cursor_filter="lastUpdatedSince")
+    daemon = daemon_factory(config)
+    await daemon.start()
+    await daemon.wait_for_log("poll.done", kind="order", stored=5)
     await daemon.wait_for_log("poll.done", kind="order", duplicates=1)  # the last one again
     assert await daemon.stop() == 0
     searches = [r for r in sim.requests if r["path"] == "/v2/order-search/search"]
     assert searches[1]["body"]["filters"]["lastUpdatedSince"] == orders[-1]["lastUpdatedAt"]
     assert query(daemon, "SELECT count(*) FROM events") == [(5,)]
     assert cursor(daemon) == orders[-1]["lastUpdatedAt"]
+
+
+async def test_the_old_filter_name_on_a_current_server_shows_as_a_stuck_cursor(
+    daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any]
+) -> None:
+    sim, url = await simulator_factory()
+    sim.add_orders(5)
+    config = poll_config(url)
+    config["tradecloud"].update(api="search", search_cursor_filter="lastUpdatedSince")
+    daemon = daemon_factory(config)
+    await daemon.start()
+    await daemon.wait_for_log("poll.done", kind="order", stored=5)
+    # The server ignores the unknown name: every cycle brings everything again.
+    await daemon.wait_for_log("poll.done", kind="order", duplicates=5)
+    assert await daemon.stop() == 0
+
+
+async def test_single_delivery_polls_its_route_and_marks_the_layout(
+    daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any]
+) -> None:
+    sim, url = await simulator_factory(single_delivery=True)
+    sim.add_orders(2)
+    config = poll_config(url)
+    config["tradecloud"]["single_delivery"] = True
+    daemon = daemon_factory(config)
+    await daemon.start()
+    await daemon.wait_for_log("poll.done", kind="order", stored=2)
+    assert await daemon.stop() == 0
+    paths = {r["path"] for r in sim.requests if r["path"].startswith("/v2/order-search")}
+    assert paths == {"/v2/order-search/poll/single-delivery"}
+    envelopes = [json.loads(r[0]) for r in query(
+        daemon, "SELECT envelope FROM events WHERE kind = 'order'")]
+    assert [e["layout"] for e in envelopes] == ["single-delivery"] * 2
+    assert all("statusLine" in line for e in envelopes for line in e["payload"]["lines"])
+
+
+async def test_nested_and_dotted_filters_reach_the_server_nested(
+    daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any]
+) -> None:
+    sim, url = await simulator_factory()
+    orders = sim.add_orders(12, lines=1)
+    buyer = orders[0]["buyerOrder"]["companyId"]
+    config = poll_config(url)
+    config["poll"]["kinds"] = ["order"]
+    config["poll"]["order_filters"] = {"buyerOrder.companyId": [buyer],
+                                       "status": {"processStatus": ["Issued"]}}
+    daemon = daemon_factory(config)
+    await daemon.start()
+    expected = sum(1 for o in orders if o["buyerOrder"]["companyId"] == buyer)
+    assert 0 < expected < 12
+    await daemon.wait_for_log("poll.done", kind="order", stored=expected)
+    assert await daemon.stop() == 0
+    (first, *_) = [r for r in sim.requests if r["path"] == "/v2/order-search/poll"]
+    assert first["body"]["filters"]["buyerOrder"] == {"companyId": [buyer]}
+    assert first["body"]["filters"]["status"] == {"processStatus": ["Issued"]}
+
+
+async def test_first_poll_marks_only_lines_after_start_from_as_changed(
+    daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any]
+) -> None:
+    sim, url = await simulator_factory()
+    order = sim.add_orders(1, lines=3)[0]
+    updated = sim.update_order(order["id"], line_count=1)
+    (changed,) = [ln["id"] for ln in updated["lines"]
+                  if ln["lastUpdatedAt"] == updated["lastUpdatedAt"]]
+    config = poll_config(url)
+    config["poll"]["kinds"] = ["order"]
+    config["poll"]["start_from"] = order["lastUpdatedAt"]  # the issue is before the cursor
+    daemon = daemon_factory(config)
+    await daemon.start()
+    await daemon.wait_for_log("poll.done", kind="order", stored=1)
+    assert await daemon.stop() == 0
+    (envelope,) = [json.loads(r[0]) for r in query(daemon, "SELECT envelope FROM events")]
+    assert envelope["changedLineIds"] == [changed]
+    assert envelope["meta"] is None and envelope["layout"] == "delivery-schedule"
 
 
 async def test_kill_between_pages_loses_nothing_and_cursor_never_goes_back(

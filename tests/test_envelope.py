@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from tcbridge.envelope import (
     changed_lines,
+    envelope_dict,
     event_id,
     parse_order_webhook,
     parse_shipment_webhook,
     parse_snapshot,
+    shipment_lines,
 )
 from tcbridge.errors import InvalidEvent
 from tcbridge.timefmt import instant_us
@@ -88,7 +95,7 @@ def test_shipment_event_changed_lines_share_the_shipment_stamp() -> None:
         assert candidate.kind == "shipment"
         assert candidate.entity_id == "s1"
         assert candidate.instant_us == instant_us(stamp)
-        assert candidate.line_ids == ("a",)
+        assert candidate.line_ids == ("DA-1/a",)
 
 
 def test_shipment_body_on_order_route_is_invalid() -> None:
@@ -117,3 +124,111 @@ def test_event_id_is_stable_and_distinct() -> None:
     assert event_id("order", "o1", "t:1") == event_id("order", "o1", "t:1")
     assert event_id("order", "o1", "t:1") != event_id("shipment", "o1", "t:1")
     assert len(event_id("order", "o1", "t:1")) == 32
+
+
+# -- the real shapes (bodies from Tradecloud's docs: tests/fixtures/README.md) ---------------
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def fixture(name: str) -> dict[str, Any]:
+    return dict(json.loads((FIXTURES / name).read_text()))
+
+
+def test_shipment_lines_get_their_documented_identity_in_both_places() -> None:
+    body = fixture("shipment_event.json")
+    candidate = parse_shipment_webhook(body)
+    # lines first, then loadCarriers[].lines; "/" in a part is percent-encoded.
+    snapshot = parse_snapshot("shipment", body["shipment"], "webhook_get")
+    assert snapshot.line_ids == ("DA%2F77/3", "DA%2F77/1", "DA%2F77/2")
+    # Changed: the lines whose meta.lastUpdatedAt equals the shipment's.
+    assert candidate.line_ids == ("DA%2F77/3", "DA%2F77/1")
+    assert changed_lines(candidate, None) == ["DA%2F77/3", "DA%2F77/1"]
+
+
+def test_shipment_line_identity_is_stable_and_unique() -> None:
+    stamp = "2024-05-04T12:00:00.000Z"
+    po_line = {"purchaseOrderNumber": "PO-1", "purchaseOrderLinePosition": 10,
+               "meta": {"lastUpdatedAt": stamp}}
+    bare = {"meta": {"lastUpdatedAt": stamp}}
+    shipment = {"id": "s1", "meta": {"lastUpdatedAt": stamp},
+                "lines": [po_line, dict(po_line), bare],
+                "loadCarriers": [{"packageSSCC": "1"}, {"lines": [bare]}]}
+    ids = [line_id for line_id, _ in shipment_lines(shipment)]
+    assert ids == ["po/PO-1/10/", "po/PO-1/10/#2", "@lines/2", "@loadCarriers/1/lines/0"]
+    again = parse_shipment_webhook({"eventName": "ShipmentReissuedBySupplier",
+                                    "shipment": copy.deepcopy(shipment)})
+    assert list(again.line_ids) == ids
+
+
+def test_message_meta_and_layout_of_webhooks() -> None:
+    body = fixture("order_event.json")
+    candidate = parse_order_webhook(body)
+    assert candidate.meta == body["meta"] and candidate.message_id == body["meta"]["messageId"]
+    assert candidate.layout == "delivery-schedule"
+    single = parse_order_webhook(fixture("single_delivery_order_event.json"))
+    # No meta at the top: the event's own (tradecloud-bc-connector's model).
+    assert single.meta is not None and single.meta["messageId"].startswith("9d8c7b6a")
+    assert single.layout == "single-delivery"
+    shipment = parse_shipment_webhook(fixture("shipment_event.json"))
+    assert shipment.meta is not None and shipment.meta["source"]["traceId"].startswith("3d4e")
+    assert shipment.layout is None
+
+
+def test_envelope_has_meta_layout_and_sibling() -> None:
+    candidate = parse_order_webhook(fixture("order_event.json"))
+    envelope = envelope_dict(event_id="e1", candidate=candidate, received_at="now",
+                             changed_line_ids=[], late=False)
+    assert envelope["meta"] == fixture("order_event.json")["meta"]
+    assert envelope["layout"] == "delivery-schedule" and envelope["sibling"] is False
+    snapshot = parse_snapshot("order", fixture("polled_order.json"), "poll",
+                              layout="single-delivery")
+    envelope = envelope_dict(event_id="e2", candidate=snapshot, received_at="now",
+                             changed_line_ids=[], late=False, sibling=True)
+    assert envelope["meta"] is None and envelope["layout"] == "single-delivery"
+    assert envelope["sibling"] is True
+    shipment = parse_snapshot("shipment", fixture("shipment_event.json")["shipment"], "poll")
+    assert shipment.layout is None
+
+
+def test_order_documents_event_without_a_timestamp_is_keyed_by_the_top_level_message_id(
+) -> None:
+    body = fixture("order_documents_event.json")
+    candidate = parse_order_webhook(body)
+    assert candidate.kind == "order_documents"
+    assert candidate.version_key == f"m:{body['meta']['messageId']}"
+    assert candidate.last_updated_at is None and candidate.layout is None
+
+
+def test_order_documents_event_without_any_message_id_is_keyed_by_its_content() -> None:
+    body = fixture("order_documents_event.json")
+    del body["meta"]
+    candidate = parse_order_webhook(body)
+    assert candidate.version_key.startswith("d:")
+    assert parse_order_webhook(copy.deepcopy(body)).event_id == candidate.event_id
+    body["orderDocumentsEvent"]["supplierOrder"]["documents"][0]["objectId"] = "other"
+    assert parse_order_webhook(body).event_id != candidate.event_id
+
+
+def test_first_sighting_of_a_polled_order_changes_only_lines_after_the_query_cursor() -> None:
+    order = fixture("polled_order.json")
+    polled = parse_snapshot("order", order, "poll", since="2024-05-01T00:00:00.000Z")
+    assert changed_lines(polled, None) == ["line-new"]
+    # Against a stored version the stored one counts, not the query's cursor.
+    assert changed_lines(polled, instant_us("2024-03-01T00:00:00.000Z")) == [
+        "line-old", "line-new"]
+    fetched = parse_snapshot("order", order, "webhook_get")
+    assert changed_lines(fetched, None) == ["line-old", "line-new"]
+    shipment = fixture("shipment_event.json")["shipment"]
+    since = parse_snapshot("shipment", shipment, "poll", since="2024-05-02T00:00:00.000Z")
+    assert changed_lines(since, None) == ["DA%2F77/3", "DA%2F77/1"]
+
+
+def test_without_a_top_level_meta_the_events_own_meta_is_kept() -> None:
+    body = fixture("shipment_event.json")
+    del body["meta"]
+    candidate = parse_shipment_webhook(body)
+    assert candidate.meta == body["shipment"]["meta"] and candidate.message_id is None
+    order = fixture("order_event.json")
+    del order["meta"]
+    assert parse_order_webhook(order).meta is None

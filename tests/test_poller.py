@@ -84,3 +84,33 @@ def test_failed_cycle_backs_off_within_the_interval() -> None:
     poller = _poller(error_backoff_max_s=8)
     poller._failures = 10
     assert all(4 <= poller._next_delay([None]) <= 8 for _ in range(20))
+
+
+class OnePageClient:
+    """A poll client answering one fixed page, recording the cursors it was asked for."""
+
+    def __init__(self, page: PollPage) -> None:
+        self.page = page
+        self.cursors: list[str] = []
+
+    async def poll(self, kind: str, cursor: str, *, offset: int, limit: int,
+                   filters: Any = None) -> PollPage:
+        self.cursors.append(cursor)
+        return self.page if len(self.cursors) == 1 else PollPage([], 0, None)
+
+
+async def test_first_sighting_changes_only_lines_after_the_query_cursor(
+    store: Store,
+) -> None:
+    order = {"id": "o1", "lastUpdatedAt": T3, "lines": [
+        {"id": "old", "lastUpdatedAt": T1}, {"id": "new", "lastUpdatedAt": T3}]}
+    client = OnePageClient(PollPage([order], 1, T3, layout="single-delivery"))
+    settings = PollSettings(start_from=T2, interval_s=300)
+    poller = Poller(settings, client, store, asyncio.Event(), api="poll")
+    stats = await poller.run_once("order")
+    assert stats.stored == 1 and client.cursors == [T2]
+    (row,) = await store.events()
+    envelope = await store.run(lambda conn: conn.execute(
+        "SELECT envelope FROM events").fetchone()[0])
+    assert '"changedLineIds":["new"]' in envelope and '"layout":"single-delivery"' in envelope
+    assert row["entityId"] == "o1"

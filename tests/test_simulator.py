@@ -212,7 +212,9 @@ async def test_logout_revokes_the_session(
 # --- poll and search -----------------------------------------------------------------------
 
 
-async def test_poll_is_exclusive_and_search_inclusive(
+# This test used to search with Basic auth and lastUpdatedSince: the pre-2024 shape. The
+# search API takes lastUpdatedAfter and a login token only (docs security/authentication.md).
+async def test_poll_and_search_are_exclusive_and_the_old_name_is_ignored(
     sim_factory: SimFactory, http: aiohttp.ClientSession
 ) -> None:
     sim, url = await sim_factory()
@@ -221,10 +223,57 @@ async def test_poll_is_exclusive_and_search_inclusive(
     assert len(set(stamps)) == 3
     _, polled = await poll(http, url, stamps[1])
     assert [o["id"] for o in polled["data"]] == [orders[2]["id"]]
-    _, searched = await poll(http, url, stamps[1], path="/v2/order-search/search",
-                             key="lastUpdatedSince")
-    assert [o["id"] for o in searched["data"]] == [orders[1]["id"], orders[2]["id"]]
+    token = bearer((await login(http, url))[0])
+    _, searched = await poll(http, url, stamps[1], path="/v2/order-search/search", headers=token)
+    assert [o["id"] for o in searched["data"]] == [orders[2]["id"]]
     assert "lastUpdatedAt" not in searched
+    # A strict server ignores a filter name it does not know: everything, a stuck cursor.
+    _, old_name = await poll(http, url, stamps[1], path="/v2/order-search/search",
+                             key="lastUpdatedSince", headers=token)
+    assert [o["id"] for o in old_name["data"]] == [o["id"] for o in orders]
+
+
+async def test_an_old_server_takes_the_inclusive_last_updated_since(
+    sim_factory: SimFactory, http: aiohttp.ClientSession
+) -> None:
+    sim, url = await sim_factory(search_cursor_filter="lastUpdatedSince")
+    orders = sim.add_orders(3)
+    token = bearer((await login(http, url))[0])
+    _, searched = await poll(http, url, orders[1]["lastUpdatedAt"], headers=token,
+                             path="/v2/order-search/search", key="lastUpdatedSince")
+    assert [o["id"] for o in searched["data"]] == [orders[1]["id"], orders[2]["id"]]
+
+
+@pytest.mark.parametrize("path", ["/v2/order-search/search", "/v2/shipment/search"])
+async def test_search_refuses_basic_auth(
+    sim_factory: SimFactory, http: aiohttp.ClientSession, path: str
+) -> None:
+    _, url = await sim_factory()
+    status, answer = await poll(http, url, path=path)
+    assert status == 401 and "Bearer" in answer["message"]
+
+
+async def test_single_delivery_poll_route_and_webhook_bodies(
+    sim_factory: SimFactory, http: aiohttp.ClientSession
+) -> None:
+    sim, url = await sim_factory(single_delivery=True)
+    order = sim.add_orders(1, lines=2)[0]
+    for headers in (BASIC, bearer((await login(http, url))[0])):
+        status, answer = await poll(http, url, path="/v2/order-search/poll/single-delivery",
+                                    headers=headers)
+        assert status == 200
+        (polled,) = answer["data"]
+        assert polled["id"] == order["id"]
+        for line in polled["lines"]:
+            assert "deliverySchedule" not in line["buyerLine"]
+            assert set(line["statusLine"]["scheduledDelivery"]) == {"date", "quantity"}
+    (change,) = sim.changes()
+    body = change.webhook_body
+    assert set(body) == {"eventName", "singleDeliveryOrderEvent", "meta"}
+    assert "statusLine" in body["singleDeliveryOrderEvent"]["lines"][0]
+    # The native route keeps the delivery schedule.
+    _, native = await poll(http, url)
+    assert "deliverySchedule" in native["data"][0]["lines"][0]["buyerLine"]
 
 
 async def test_cursor_is_compared_as_an_instant(
@@ -272,9 +321,9 @@ async def test_same_timestamp_burst_of_150_pages_in_a_stable_order(
     assert [o["id"] for o in again["data"]] == ids[:100]
     _, after = await poll(http, url, stamp)
     assert after["total"] == 0
-    _, inclusive = await poll(http, url, stamp, path="/v2/order-search/search",
-                              key="lastUpdatedSince")
-    assert inclusive["total"] == 150
+    token = bearer((await login(http, url))[0])
+    _, searched = await poll(http, url, before, path="/v2/order-search/search", headers=token)
+    assert searched["total"] == 150
 
 
 @pytest.mark.parametrize("body", [
@@ -317,13 +366,17 @@ async def test_filters_and_unknown_filters(
                                                  "somethingNew": {"x": 1}})
     expected = {o["id"] for o in orders if o["buyerOrder"]["companyId"] == buyer}
     assert {o["id"] for o in by_buyer["data"]} == expected and 0 < len(expected) < 12
-    _, confirmed = await poll(http, url, filters={"status.processStatus": ["Confirmed"]})
+    _, confirmed = await poll(http, url, filters={"status": {"processStatus": ["Confirmed"]}})
     assert [o["id"] for o in confirmed["data"]] == [orders[0]["id"]]
+    # Filters nest (SDK PollOrders.cs): a dotted key is no filter name, so it is ignored.
+    _, dotted = await poll(http, url, filters={"status.processStatus": ["Confirmed"]})
+    assert dotted["total"] == 12
     shipments = sim.add_shipments(2, order_ids=[orders[0]["id"]])
     _, by_ship_buyer = await poll(http, url, path="/v2/shipment/poll",
                                   filters={"buyerShipment": {"companyId": [buyer]}})
     assert {s["id"] for s in by_ship_buyer["data"]} == {s["id"] for s in shipments}
-    _, other = await poll(http, url, path="/v2/shipment/search", key="lastUpdatedSince",
+    _, other = await poll(http, url, path="/v2/shipment/search",
+                          headers=bearer((await login(http, url))[0]),
                           filters={"buyerShipment": {"companyId": "nobody"}})
     assert other == {"data": [], "total": 0}
 
@@ -570,9 +623,60 @@ async def test_webhooks_carry_only_the_changed_lines(
         order["id"], 2, updated["lastUpdatedAt"])
     changed = [ln for ln in updated["lines"] if ln["lastUpdatedAt"] == updated["lastUpdatedAt"]]
     assert event["lines"] == changed and len(changed) == 1
-    assert event["meta"]["messageId"] != issued["orderEvent"]["meta"]["messageId"]
-    assert shipped == {"eventName": "ShipmentIssuedBySupplier", "shipment": shipment}
+    # The message meta sits at the top of the body (docs order/buyer/receive/README.md); it
+    # used to be inside the event here.
+    assert "meta" not in event
+    assert confirmed["meta"]["messageId"] != issued["meta"]["messageId"]
+    assert set(confirmed["meta"]) == {"messageId", "source", "createdDateTime"}
+    assert set(confirmed["meta"]["source"]) >= {"traceId", "companyId"}
+    assert shipped == {"eventName": "ShipmentIssuedBySupplier", "shipment": shipment,
+                       "meta": shipped["meta"]}
+    assert shipped["meta"]["messageId"] not in {issued["meta"]["messageId"],
+                                                confirmed["meta"]["messageId"]}
     assert all(r["status"] == 200 and r["attempt"] == 1 for r in sim.webhook_results)
+
+
+async def test_shipments_have_documented_lines_and_load_carriers(
+    sim_factory: SimFactory,
+) -> None:
+    sim, _ = await sim_factory()
+    order = sim.add_orders(1, lines=6)[0]
+    shipments = sim.add_shipments(8, order_ids=[order["id"]])
+    assert any(s["loadCarriers"] for s in shipments)
+    for shipment in shipments:
+        lines = shipment["lines"] + [ln for c in shipment["loadCarriers"] for ln in c["lines"]]
+        for line in lines:  # docs shipment/buyer/receive/README.md: no line id
+            assert "id" not in line
+            assert set(line) == {"purchaseOrderNumber", "purchaseOrderLinePosition",
+                                 "deliverySchedulePosition", "item", "supplierLine", "meta"}
+            assert {"despatchAdviceNumber", "despatchAdviceLinePosition",
+                    "despatchQuantity"} <= set(line["supplierLine"])
+        keys = [(ln["supplierLine"]["despatchAdviceNumber"],
+                 ln["supplierLine"]["despatchAdviceLinePosition"]) for ln in lines]
+        assert len(set(keys)) == len(keys)
+    loaded = next(s for s in shipments if s["loadCarriers"])
+    reissued = sim.update_shipment(loaded["id"], event_name="ShipmentReissuedBySupplier")
+    stamp = reissued["meta"]["lastUpdatedAt"]
+    assert all(ln["meta"]["lastUpdatedAt"] == stamp
+               for c in reissued["loadCarriers"] for ln in c["lines"])
+
+
+async def test_order_ids_and_order_documents_events(
+    sim_factory: SimFactory, receiver: Receiver
+) -> None:
+    sim, _ = await sim_factory(webhook_url=receiver.url)
+    order = sim.add_orders(1, po_numbers=["PO/2024/7"])[0]
+    assert order["id"] == order["buyerOrder"]["companyId"] + "-PO/2024/7"
+    before = sim.world.order(order["id"])
+    body = sim.attach_order_documents(order["id"])
+    await sim.flush_webhooks()
+    assert receiver.bodies()[-1] == body
+    assert set(body) == {"eventName", "orderDocumentsEvent", "meta"}
+    assert body["eventName"] == "OrderDocumentsAttachedBySupplier"
+    event = body["orderDocumentsEvent"]
+    assert event["orderId"] == order["id"] and "lastUpdatedAt" not in event
+    assert event["supplierOrder"]["documents"][0]["objectId"]
+    assert sim.world.order(order["id"]) == before  # not restamped
 
 
 async def test_webhooks_retry_502_503_504_but_not_500_or_4xx(

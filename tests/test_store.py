@@ -62,8 +62,11 @@ async def test_envelope_holds_changed_lines_against_newest_stored(store: Store) 
     assert [e["changedLineIds"] for e in envelopes] == [["a", "b"], ["b"]]
     first = envelopes[0]
     assert set(first) == {"id", "kind", "entityId", "lastUpdatedAt", "eventName", "source",
-                          "receivedAt", "changedLineIds", "late", "payload"}
+                          "receivedAt", "changedLineIds", "late", "sibling", "meta", "layout",
+                          "payload"}
     assert first["payload"]["id"] == "o1" and first["eventName"] is None
+    assert first["sibling"] is False and first["meta"] is None
+    assert first["layout"] == "delivery-schedule"
 
 
 async def test_concurrent_ingests_share_transactions_and_all_commit(store: Store) -> None:
@@ -225,3 +228,72 @@ def test_a_transaction_left_open_does_not_block_the_next_batch(tmp_path: Path) -
     assert outcome == (future, None, None)  # the stale transaction was rolled back first
     assert not conn.in_transaction
     conn.close()
+
+
+# -- distinct messages with one timestamp (siblings) -------------------------------------------
+
+STAMP = "2024-05-01T10:00:00.000Z"
+
+
+def envelopes(path: Path) -> list[dict[str, object]]:
+    return [json.loads(str(r[0])) for r in rows(path, "SELECT envelope FROM events ORDER BY seq")]
+
+
+async def test_distinct_messages_with_one_timestamp_are_both_stored(store: Store) -> None:
+    first = order_event_body("o1", stamp=STAMP, event_name="OrderLinesConfirmedBySupplier",
+                             line_ids=("l1",), message_id="m-1")
+    other = order_event_body("o1", stamp=STAMP, event_name="OrderLinesConfirmedBySupplier",
+                             line_ids=("l2",), message_id="m-2")
+    renamed = order_event_body("o1", stamp=STAMP, event_name="OrderLinesShippedByBuyer",
+                               line_ids=("l1",), message_id="m-3")
+    results = [await store.ingest(parse_order_webhook(b)) for b in (first, other, renamed)]
+    assert [r.status for r in results] == ["stored"] * 3
+    assert len({r.event_id for r in results}) == 3
+    assert results[0].event_id == parse_order_webhook(first).event_id
+    stored = envelopes(store.path)
+    assert [e["sibling"] for e in stored] == [False, True, True]
+    assert [e["changedLineIds"] for e in stored] == [["l1"], ["l2"], ["l1"]]
+    # Repeats of any of them, and a snapshot of that version, stay duplicates.
+    for body in (first, other, renamed):
+        again = await store.ingest(parse_order_webhook(body))
+        assert again.status == "duplicate"
+        assert again.event_id in {r.event_id for r in results}
+    snapshot = await store.ingest(parse_snapshot("order", order_obj("o1", STAMP), "poll"))
+    assert snapshot.status == "duplicate" and snapshot.event_id == results[0].event_id
+    assert len(envelopes(store.path)) == 3
+
+
+async def test_same_content_under_another_message_id_is_a_duplicate(store: Store) -> None:
+    body = order_event_body("o1", stamp=STAMP, line_ids=("l1",), message_id="m-1")
+    await store.ingest(parse_order_webhook(body))
+    body["orderEvent"]["meta"] = {"messageId": "m-2"}
+    assert (await store.ingest(parse_order_webhook(body))).status == "duplicate"
+    # The same message id with other content is a repeat of that message too.
+    changed = order_event_body("o1", stamp=STAMP, line_ids=("l9",), message_id="m-1")
+    assert (await store.ingest(parse_order_webhook(changed))).status == "duplicate"
+
+
+async def test_a_webhook_after_a_snapshot_of_its_version_is_a_duplicate(store: Store) -> None:
+    await store.ingest(parse_snapshot("order", order_obj("o1", STAMP), "poll"))
+    body = order_event_body("o1", stamp=STAMP, line_ids=("l7",), message_id="m-1")
+    assert (await store.ingest(parse_order_webhook(body))).status == "duplicate"
+
+
+@pytest.mark.parametrize("first_source", ["webhook", "poll"])
+async def test_resent_events_are_always_delivered(store: Store, first_source: str) -> None:
+    if first_source == "poll":
+        await store.ingest(parse_snapshot("order", order_obj("o1", STAMP), "poll"))
+    else:
+        await store.ingest(parse_order_webhook(
+            order_event_body("o1", stamp=STAMP, line_ids=("o1-l1",), message_id="m-0")))
+    ids = set()
+    for message_id in ("m-1", "m-2"):
+        resent = order_event_body("o1", stamp=STAMP, event_name="OrderResentByBuyer",
+                                  line_ids=("o1-l1",), message_id=message_id)
+        result = await store.ingest(parse_order_webhook(resent))
+        assert result.status == "stored"
+        ids.add(result.event_id)
+        again = await store.ingest(parse_order_webhook(resent))
+        assert again.status == "duplicate" and again.event_id == result.event_id
+    assert len(ids) == 2
+    assert [e["sibling"] for e in envelopes(store.path)] == [False, True, True]

@@ -162,40 +162,100 @@ def page_body(*items: Any, **extra: Any) -> dict[str, Any]:
 # -- poll / search ----------------------------------------------------------------------
 
 
+# The search rows used to expect Basic auth and lastUpdatedSince: the wrong shape since
+# 2024 (docs security/authentication.md; "Rename lastUpdatedSince filter to lastUpdatedAfter").
 @pytest.mark.parametrize(
-    ("api", "kind", "path", "cursor_key"),
-    [
-        ("poll", "order", "/v2/order-search/poll", "lastUpdatedAfter"),
-        ("poll", "shipment", "/v2/shipment/poll", "lastUpdatedAfter"),
-        ("search", "order", "/v2/order-search/search", "lastUpdatedSince"),
-        ("search", "shipment", "/v2/shipment/search", "lastUpdatedSince"),
-    ],
+    ("kind", "path"),
+    [("order", "/v2/order-search/poll"), ("shipment", "/v2/shipment/poll")],
 )
 async def test_poll_url_body_and_basic_auth(
     make_client: MakeClient,
     mock: aioresponses,
-    api: str,
     kind: PollKind,
     path: str,
-    cursor_key: str,
 ) -> None:
-    client = make_client(api=api)
+    client = make_client(api="poll")
     item = {"id": "o1", "lastUpdatedAt": "2024-05-01T10:00:00.000Z"}
     mock.post(BASE + path, payload=page_body(item, lastUpdatedAt="2024-05-01T10:00:00.000Z"))
-    filters = {"status.processStatus": ["Issued"], "buyerOrder.companyId": "c1"}
+    filters = {"status": {"processStatus": ["Issued"]}, "buyerOrder": {"companyId": "c1"}}
 
     page = await client.poll(kind, "2024-01-01T00:00:00.000Z", offset=0, limit=100, filters=filters)
 
-    assert page == PollPage(items=[item], total=1, last_updated_at="2024-05-01T10:00:00.000Z")
+    layout = "delivery-schedule" if kind == "order" else None
+    assert page == PollPage(items=[item], total=1, last_updated_at="2024-05-01T10:00:00.000Z",
+                            layout=layout)
     (call,) = calls(mock, "POST", path)
     assert call.kwargs["json"] == {
-        "filters": {**filters, cursor_key: "2024-01-01T00:00:00.000Z"},
+        "filters": {**filters, "lastUpdatedAfter": "2024-01-01T00:00:00.000Z"},
         "offset": 0,
         "limit": 100,
     }
     assert header(call, "Authorization") == BASIC
     assert call.kwargs["timeout"] == aiohttp.ClientTimeout(total=30.0, connect=10.0)
     assert call.kwargs["allow_redirects"] is False
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "setting", "cursor_key"),
+    [
+        ("order", "/v2/order-search/search", None, "lastUpdatedAfter"),
+        ("shipment", "/v2/shipment/search", None, "lastUpdatedAfter"),
+        ("order", "/v2/order-search/search", "lastUpdatedSince", "lastUpdatedSince"),
+        ("shipment", "/v2/shipment/search", "lastUpdatedAfter", "lastUpdatedAfter"),
+    ],
+)
+async def test_search_sends_the_cursor_filter_with_a_login_token(
+    make_client: MakeClient, mock: aioresponses, kind: PollKind, path: str,
+    setting: str | None, cursor_key: str,
+) -> None:
+    overrides = {} if setting is None else {"search_cursor_filter": setting}
+    client = make_client(api="search", **overrides)
+    access = jwt(WALL_START + 3600, "a1")
+    mock.get(BASE + LOGIN, headers=token_headers(access, "r1"))
+    mock.post(BASE + path, payload=page_body())
+
+    await client.poll(kind, "2024-01-01T00:00:00.000Z", offset=0, limit=100,
+                      filters={"status": {"processStatus": ["Issued"]}})
+
+    (call,) = calls(mock, "POST", path)
+    assert call.kwargs["json"]["filters"] == {
+        "status": {"processStatus": ["Issued"]}, cursor_key: "2024-01-01T00:00:00.000Z"}
+    assert header(call, "Authorization") == f"Bearer {access}"
+    assert header(calls(mock, "GET", LOGIN)[0], "Authorization") == BASIC
+
+
+async def test_search_logs_in_again_once_when_the_token_is_refused(
+    make_client: MakeClient, mock: aioresponses
+) -> None:
+    client = make_client(api="search")
+    a1, a2 = jwt(WALL_START + 3600, "a1"), jwt(WALL_START + 3600, "a2")
+    mock.get(BASE + LOGIN, headers=token_headers(a1, "r1"))
+    mock.get(BASE + LOGIN, headers=token_headers(a2, "r2"))
+    mock.post(BASE + "/v2/order-search/search", status=401)
+    mock.post(BASE + "/v2/order-search/search", payload=page_body())
+
+    await client.poll("order", "2024-01-01T00:00:00.000Z", offset=0, limit=100)
+
+    first, second = calls(mock, "POST", "/v2/order-search/search")
+    assert header(first, "Authorization") == f"Bearer {a1}"
+    assert header(second, "Authorization") == f"Bearer {a2}"
+
+
+async def test_single_delivery_polls_its_own_route(
+    make_client: MakeClient, mock: aioresponses
+) -> None:
+    client = make_client(api="poll", single_delivery=True)
+    path = "/v2/order-search/poll/single-delivery"
+    mock.post(BASE + path, payload=page_body())
+    mock.post(BASE + "/v2/shipment/poll", payload=page_body())
+
+    page = await client.poll("order", "2024-01-01T00:00:00.000Z", offset=0, limit=100)
+    shipments = await client.poll("shipment", "2024-01-01T00:00:00.000Z", offset=0, limit=100)
+
+    assert page.layout == "single-delivery" and shipments.layout is None
+    (call,) = calls(mock, "POST", path)
+    assert header(call, "Authorization") == BASIC
+    assert call.kwargs["json"]["filters"] == {"lastUpdatedAfter": "2024-01-01T00:00:00.000Z"}
 
 
 async def test_poll_cursor_wins_over_filter_and_caller_filters_untouched(
@@ -230,7 +290,8 @@ async def test_poll_missing_fields_become_none_and_non_objects_are_dropped(
 
     page = await client.poll("order", "c", offset=0, limit=100)
 
-    assert page == PollPage(items=[{"id": "a"}, {"id": "b"}], total=None, last_updated_at=None)
+    assert page == PollPage(items=[{"id": "a"}, {"id": "b"}], total=None, last_updated_at=None,
+                            layout="delivery-schedule")
 
 
 @pytest.mark.parametrize(

@@ -172,6 +172,10 @@ async def test_unexpected_fault_is_503_never_500(
         ("/webhook/order?orderId=o-43", "order", "o-43"),
         ("/webhook/shipment/s-1", "shipment", "s-1"),
         ("/webhook/shipment?shipmentId=s-2", "shipment", "s-2"),
+        # An order id is <buyerCompanyId>-<purchaseOrderNumber>; the number may hold "/".
+        ("/webhook/order/c1-PO/2024/7", "order", "c1-PO/2024/7"),
+        ("/webhook/order/c1-PO%2F2024%2F8", "order", "c1-PO/2024/8"),
+        ("/webhook/order?orderId=c1-PO%2F2024%2F9", "order", "c1-PO/2024/9"),
     ],
 )
 async def test_legacy_get_queues_a_durable_fetch(
@@ -201,3 +205,29 @@ async def test_allow_list_refuses_other_sources(client_factory: Client) -> None:
     allowed, _, _ = await client_factory(allowed_ips=["127.0.0.0/8", "::1"])
     ok = await allowed.post("/webhook/order", json=order_event_body(), headers=TOKEN)
     assert ok.status == 200
+
+
+XML_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Order><OrderHeader>'
+            b"<OrderNumber>PO-1</OrderNumber></OrderHeader></Order>")
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [("application/xml", XML_BODY), ("text/xml; charset=utf-8", XML_BODY),
+     ("application/json", b"\xef\xbb\xbf  " + XML_BODY)],
+)
+async def test_an_xml_body_is_415_telling_to_choose_json_and_kept_whole(
+    client_factory: Client, store: Store, content_type: str, body: bytes
+) -> None:
+    client, wake, _ = await client_factory()
+    for kind in ("order", "shipment"):
+        response = await client.post(f"/webhook/{kind}", data=body,
+                                     headers={**TOKEN, "Content-Type": content_type})
+        assert response.status == 415
+        answer = await response.json()
+        assert answer["error"] == "unsupported_media_type"
+        assert "choose JSON" in answer["message"] and "Tradecloud portal" in answer["message"]
+    rows = rejected_rows(store)
+    assert [bytes(row[4]) for row in rows] == [body, body]
+    assert all(row[1] == "POST" for row in rows)
+    assert not wake.is_set()

@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from tcbridge.simulator.query import ORDER_FILTERS, SHIPMENT_FILTERS, QueryError, run_query
+from tcbridge.simulator.model import single_delivery_order
+from tcbridge.simulator.query import (
+    ORDER_FILTERS,
+    POLL_CURSOR,
+    SHIPMENT_FILTERS,
+    QueryError,
+    run_query,
+)
 from tcbridge.simulator.world import Kind
 
 if TYPE_CHECKING:
@@ -105,10 +112,12 @@ class Api:
             web.get("/v2/authentication/login", self.login),
             web.get("/v2/authentication/refresh", self.refresh),
             web.post("/v2/authentication/logout", self.logout),
-            web.post("/v2/order-search/poll", self._search("order", inclusive=False)),
-            web.post("/v2/order-search/search", self._search("order", inclusive=True)),
-            web.post("/v2/shipment/poll", self._search("shipment", inclusive=False)),
-            web.post("/v2/shipment/search", self._search("shipment", inclusive=True)),
+            web.post("/v2/order-search/poll", self._search("order", search=False)),
+            web.post("/v2/order-search/poll/single-delivery",
+                     self._search("order", search=False, single_delivery=True)),
+            web.post("/v2/order-search/search", self._search("order", search=True)),
+            web.post("/v2/shipment/poll", self._search("shipment", search=False)),
+            web.post("/v2/shipment/search", self._search("shipment", search=True)),
             web.get("/v2/order/{id}", self.get_order),
             web.get("/v2/shipment/{id}", self.get_shipment),
         ]
@@ -148,20 +157,30 @@ class Api:
             return json_error(404, "not found")
         return web.json_response(obj)
 
-    def _search(self, kind: Kind, *, inclusive: bool) -> Handler:
+    def _search(self, kind: Kind, *, search: bool, single_delivery: bool = False) -> Handler:
+        """A poll route (Basic or Bearer, lastUpdatedAfter, a top-level lastUpdatedAt) or a
+        search route (Bearer only: docs security/authentication.md; the simulator's
+        ``search_cursor_filter``, lastUpdatedAfter since January 2024)."""
         paths = ORDER_FILTERS if kind == "order" else SHIPMENT_FILTERS
+        cursor_key = self._sim.search_cursor_filter if search else POLL_CURSOR
 
         async def handler(request: web.Request) -> web.StreamResponse:
-            if not (self._basic_ok(request) or self._bearer_ok(request)):
+            basic_ok = not search and self._basic_ok(request)
+            if not (basic_ok or self._bearer_ok(request)):
+                if search and basic_credentials(request) is not None:
+                    return json_error(401, "the search API takes a login token (Bearer), "
+                                           "not Basic auth")
                 return json_error(401, "invalid credentials")
             try:
                 body = json.loads(await request.text() or "{}")
-                page = run_query(self._sim.world.indexed(kind), body, inclusive=inclusive,
-                                 filter_paths=paths)
+                page = run_query(self._sim.world.indexed(kind), body,
+                                 inclusive=cursor_key != POLL_CURSOR, filter_paths=paths,
+                                 cursor_key=cursor_key)
             except (ValueError, QueryError) as e:
                 return json_error(400, str(e))
-            answer: dict[str, Any] = {"data": page.data, "total": page.total}
-            if not inclusive and page.last_updated_at is not None:
+            data = [single_delivery_order(o) for o in page.data] if single_delivery else page.data
+            answer: dict[str, Any] = {"data": data, "total": page.total}
+            if not search and page.last_updated_at is not None:
                 answer["lastUpdatedAt"] = page.last_updated_at
             return web.json_response(answer)
 

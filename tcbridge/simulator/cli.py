@@ -68,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--refresh-ttl-s", type=float, default=86400.0,
         help="refresh token lifetime (default 86400)")
     add("--seed", type=int, default=0, help="seed of the random data and faults (default 0)")
+    add("--single-delivery", action="store_true",
+        help="the company's order webhook sends singleDeliveryOrderEvent bodies")
+    add("--search-cursor-filter", choices=["lastUpdatedAfter", "lastUpdatedSince"],
+        default="lastUpdatedAfter",
+        help="the search API's cursor filter; lastUpdatedSince plays a pre-2024 server")
 
 
 def build_simulator(args: argparse.Namespace) -> Simulator:
@@ -76,7 +81,8 @@ def build_simulator(args: argparse.Namespace) -> Simulator:
         username=args.username, password=args.password, access_token_ttl_s=args.token_ttl_s,
         refresh_token_ttl_s=args.refresh_ttl_s, rate_limit_per_s=args.rate_limit or None,
         seed=args.seed, webhook_url=args.webhook_url, webhook_auth=args.webhook_auth,
-        webhook_mode=args.webhook_mode)
+        webhook_mode=args.webhook_mode, single_delivery=args.single_delivery,
+        search_cursor_filter=args.search_cursor_filter)
     sim.faults.update({
         "webhook_drop_rate": args.drop_rate, "webhook_duplicate_rate": args.duplicate_rate,
         "webhook_reorder": args.reorder, "webhook_delay_s": args.delay_s,

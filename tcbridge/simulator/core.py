@@ -39,13 +39,17 @@ class Simulator:
         webhook_mode: WebhookMode = "post", webhook_backoff_initial_s: float = 0.05,
         webhook_backoff_max_s: float = 2.0, webhook_timeout_s: float = 5.0,
         clock: Callable[[], float] = time.time,
+        single_delivery: bool = False, search_cursor_filter: str = "lastUpdatedAfter",
     ) -> None:
         self.username = username
         self.password = password
+        # The search API's cursor filter: lastUpdatedAfter since January 2024; set
+        # "lastUpdatedSince" to play an old server. Other names are ignored, as by Tradecloud.
+        self.search_cursor_filter = search_cursor_filter
         self.faults = Faults()
         self.requests: list[dict[str, Any]] = []
         self.fault_rng = seeded(seed, "faults")
-        self.world = World(seeded(seed, "data"), clock)
+        self.world = World(seeded(seed, "data"), clock, single_delivery=single_delivery)
         self.tokens = TokenStore(clock=clock, access_ttl_s=access_token_ttl_s,
                                  refresh_ttl_s=refresh_token_ttl_s, faults=self.faults)
         self.rate_limiter = RateLimiter(rate_limit_per_s, clock) if rate_limit_per_s else None
@@ -89,9 +93,16 @@ class Simulator:
             self._runner = None
 
     def add_orders(self, count: int, *, same_timestamp: bool = False,
-                   lines: int = 3) -> list[JsonObj]:
+                   lines: int = 3, po_numbers: list[str] | None = None) -> list[JsonObj]:
         """Issue ``count`` new orders (OrderIssuedByBuyer); copies of the stored objects."""
-        return self.world.add_orders(count, same_timestamp=same_timestamp, lines=lines)
+        return self.world.add_orders(count, same_timestamp=same_timestamp, lines=lines,
+                                     po_numbers=po_numbers)
+
+    def attach_order_documents(
+        self, order_id: str, *, event_name: str = "OrderDocumentsAttachedBySupplier"
+    ) -> JsonObj:
+        """Send an order documents event (no lastUpdatedAt); the webhook body."""
+        return self.world.attach_order_documents(order_id, event_name)
 
     def update_order(self, order_id: str, *, event_name: str = "OrderLinesConfirmedBySupplier",
                      line_count: int = 1, line_ids: list[str] | None = None) -> JsonObj:

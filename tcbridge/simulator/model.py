@@ -127,18 +127,22 @@ class Factory:
         """A uuid4 drawn from the seeded generator."""
         return str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
 
-    def order(self, stamp: str, line_count: int) -> JsonObj:
-        """A new order in status Issued with ``line_count`` lines, all stamped ``stamp``."""
+    def order(self, stamp: str, line_count: int, po_number: str | None = None) -> JsonObj:
+        """A new order in status Issued with ``line_count`` lines, all stamped ``stamp``.
+
+        Its id is Tradecloud's ``<buyerCompanyId>-<purchaseOrderNumber>`` (a number may
+        hold "/")."""
         self._po_seq += 1
         buyer = self.rng.choice(self.buyers)
+        number = po_number or f"PO-{self._po_seq}"
         lines = [self.line(position, stamp) for position in range(1, line_count + 1)]
         return {
-            "id": self.new_id(),
+            "id": f"{buyer}-{number}",
             "version": 1,
             "lastUpdatedAt": stamp,
             "buyerOrder": {
                 "companyId": buyer,
-                "purchaseOrderNumber": f"PO-{self._po_seq}",
+                "purchaseOrderNumber": number,
                 "description": f"Purchase order {self._po_seq}",
                 "contact": {"userId": self._contacts[buyer], "email": "buyer@example.com"},
             },
@@ -168,18 +172,30 @@ class Factory:
         }
 
     def shipment(self, stamp: str, order: JsonObj | None) -> JsonObj:
-        """A new shipment of some lines of ``order`` (or of an unknown order when None)."""
+        """A new shipment of some lines of ``order`` (or of an unknown order when None).
+
+        Shaped as docs shipment/buyer/receive/README.md: lines have no id; with more than
+        one line, the first ones are loaded in a container (``loadCarriers[].lines``), the
+        rest are in ``lines``."""
         self._shipment_seq += 1
-        return {
+        lines = self._shipment_lines(stamp, order)
+        loaded = len(lines) // 2
+        shipment: JsonObj = {
             "id": self.new_id(),
             "supplierShipment": {"companyId": self.rng.choice(self.suppliers),
                                  "shipmentNumber": f"SHP-{self._shipment_seq:06d}"},
             "buyerShipment": {"companyId": (order or {}).get("buyerOrder", {}).get(
                 "companyId", self.rng.choice(self.buyers))},
-            "lines": self._shipment_lines(stamp, order),
+            "loadCarriers": [],
+            "lines": lines[loaded:],
             "status": {"processStatus": "Issued"},
-            "meta": {"lastUpdatedAt": stamp, "createdDateTime": stamp},
+            "meta": {"lastUpdatedAt": stamp},
         }
+        if loaded:
+            shipment["loadCarriers"] = [{
+                "containerNumber": f"TCLU{self._shipment_seq:06d}0", "containerSizeAndType": "22G1",
+                "lines": lines[:loaded]}]
+        return shipment
 
     def _shipment_lines(self, stamp: str, order: JsonObj | None) -> list[JsonObj]:
         if order is None:
@@ -189,9 +205,15 @@ class Factory:
             refs = [(order["buyerOrder"]["purchaseOrderNumber"], ln["buyerLine"]["position"],
                      ln["buyerLine"]["deliverySchedule"][0]["quantity"])
                     for ln in order["lines"][:count]]
-        return [{"id": self.new_id(), "purchaseOrderNumber": po,
-                 "purchaseOrderLinePosition": position, "quantity": quantity,
-                 "meta": {"lastUpdatedAt": stamp}} for po, position, quantity in refs]
+        advice = f"DA-{self._shipment_seq:06d}"
+        return [{"purchaseOrderNumber": po, "purchaseOrderLinePosition": position,
+                 "deliverySchedulePosition": "1",
+                 "item": {"buyerItemNumber": f"ITM-{position}"},
+                 "supplierLine": {"despatchAdviceNumber": advice,
+                                  "despatchAdviceLinePosition": str(i),
+                                  "despatchQuantity": quantity},
+                 "meta": {"lastUpdatedAt": stamp}}
+                for i, (po, position, quantity) in enumerate(refs, start=1)]
 
     def pick_lines(self, order: JsonObj, count: int) -> list[str]:
         """Ids of ``count`` random lines of ``order`` (all when it has fewer), in line order."""
@@ -255,28 +277,74 @@ def apply_shipment_event(shipment: JsonObj, event_name: str, stamp: str) -> None
     if event_name in SHIPMENT_EFFECTS:
         shipment["status"]["processStatus"] = SHIPMENT_EFFECTS[event_name]
     if event_name == "ShipmentReissuedBySupplier":
-        for line in shipment["lines"]:
+        for line in shipment_lines(shipment):
             line["meta"]["lastUpdatedAt"] = stamp
     shipment["meta"]["lastUpdatedAt"] = stamp
 
 
+def shipment_lines(shipment: JsonObj) -> list[JsonObj]:
+    """Every line of a shipment: ``lines`` and those in its load carriers."""
+    loaded = [ln for carrier in shipment.get("loadCarriers", []) for ln in carrier["lines"]]
+    return list(shipment["lines"]) + loaded
+
+
+def message_meta(message_id: str, trace_id: str, stamp: str, company_id: str) -> JsonObj:
+    """The message meta Tradecloud puts at the top of a webhook body (docs
+    order/buyer/receive/README.md, shipment/buyer/receive/README.md)."""
+    return {"messageId": message_id,
+            "source": {"traceId": trace_id, "companyId": company_id, "origin": "simulator"},
+            "createdDateTime": stamp}
+
+
+def single_delivery_order(order: JsonObj) -> JsonObj:
+    """An order in the single-delivery layout: each line's delivery in
+    ``statusLine.scheduledDelivery`` instead of a delivery schedule (docs
+    api/delivery-schedule.md)."""
+    view = copy.deepcopy(order)
+    view["lines"] = [single_delivery_line(line) for line in view["lines"]]
+    return view
+
+
+def single_delivery_line(line: JsonObj) -> JsonObj:
+    """One order line in the single-delivery layout."""
+    line = copy.deepcopy(line)
+    schedule = line["buyerLine"].pop("deliverySchedule", [])
+    first = schedule[0] if schedule else {}
+    line["statusLine"] = {"scheduledDelivery": {k: v for k, v in first.items()
+                                                if k in ("date", "quantity")},
+                          "prices": line["buyerLine"].get("prices", {})}
+    return line
+
+
 def order_event_body(
-    order: JsonObj, lines: list[JsonObj], event_name: str, message_id: str
+    order: JsonObj, lines: list[JsonObj], event_name: str, meta: JsonObj,
+    *, single_delivery: bool = False,
 ) -> JsonObj:
-    """A webhook POST body for an order change: header plus only the changed lines."""
+    """A webhook POST body for an order change: header plus only the changed lines, and the
+    message meta at the top; ``singleDeliveryOrderEvent`` for a single-delivery company."""
+    key = "singleDeliveryOrderEvent" if single_delivery else "orderEvent"
     event = {
         "orderId": order["id"],
         "lastUpdatedAt": order["lastUpdatedAt"],
         "version": order["version"],
-        "meta": {"messageId": message_id, "createdDateTime": order["lastUpdatedAt"]},
         "buyerOrder": order["buyerOrder"],
         "supplierOrder": order["supplierOrder"],
         "status": order["status"],
-        "lines": lines,
+        "lines": [single_delivery_line(ln) for ln in lines] if single_delivery else lines,
     }
-    return copy.deepcopy({"eventName": event_name, "orderEvent": event})
+    return copy.deepcopy({"eventName": event_name, key: event, "meta": meta})
 
 
-def shipment_event_body(shipment: JsonObj, event_name: str) -> JsonObj:
-    """A webhook POST body for a shipment change: the whole shipment."""
-    return copy.deepcopy({"eventName": event_name, "shipment": shipment})
+def order_documents_event_body(
+    order: JsonObj, document: JsonObj, event_name: str, meta: JsonObj
+) -> JsonObj:
+    """An order documents webhook body: its model is undocumented; like Tradecloud's it has
+    no lastUpdatedAt, only the message meta at the top."""
+    side = "buyerOrder" if event_name.endswith("ByBuyer") else "supplierOrder"
+    event = {"orderId": order["id"], side: {"documents": [document]}}
+    return copy.deepcopy({"eventName": event_name, "orderDocumentsEvent": event, "meta": meta})
+
+
+def shipment_event_body(shipment: JsonObj, event_name: str, meta: JsonObj) -> JsonObj:
+    """A webhook POST body for a shipment change: the whole shipment and the message meta."""
+    return copy.deepcopy({"eventName": event_name, "shipment": shipment, "meta": meta})

@@ -13,6 +13,8 @@ DEFAULT_LIMIT = 100
 
 ORDER_FILTERS = ("status.processStatus", "status.logisticsStatus", "buyerOrder.companyId",
                  "supplierOrder.companyId")
+POLL_CURSOR = "lastUpdatedAfter"  # exclusive
+LEGACY_SEARCH_CURSOR = "lastUpdatedSince"  # inclusive; renamed in January 2024
 SHIPMENT_FILTERS = ("status.processStatus", "buyerShipment.companyId",
                     "supplierShipment.companyId")
 
@@ -41,12 +43,18 @@ class Page:
 
 
 def run_query(
-    items: Iterable[Indexed], body: object, *, inclusive: bool, filter_paths: tuple[str, ...]
+    items: Iterable[Indexed], body: object, *, inclusive: bool, filter_paths: tuple[str, ...],
+    cursor_key: str | None = None,
 ) -> Page:
-    """Apply a poll (exclusive ``lastUpdatedAfter``) or search (inclusive) body to ``items``."""
+    """Apply a query body to ``items``: the cursor in ``cursor_key`` (default: the exclusive
+    ``lastUpdatedAfter``, or the inclusive ``lastUpdatedSince`` when ``inclusive``).
+
+    Like a strict server, a filter it does not know, the other cursor name included, is
+    ignored: a wrong name returns everything from the start (a stuck cursor), not a 400."""
     query = _as_object(body, "body")
     filters = _as_object(query.get("filters", {}), "filters")
-    cursor_key = "lastUpdatedSince" if inclusive else "lastUpdatedAfter"
+    if cursor_key is None:
+        cursor_key = LEGACY_SEARCH_CURSOR if inclusive else POLL_CURSOR
     cursor_us = _cursor(filters.get(cursor_key), cursor_key)
     offset = _bounded_int(query.get("offset", 0), "offset", 0, None)
     limit = _bounded_int(query.get("limit", DEFAULT_LIMIT), "limit", 0, MAX_LIMIT)
@@ -61,7 +69,9 @@ def run_query(
 
 
 def flatten_filters(filters: Mapping[str, Any], paths: tuple[str, ...]) -> dict[str, set[str]]:
-    """Known filters as ``{"a.b": {allowed values}}``; nested or dotted keys, str or list values."""
+    """Known filters as ``{"a.b": {allowed values}}``, str or list values. Filters nest as
+    objects (SDK samples PollOrders.cs, PollShipments.cs): a dotted key is no filter name
+    the API knows, so it is ignored."""
     flat: dict[str, set[str]] = {}
     _flatten(filters, "", flat)
     return {path: values for path, values in flat.items() if path in paths}
@@ -69,6 +79,8 @@ def flatten_filters(filters: Mapping[str, Any], paths: tuple[str, ...]) -> dict[
 
 def _flatten(node: Mapping[str, Any], prefix: str, out: dict[str, set[str]]) -> None:
     for key, value in node.items():
+        if "." in key:
+            continue
         path = f"{prefix}{key}"
         if isinstance(value, Mapping):
             _flatten(value, f"{path}.", out)

@@ -36,21 +36,30 @@ class Change:
 class World:
     """Stores objects, stamps every change with the clock and tells listeners about it."""
 
-    def __init__(self, rng: Random, now_s: Callable[[], float]) -> None:
+    def __init__(
+        self, rng: Random, now_s: Callable[[], float], *, single_delivery: bool = False
+    ) -> None:
         self.factory = model.Factory(rng)
+        self.single_delivery = single_delivery  # the company's order webhook layout
         self._clock = model.SimClock(now_s)
         self._orders: dict[str, Indexed] = {}
         self._shipments: dict[str, Indexed] = {}
         self.changes: list[Change] = []
         self.listeners: list[Callable[[Change], None]] = []
 
-    def add_orders(self, count: int, *, same_timestamp: bool, lines: int) -> list[JsonObj]:
-        """Issue ``count`` new orders; with ``same_timestamp`` they share one stamp."""
+    def add_orders(
+        self, count: int, *, same_timestamp: bool, lines: int,
+        po_numbers: list[str] | None = None,
+    ) -> list[JsonObj]:
+        """Issue ``count`` new orders; with ``same_timestamp`` they share one stamp;
+        ``po_numbers`` gives the first ones their purchase order numbers."""
         shared = self._clock.next_ms() if same_timestamp else None
         created = []
-        for _ in range(count):
+        numbers = list(po_numbers or [])
+        for i in range(count):
             stamp_ms = shared if shared is not None else self._clock.next_ms()
-            order = self.factory.order(model.format_ms(stamp_ms), lines)
+            number = numbers[i] if i < len(numbers) else None
+            order = self.factory.order(model.format_ms(stamp_ms), lines, number)
             self._orders[order["id"]] = self._index(order, order["lastUpdatedAt"])
             self._order_changed(order, model.ORDER_ISSUED, order["lines"])
             created.append(copy.deepcopy(order))
@@ -91,6 +100,23 @@ class World:
         self._shipment_changed(shipment, event_name)
         return copy.deepcopy(shipment)
 
+    def attach_order_documents(
+        self, order_id: str, event_name: str = "OrderDocumentsAttachedBySupplier"
+    ) -> JsonObj:
+        """Attach a document to an order: an order documents webhook without lastUpdatedAt
+        (the order itself is not restamped); KeyError for an unknown order."""
+        order = self._orders[order_id].obj
+        stamp = model.format_ms(self._clock.next_ms())
+        document = {"code": f"DOC-{len(self.changes) + 1}", "name": "drawing.pdf",
+                    "type": "General", "objectId": self.factory.new_id()}
+        body = model.order_documents_event_body(
+            order, document, event_name, self._meta(stamp, order, event_name))
+        change = Change("order", order_id, event_name, stamp, len(self.changes) + 1, body)
+        self.changes.append(change)
+        for listener in self.listeners:
+            listener(change)
+        return copy.deepcopy(body)
+
     def order(self, order_id: str) -> JsonObj | None:
         """A copy of the whole order, or None."""
         entry = self._orders.get(order_id)
@@ -123,14 +149,25 @@ class World:
     def _index(self, obj: JsonObj, stamp: str) -> Indexed:
         return Indexed(model.parse_instant_us(stamp), obj["id"], stamp, obj)
 
+    def _meta(self, stamp: str, order: JsonObj, event_name: str) -> JsonObj:
+        side = "supplierOrder" if event_name.endswith("BySupplier") else "buyerOrder"
+        company = order.get(side, {}).get("companyId", "")
+        return model.message_meta(self.factory.new_id(), self.factory.new_id(), stamp, company)
+
     def _order_changed(self, order: JsonObj, event_name: str, lines: list[JsonObj]) -> None:
-        body = model.order_event_body(order, lines, event_name, self.factory.new_id())
-        self._record("order", order["id"], event_name, order["lastUpdatedAt"], body)
+        stamp = order["lastUpdatedAt"]
+        body = model.order_event_body(order, lines, event_name,
+                                      self._meta(stamp, order, event_name),
+                                      single_delivery=self.single_delivery)
+        self._record("order", order["id"], event_name, stamp, body)
 
     def _shipment_changed(self, shipment: JsonObj, event_name: str) -> None:
         stamp = shipment["meta"]["lastUpdatedAt"]
         self._shipments[shipment["id"]] = self._index(shipment, stamp)
-        body = model.shipment_event_body(shipment, event_name)
+        side = "supplierShipment" if event_name.endswith("BySupplier") else "buyerShipment"
+        meta = model.message_meta(self.factory.new_id(), self.factory.new_id(), stamp,
+                                  shipment[side]["companyId"])
+        body = model.shipment_event_body(shipment, event_name, meta)
         self._record("shipment", shipment["id"], event_name, stamp, body)
 
     def _record(self, kind: Kind, entity_id: str, event: str, stamp: str, body: JsonObj) -> None:
