@@ -186,6 +186,7 @@ class KeySet:
         self._fetched_at: float | None = None
         self._kid_refresh_at: float | None = None
         self._failed_at: float | None = None
+        self._loads = 0  # good fetches so far: tells a caller whether one happened meanwhile
         self._lock = asyncio.Lock()
 
     @property
@@ -196,20 +197,20 @@ class KeySet:
     async def key(self, kid: str | None, alg: str) -> Key:
         """The key that signed a token; :class:`TokenRejected` if it is not the provider's,
         :class:`KeySetUnavailable` if that cannot be known now."""
-        started = self._clock()
-        if self._keys is not None and not self._stale(started):
+        loads = self._loads
+        if self._keys is not None and not self._stale(self._clock()):
             found = self._lookup(kid, alg)
             if found is not None:
                 return found
         async with self._lock:  # one fetch at a time; waiters see its result
-            return await self._resolve(kid, alg, started)
+            return await self._resolve(kid, alg, loads)
 
     async def load(self) -> None:
         """Fetch the set now (at startup); :class:`KeySetUnavailable` if that fails."""
         async with self._lock:
             await self._refresh(self._clock())
 
-    async def _resolve(self, kid: str | None, alg: str, started: float) -> Key:
+    async def _resolve(self, kid: str | None, alg: str, loads: int) -> Key:
         now = self._clock()
         if self._keys is None or self._stale(now):
             await self._refresh_if_due(now)
@@ -218,7 +219,7 @@ class KeySet:
             return found
         if kid is None or kid in self._retired:
             raise TokenRejected("unknown_key", "the token's key is not (or no longer) listed")
-        if self._fetched_at is not None and self._fetched_at >= started:
+        if self._loads != loads:  # the set was fetched after this call began: it is not there
             raise TokenRejected("unknown_key", "the token's kid is not in the provider's keys")
         return await self._refresh_for_kid(kid, alg, now)
 
@@ -260,6 +261,7 @@ class KeySet:
         new = {key.kid for key in keys}
         self._retired = (self._retired | {k for k in old - new if k is not None}) - new
         self._keys, self._fetched_at, self._failed_at = keys, now, None
+        self._loads += 1
         log.info("oauth2.keys_loaded", kids=sorted(str(k) for k in new))
 
     def _lookup(self, kid: str | None, alg: str) -> Key | None:

@@ -72,9 +72,10 @@ class SigningKey:
         return {**jwk, "use": "sig", "kid": self.kid}
 
     def sign(self, claims: dict[str, Any], headers: dict[str, Any] | None = None) -> str:
-        """A JWT of ``claims`` signed with this key (``kid`` in the header)."""
+        """A JWT of ``claims`` signed with this key (``kid`` in the header unless None)."""
+        header = {"kid": self.kid, "typ": "JWT"} | (headers or {})
         return jwt.encode(claims, self.private, algorithm=self.alg,
-                          headers={"kid": self.kid, "typ": "JWT"} | (headers or {}))
+                          headers={k: v for k, v in header.items() if v is not None})
 
 
 @dataclass(slots=True)
