@@ -14,6 +14,7 @@ not for us raises :class:`TokenRejected` (a 401); a key set that cannot be had r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
 import time
@@ -168,8 +169,9 @@ def _parse_key(data: object) -> Key | None:
 
 class KeySet:
     """The provider's keys, cached: fetched when first needed, refetched when a token names
-    an unknown kid (at most every ``min_kid_refresh_s``) or the set is old; the last good set
-    stays in use while the provider is down."""
+    an unknown kid (at most every ``min_kid_refresh_s``), and in the background when the set
+    is old (calls meanwhile use the cached keys, so a hanging provider delays none of them);
+    the last good set stays in use while the provider is down."""
 
     def __init__(
         self, fetch: KeyFetch, *, clock: Callable[[], float] = time.monotonic,
@@ -188,6 +190,7 @@ class KeySet:
         self._failed_at: float | None = None
         self._loads = 0  # good fetches so far: tells a caller whether one happened meanwhile
         self._lock = asyncio.Lock()
+        self.refreshing: asyncio.Task[None] | None = None  # the background refetch, if any
 
     @property
     def kids(self) -> tuple[str | None, ...]:
@@ -198,10 +201,11 @@ class KeySet:
         """The key that signed a token; :class:`TokenRejected` if it is not the provider's,
         :class:`KeySetUnavailable` if that cannot be known now."""
         loads = self._loads
-        if self._keys is not None and not self._stale(self._clock()):
-            found = self._lookup(kid, alg)
-            if found is not None:
-                return found
+        found = self._lookup(kid, alg)
+        if found is not None:
+            if self._stale(self._clock()):
+                self._refresh_in_background()
+            return found
         async with self._lock:  # one fetch at a time; waiters see its result
             return await self._resolve(kid, alg, loads)
 
@@ -210,10 +214,17 @@ class KeySet:
         async with self._lock:
             await self._refresh(self._clock())
 
+    async def close(self) -> None:
+        """Stop a background refetch (at shutdown)."""
+        if self.refreshing is not None:
+            self.refreshing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.refreshing
+
     async def _resolve(self, kid: str | None, alg: str, loads: int) -> Key:
         now = self._clock()
-        if self._keys is None or self._stale(now):
-            await self._refresh_if_due(now)
+        if self._keys is None:
+            await self._first_load(now)
         found = self._lookup(kid, alg)
         if found is not None:
             return found
@@ -223,19 +234,27 @@ class KeySet:
             raise TokenRejected("unknown_key", "the token's kid is not in the provider's keys")
         return await self._refresh_for_kid(kid, alg, now)
 
-    async def _refresh_if_due(self, now: float) -> None:
+    async def _first_load(self, now: float) -> None:
         wait_s = self._failure_wait_s(now)
         if wait_s > 0:
-            if self._keys is None:
-                raise KeySetUnavailable("the identity provider's keys could not be fetched",
-                                        retry_after_s=_ceil(wait_s))
-            return
-        try:
-            await self._refresh(now)
-        except KeySetUnavailable:
-            if self._keys is None:
-                raise
-            log.warning("oauth2.keys_kept", message="refetch failed; the cached set stays in use")
+            raise KeySetUnavailable("the identity provider's keys could not be fetched",
+                                    retry_after_s=_ceil(wait_s))
+        await self._refresh(now)
+
+    def _refresh_in_background(self) -> None:
+        if self.refreshing is None or self.refreshing.done():
+            self.refreshing = asyncio.create_task(self._refresh_stale(),
+                                                  name="tcbridge-oauth2-keys")
+
+    async def _refresh_stale(self) -> None:
+        async with self._lock:
+            now = self._clock()
+            if not self._stale(now) or self._failure_wait_s(now) > 0:
+                return
+            try:
+                await self._refresh(now)
+            except KeySetUnavailable:
+                log.warning("oauth2.keys_kept", message="refetch failed; the cached set stays")
 
     async def _refresh_for_kid(self, kid: str, alg: str, now: float) -> Key:
         wait_s = max(self._failure_wait_s(now), self._kid_wait_s(now))
@@ -305,6 +324,10 @@ class TokenVerifier:
         key = await self.keys.key(kid, alg)
         # ~0.1 ms of CPU for RS256: fine on the event loop.
         return check_signed(token, key, alg, self.settings)
+
+    async def close(self) -> None:
+        """Stop background work (the webhook app's cleanup calls this)."""
+        await self.keys.close()
 
     async def prefetch(self) -> None:
         """Load the key set at startup, so a wrong issuer shows in the log at once; a failure

@@ -91,6 +91,7 @@ def build_app(
     app[IN_FLIGHT_KEY] = InFlight()
     if verifier is not None:
         app[VERIFIER_KEY] = verifier
+        app.on_cleanup.append(lambda _: verifier.close())
     for kind in ("order", "shipment"):
         app.router.add_post(f"/webhook/{kind}", _post_handler(kind))
         app.router.add_get(f"/webhook/{kind}", _get_handler(kind), allow_head=False)

@@ -301,11 +301,40 @@ async def test_provider_down_with_a_cached_set_keeps_accepting() -> None:
     token = bearer(RSA_KEY.sign(claims()))
     await verifier.verify(token)
     provider.down = True
-    clock.now += 7200  # the set is old: refetch fails, the cached set stays in use
+    clock.now += 7200  # the set is old: refetched in the background, the cached set in use
     assert await verifier.verify(token)
+    assert verifier.keys.refreshing is not None
+    await verifier.keys.refreshing  # it failed (logged), and the set stays
     assert provider.calls == 2
-    assert await verifier.verify(token)  # no fetch again before the retry time
-    assert provider.calls == 2
+    assert await verifier.verify(token)
+    await verifier.keys.refreshing
+    assert provider.calls == 2  # no fetch again before the retry time
+    clock.now += 5
+    assert await verifier.verify(token)
+    await verifier.keys.refreshing
+    assert provider.calls == 3
+
+
+async def test_hanging_provider_delays_no_call_when_a_set_is_cached() -> None:
+    release = asyncio.Event()
+
+    class Hanging(FakeProvider):
+        async def __call__(self) -> object:
+            if self.calls:
+                await release.wait()
+            return await super().__call__()
+
+    provider, clock = Hanging(RSA_KEY), Clock()
+    verifier = make_verifier(provider, clock)
+    token = bearer(RSA_KEY.sign(claims()))
+    await verifier.verify(token)
+    clock.now += 3601
+    for _ in range(3):  # each answered from the cache while the refetch hangs
+        assert await asyncio.wait_for(verifier.verify(token), timeout=5)
+    refreshing = verifier.keys.refreshing
+    assert refreshing is not None and not refreshing.done()
+    await verifier.close()
+    assert refreshing.cancelled()
 
 
 async def test_provider_down_with_a_cached_set_and_an_unknown_kid_is_unavailable() -> None:
@@ -323,7 +352,11 @@ async def test_old_set_is_refetched_so_withdrawn_keys_go_away() -> None:
     await verifier.verify(bearer(RSA_KEY.sign(claims())))
     provider.keys = [OTHER_RSA]
     clock.now += 3601
+    assert await verifier.verify(bearer(RSA_KEY.sign(claims())))  # from the cache, meanwhile
+    assert verifier.keys.refreshing is not None
+    await verifier.keys.refreshing
     assert await reason_of(verifier, bearer(RSA_KEY.sign(claims()))) == "unknown_key"
+    assert await verifier.verify(bearer(OTHER_RSA.sign(claims())))
     assert provider.calls == 2
 
 
