@@ -36,7 +36,7 @@ log = structlog.get_logger(__name__)
 # Asymmetric only: an HMAC algorithm would let anyone who has the (public) key sign.
 ALGORITHMS = ("RS256", "ES256")
 MIN_KID_REFRESH_S = 60.0  # a token naming an unknown kid refreshes the set at most this often
-FAILED_FETCH_RETRY_S = 5.0  # after a failed fetch, the next one waits this long (503 meanwhile)
+FAILED_FETCH_RETRY_S = 1.0  # after a failed fetch, the next one waits this long (503 meanwhile)
 KEY_SET_MAX_AGE_S = 3600.0  # refetch a set this old, so keys the provider withdrew go away
 FETCH_TIMEOUT_S = 10.0
 MAX_DOCUMENT_BYTES = 1024 * 1024
