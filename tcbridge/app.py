@@ -134,12 +134,12 @@ async def _start_listener(settings: Settings, parts: Parts) -> None:
 
 
 async def _oauth2_verifier(settings: Settings, parts: Parts) -> TokenVerifier | None:
-    """With auth = 'oauth2', a verifier on the shared session, its key set loaded if it can be."""
+    """With auth = 'oauth2', a verifier on the shared session, its key set being loaded."""
     if settings.webhook.auth != "oauth2":
         return None
     assert parts.session is not None
     verifier = build_verifier(settings.webhook, parts.session, parts.metrics)
-    await verifier.prefetch()
+    verifier.prefetch()
     return verifier
 
 

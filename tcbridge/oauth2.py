@@ -209,10 +209,9 @@ class KeySet:
         async with self._lock:  # one fetch at a time; waiters see its result
             return await self._resolve(kid, alg, loads)
 
-    async def load(self) -> None:
-        """Fetch the set now (at startup); :class:`KeySetUnavailable` if that fails."""
-        async with self._lock:
-            await self._refresh(self._clock())
+    def load_soon(self) -> None:
+        """Start fetching the set in the background (at startup), unless it is fresh."""
+        self._refresh_in_background()
 
     async def close(self) -> None:
         """Stop a background refetch (at shutdown)."""
@@ -243,18 +242,25 @@ class KeySet:
 
     def _refresh_in_background(self) -> None:
         if self.refreshing is None or self.refreshing.done():
-            self.refreshing = asyncio.create_task(self._refresh_stale(),
+            self.refreshing = asyncio.create_task(self._background_refresh(),
                                                   name="tcbridge-oauth2-keys")
 
-    async def _refresh_stale(self) -> None:
+    async def _background_refresh(self) -> None:
         async with self._lock:
             now = self._clock()
             if not self._stale(now) or self._failure_wait_s(now) > 0:
                 return
             try:
                 await self._refresh(now)
-            except KeySetUnavailable:
-                log.warning("oauth2.keys_kept", message="refetch failed; the cached set stays")
+            except KeySetUnavailable as e:
+                if self._keys is None:
+                    log.warning("oauth2.keys_unavailable", error=str(e),
+                                message="webhook calls get 503 until the keys can be fetched")
+                else:
+                    log.warning("oauth2.keys_kept", error=str(e),
+                                message="refetch failed; the cached set stays in use")
+            except Exception:  # a task nobody awaits must not hide a bug
+                log.exception("oauth2.refresh_crashed")
 
     async def _refresh_for_kid(self, kid: str, alg: str, now: float) -> Key:
         wait_s = max(self._failure_wait_s(now), self._kid_wait_s(now))
@@ -329,13 +335,11 @@ class TokenVerifier:
         """Stop background work (the webhook app's cleanup calls this)."""
         await self.keys.close()
 
-    async def prefetch(self) -> None:
-        """Load the key set at startup, so a wrong issuer shows in the log at once; a failure
-        is only logged: calls are answered 503 until the provider can be reached."""
-        try:
-            await self.keys.load()
-        except KeySetUnavailable as e:
-            log.warning("oauth2.keys_unavailable", error=str(e), issuer=self.settings.oauth2_issuer)
+    def prefetch(self) -> None:
+        """Start loading the key set at startup, so a wrong issuer shows in the log at once
+        and the first call need not wait; a failure is only logged (calls get 503 until
+        the provider can be reached). Startup is not delayed by a slow provider."""
+        self.keys.load_soon()
 
 
 class ProviderKeys:

@@ -363,13 +363,44 @@ async def test_old_set_is_refetched_so_withdrawn_keys_go_away() -> None:
 async def test_prefetch_loads_the_set_and_logs_a_failure() -> None:
     provider = FakeProvider(RSA_KEY)
     verifier = make_verifier(provider)
-    await verifier.prefetch()
+    verifier.prefetch()
+    assert verifier.keys.refreshing is not None
+    await verifier.keys.refreshing
     assert verifier.keys.kids == ("rsa-1",)
+    await verifier.verify(bearer(RSA_KEY.sign(claims())))
+    assert provider.calls == 1
     down = FakeProvider(RSA_KEY)
     down.down = True
     failing = make_verifier(down)
-    await failing.prefetch()  # does not raise: calls get 503 until the provider is back
+    with capture_logs() as logs:
+        failing.prefetch()
+        assert failing.keys.refreshing is not None
+        await failing.keys.refreshing  # does not raise: calls get 503 until the provider is back
     assert failing.keys.kids == ()
+    assert [line["event"] for line in logs] == ["oauth2.keys_unavailable"]
+    with pytest.raises(KeySetUnavailable):
+        await failing.verify(bearer(RSA_KEY.sign(claims())))
+    assert down.calls == 1  # within the retry time: no second fetch
+
+
+async def test_calls_during_the_startup_fetch_wait_for_it() -> None:
+    release = asyncio.Event()
+
+    class Slow(FakeProvider):
+        async def __call__(self) -> object:
+            await release.wait()
+            return await super().__call__()
+
+    provider = Slow(RSA_KEY)
+    verifier = make_verifier(provider)
+    verifier.prefetch()
+    calls = [asyncio.create_task(verifier.verify(bearer(RSA_KEY.sign(claims()))))
+             for _ in range(3)]
+    await asyncio.sleep(0.01)
+    assert not any(call.done() for call in calls)
+    release.set()
+    assert all(await asyncio.gather(*calls))
+    assert provider.calls == 1
 
 
 def test_parse_key_set_keeps_only_rs256_and_es256_signing_keys() -> None:
