@@ -205,8 +205,10 @@ async def _check_token(request: web.Request) -> web.Response | None:
     except KeySetUnavailable as e:
         log.warning("webhook.oauth2_unavailable", path=request.path, error=str(e))
         app[METRICS_KEY].oauth2_unavailable.inc()
-        message = f"cannot check the token now: {e}; please retry"
-        return _json(503, {"error": "unavailable", "message": message},
+        # The details (the provider's URLs) go to the log only: anyone can make a token
+        # that gets this far.
+        message = "cannot check the token now: the identity provider's keys are unavailable"
+        return _json(503, {"error": "unavailable", "message": message + "; please retry"},
                      **{"Retry-After": str(e.retry_after_s)})
     return None
 

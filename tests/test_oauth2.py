@@ -571,6 +571,7 @@ async def test_webhook_answers_503_with_retry_after_when_keys_are_unavailable(
     response = await client.post("/webhook/order", json=order_event_body(), headers=headers)
     assert response.status == 503
     assert response.headers["Retry-After"] == "5"
+    assert "provider down" not in (await response.json())["message"]  # details: the log only
     assert "tcbridge_webhook_oauth2_unavailable_total 1.0" in metrics.render().decode()
     assert (await store.counts())["events"] == 0
 
