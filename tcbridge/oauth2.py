@@ -76,7 +76,7 @@ def token_header(token: str) -> tuple[str, str | None]:
     """(alg, kid) from the token's header, without trusting it yet."""
     try:
         header = jwt.get_unverified_header(token)
-    except jwt.DecodeError as e:
+    except jwt.PyJWTError as e:  # not JSON, a kid that is no string, a bad crit, ...
         raise TokenRejected("malformed", f"unreadable JWT header: {e}") from e
     alg, kid = header.get("alg"), header.get("kid")
     if alg not in ALGORITHMS:
@@ -91,13 +91,13 @@ def precheck(token: str, settings: WebhookSettings) -> None:
     so a foreign token never makes us fetch a key set (its claims are checked again, signed)."""
     try:
         claims = jwt.decode(token, options={"verify_signature": False})
-    except jwt.DecodeError as e:
+    except jwt.PyJWTError as e:
         raise TokenRejected("malformed", f"unreadable JWT claims: {e}") from e
     if claims.get("iss") != settings.oauth2_issuer:
         raise TokenRejected("issuer", f"issuer {str(claims.get('iss'))[:200]!r} is not trusted")
     audience = claims.get("aud")
-    given = set(audience) if isinstance(audience, list) else {audience}
-    if not given & set(settings.oauth2_audiences):
+    given = audience if isinstance(audience, list) else [audience]
+    if not any(isinstance(a, str) and a in settings.oauth2_audiences for a in given):
         raise TokenRejected("audience", "the token is not for this webhook (aud)")
 
 
@@ -111,14 +111,14 @@ def check_signed(token: str, key: Key, alg: str, settings: WebhookSettings) -> C
             issuer=settings.oauth2_issuer, leeway=settings.oauth2_leeway_s,
             options={"require": list(REQUIRED)},
         )
-    except jwt.InvalidTokenError as e:
+    except jwt.PyJWTError as e:
         raise TokenRejected(_reason(e), f"invalid token: {e}") from e
     _check_required_claims(claims, settings.oauth2_required_claims)
     return claims
 
 
-def _reason(error: jwt.InvalidTokenError) -> str:
-    reasons: list[tuple[type[jwt.InvalidTokenError], str]] = [
+def _reason(error: jwt.PyJWTError) -> str:
+    reasons: list[tuple[type[jwt.PyJWTError], str]] = [
         (jwt.ExpiredSignatureError, "expired"), (jwt.ImmatureSignatureError, "not_yet_valid"),
         (jwt.InvalidAudienceError, "audience"), (jwt.InvalidIssuerError, "issuer"),
         (jwt.MissingRequiredClaimError, "missing_claim"), (jwt.InvalidSignatureError, "signature"),

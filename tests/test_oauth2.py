@@ -186,6 +186,16 @@ async def test_signature_of_another_key_is_rejected() -> None:
         ("Bearer ünï.cödé.x", "malformed"),
         ("Bearer e30.e30.e30", "algorithm"),  # {} header: no alg
         ("Bearer !!!.e30.sig", "malformed"),
+        ("Bearer " + unsigned({"alg": "RS256", "kid": 5}, claims(), b"x"), "malformed"),
+        ("Bearer " + unsigned({"alg": "RS256", "crit": ["exp"]}, claims(), b"x"), "malformed"),
+        ("Bearer " + unsigned({"alg": "RS256", "crit": "x"}, claims(), b"x"), "malformed"),
+        ("Bearer " + b64(b"[1]") + ".e30.c2ln", "malformed"),
+        ("Bearer " + b64(b'{"alg":"RS256"}') + "." + b64(b"[1]") + ".c2ln", "malformed"),
+        ("Bearer " + b64(b'{"alg":"RS256"}') + "." + b64(b"\xff") + ".c2ln", "malformed"),
+        ("Bearer " + unsigned({"alg": "RS256"}, claims(aud={"x": 1}), b"x"), "audience"),
+        ("Bearer " + unsigned({"alg": "RS256"}, claims(aud=[["a"]]), b"x"), "audience"),
+        ("Bearer " + unsigned({"alg": "RS256"}, claims(aud=5), b"x"), "audience"),
+        ("Bearer " + unsigned({"alg": "RS256"}, claims(iss=[ISSUER]), b"x"), "issuer"),
     ],
 )
 async def test_missing_or_malformed_header(header: str | None, reason: str) -> None:
