@@ -17,6 +17,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives import serialization
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from tcbridge.config import WebhookSettings
@@ -202,6 +204,39 @@ async def test_missing_or_malformed_header(header: str | None, reason: str) -> N
     provider = FakeProvider(RSA_KEY)
     assert await reason_of(make_verifier(provider), header) == reason
     assert provider.calls == 0
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
+FIELDS = ("alg", "kid", "crit", "typ", "iss", "aud", "exp", "nbf", "iat", "appid")
+PARTS = st.dictionaries(st.sampled_from(FIELDS), JSON | st.sampled_from(
+    ["RS256", "ES256", "HS256", "none", ISSUER, AUDIENCE, "rsa-1"]), max_size=6)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(header=PARTS, body=PARTS, signature=st.binary(max_size=64))
+def test_any_token_is_refused_cleanly(header: dict[str, Any], body: dict[str, Any],
+                                      signature: bytes) -> None:
+    """Whatever the header and claims, the outcome is a 401 reason, or a 503 when (and only
+    when) the provider is down: never another exception, never accepted unsigned."""
+    token = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(body).encode())}."
+    token += b64(signature) or "AA"
+
+    async def check() -> None:
+        for down in (False, True):
+            provider = FakeProvider(RSA_KEY)
+            provider.down = down
+            try:
+                await make_verifier(provider).verify(bearer(token))
+            except TokenRejected:
+                continue
+            except KeySetUnavailable:
+                assert down
+                continue
+            raise AssertionError("a forged token was accepted")
+
+    asyncio.run(check())
 
 
 async def test_foreign_token_never_fetches_keys() -> None:
