@@ -203,7 +203,8 @@ class KeySet:
         loads = self._loads
         found = self._lookup(kid, alg)
         if found is not None:
-            if self._stale(self._clock()):
+            now = self._clock()
+            if self._stale(now) and self._failure_wait_s(now) <= 0:
                 self._refresh_in_background()
             return found
         async with self._lock:  # one fetch at a time; waiters see its result
@@ -266,7 +267,7 @@ class KeySet:
         wait_s = max(self._failure_wait_s(now), self._kid_wait_s(now))
         if wait_s > 0:
             # It may be a key the provider has just started to use: ask again later.
-            raise KeySetUnavailable("unknown kid; the key set was refreshed a moment ago",
+            raise KeySetUnavailable("unknown kid; the key set cannot be refetched yet",
                                     retry_after_s=_ceil(wait_s))
         await self._refresh(now)
         self._kid_refresh_at = now
