@@ -24,6 +24,7 @@ from tcbridge.errors import StoreError
 from tcbridge.fetcher import Fetcher
 from tcbridge.handlers import build_handler
 from tcbridge.metrics import Metrics
+from tcbridge.oauth2 import TokenVerifier, build_verifier
 from tcbridge.poller import Poller
 from tcbridge.store import Store
 from tcbridge.systemd import Notifier
@@ -168,11 +169,21 @@ async def _start_listener(settings: Settings, parts: Parts) -> None:
                     message="webhook.auth = 'none': anyone who can reach the port can post")
     app = build_app(hook, parts.store, parts.dispatch_wake, parts.fetch_wake,
                     retry_after_s=settings.store.retry_after_s, metrics=parts.metrics,
-                    draining=parts.draining)
+                    draining=parts.draining, verifier=await _oauth2_verifier(settings, parts))
     parts.webhook_app = app
     parts.runner = await _listen(app, hook.host, hook.port, settings.shutdown_timeout_s,
                                  _tls(settings))
     parts.bound.extend(_addresses(parts.runner))
+
+
+async def _oauth2_verifier(settings: Settings, parts: Parts) -> TokenVerifier | None:
+    """With auth = 'oauth2', a verifier on the shared session, its key set being loaded."""
+    if settings.webhook.auth != "oauth2":
+        return None
+    assert parts.session is not None
+    verifier = build_verifier(settings.webhook, parts.session, parts.metrics)
+    verifier.prefetch()
+    return verifier
 
 
 async def _start_admin(settings: Settings, parts: Parts) -> None:

@@ -133,7 +133,7 @@ class WebhookSettings(_Section):
 
     host: str = "0.0.0.0"  # noqa: S104 - a webhook listener is public by design
     port: int = Field(default=8080, ge=0, le=65535)
-    auth: Literal["bearer", "basic", "none"] = "bearer"
+    auth: Literal["bearer", "basic", "none", "oauth2"] = "bearer"
     bearer_token: SecretStr | None = None
     bearer_token_file: Path | None = None
     basic_username: SecretStr | None = None
@@ -145,6 +145,12 @@ class WebhookSettings(_Section):
     tls_key: Path | None = None
     allowed_ips: list[str] = Field(default_factory=list)
     trusted_proxies: list[str] = Field(default_factory=list)
+    # auth = "oauth2": Tradecloud sends an access token of the customer's identity provider.
+    oauth2_issuer: str | None = None
+    oauth2_audience: str | list[str] = Field(default_factory=list)
+    oauth2_jwks_url: str | None = None
+    oauth2_required_claims: dict[str, str | list[str]] = Field(default_factory=dict)
+    oauth2_leeway_s: float = Field(default=60.0, ge=0, le=600)
 
     @field_validator("allowed_ips", "trusted_proxies")
     @classmethod
@@ -168,6 +174,31 @@ class WebhookSettings(_Section):
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("set both tls_cert and tls_key, or neither")
         return self
+
+    @model_validator(mode="after")
+    def _check_oauth2(self) -> WebhookSettings:
+        if self.auth != "oauth2":
+            return self
+        if not self.oauth2_issuer or not _is_url(self.oauth2_issuer):
+            raise ValueError("auth = 'oauth2' needs oauth2_issuer, an http(s):// URL")
+        if not self.oauth2_audiences or not all(self.oauth2_audiences):
+            raise ValueError("auth = 'oauth2' needs oauth2_audience (a string or a list)")
+        if self.oauth2_jwks_url is not None and not _is_url(self.oauth2_jwks_url):
+            raise ValueError("oauth2_jwks_url must be an http(s):// URL")
+        for name, value in self.oauth2_required_claims.items():
+            if not name or value in ("", []):
+                raise ValueError(f"oauth2_required_claims: {name!r} needs a value")
+        return self
+
+    @property
+    def oauth2_audiences(self) -> tuple[str, ...]:
+        """The accepted audiences (``oauth2_audience`` is one or a list)."""
+        audience = self.oauth2_audience
+        return (audience,) if isinstance(audience, str) else tuple(audience)
+
+
+def _is_url(value: str) -> bool:
+    return value.startswith(("http://", "https://")) and len(value) > len("https://")
 
 
 def _filled(secret: SecretStr | None) -> bool:

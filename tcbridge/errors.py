@@ -21,6 +21,22 @@ class AuthError(TcbridgeError):
 
 class UnknownName(TcbridgeError):
     """A name given on the command line (an event id, a handler) that does not exist."""
+class TokenRejected(AuthError):
+    """An OAuth 2.0 bearer token is bad, expired or not for us (a 401); ``reason`` is a short
+    label for the metric. Messages never contain the token."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class KeySetUnavailable(TcbridgeError):
+    """The identity provider's key set cannot be had now, so a token cannot be judged: a 503
+    with ``Retry-After`` (a 401 would lose the event: Tradecloud never retries a 4xx)."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class StoreError(TcbridgeError):

@@ -77,6 +77,16 @@ class Metrics:
         self.auth_failures = Counter("tcbridge_webhook_auth_failures",
                                      "Webhook requests with missing or wrong credentials",
                                      registry=r)
+        self.oauth2_rejections = Counter(
+            "tcbridge_webhook_oauth2_rejections",
+            "OAuth 2.0 webhook tokens refused with 401, by reason", ["reason"], registry=r)
+        self.oauth2_unavailable = Counter(
+            "tcbridge_webhook_oauth2_unavailable",
+            "Webhook calls answered 503 because the identity provider's keys were unavailable",
+            registry=r)
+        self.oauth2_key_fetches = Counter(
+            "tcbridge_oauth2_key_fetches", "Fetches of the identity provider's key set, by outcome",
+            ["outcome"], registry=r)
         self.poll_requests = Counter("tcbridge_poll_requests", "Poll pages requested", ["kind"],
                                      registry=r)
         self.poll_errors = Counter("tcbridge_poll_errors", "Poll cycles that failed", ["kind"],

@@ -19,8 +19,9 @@ from aiohttp import web
 from tcbridge import auth
 from tcbridge.config import WebhookSettings
 from tcbridge.envelope import parse_order_webhook, parse_shipment_webhook, plain_text
-from tcbridge.errors import InvalidEvent, StoreUnavailable
+from tcbridge.errors import InvalidEvent, KeySetUnavailable, StoreUnavailable, TokenRejected
 from tcbridge.metrics import Metrics
+from tcbridge.oauth2 import TokenVerifier
 from tcbridge.store import Rejected, Store
 
 log = structlog.get_logger(__name__)
@@ -55,6 +56,7 @@ RETRY_AFTER_KEY = web.AppKey("retry_after_s", int)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 DRAINING_KEY = web.AppKey("draining", asyncio.Event)
 IN_FLIGHT_KEY = web.AppKey("in_flight", InFlight)
+VERIFIER_KEY = web.AppKey("oauth2_verifier", TokenVerifier)
 PARSERS = {"order": parse_order_webhook, "shipment": parse_shipment_webhook}
 ID_PARAMS = {"order": "orderId", "shipment": "shipmentId"}
 KEPT_HEADERS = ("content-type", "content-length", "user-agent", "x-forwarded-for", "authorization")
@@ -69,9 +71,12 @@ def build_app(
     retry_after_s: int = 5,
     metrics: Metrics | None = None,
     draining: asyncio.Event | None = None,
+    verifier: TokenVerifier | None = None,
 ) -> web.Application:
     """The aiohttp application; ``wake`` tells the dispatcher of new events, ``fetch_wake``
-    the fetch worker of new legacy GET requests."""
+    the fetch worker of new legacy GET requests; ``verifier`` checks tokens (auth = oauth2)."""
+    if settings.auth == "oauth2" and verifier is None:
+        raise ValueError("auth = 'oauth2' needs a TokenVerifier")
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[_guard, _admit(settings)],
@@ -84,6 +89,9 @@ def build_app(
     app[METRICS_KEY] = metrics or Metrics()
     app[DRAINING_KEY] = draining or asyncio.Event()
     app[IN_FLIGHT_KEY] = InFlight()
+    if verifier is not None:
+        app[VERIFIER_KEY] = verifier
+        app.on_cleanup.append(lambda _: verifier.close())
     for kind in ("order", "shipment"):
         app.router.add_post(f"/webhook/{kind}", _post_handler(kind))
         app.router.add_get(f"/webhook/{kind}", _get_handler(kind), allow_head=False)
@@ -172,7 +180,11 @@ def _admit(settings: WebhookSettings) -> Callable[..., Awaitable[web.StreamRespo
             if not auth.ip_allowed(ip, allowed):
                 log.warning("webhook.ip_refused", remote=ip, path=request.path)
                 return _json(403, {"error": "forbidden", "message": "source address not allowed"})
-        if not auth.check_credentials(settings, request.headers.get("Authorization")):
+        if settings.auth == "oauth2":
+            refused = await _check_token(request)
+            if refused is not None:
+                return refused
+        elif not auth.check_credentials(settings, request.headers.get("Authorization")):
             log.warning("webhook.auth_failed", remote=request.remote, path=request.path)
             app[METRICS_KEY].auth_failures.inc()
             return _json(
@@ -187,6 +199,33 @@ def _admit(settings: WebhookSettings) -> Callable[..., Awaitable[web.StreamRespo
             in_flight.leave()
 
     return middleware
+
+
+async def _check_token(request: web.Request) -> web.Response | None:
+    """None when the OAuth 2.0 access token is good; else the 401, or the 503 that makes
+    Tradecloud retry when the provider's keys cannot be had. The token is never logged."""
+    app = request.app
+    try:
+        await app[VERIFIER_KEY].verify(request.headers.get("Authorization"))
+    except TokenRejected as e:
+        log.warning("webhook.auth_failed", remote=request.remote, path=request.path,
+                    auth="oauth2", reason=e.reason, error=str(e))
+        app[METRICS_KEY].auth_failures.inc()
+        app[METRICS_KEY].oauth2_rejections.labels(e.reason).inc()
+        challenge = auth.challenge(app[SETTINGS_KEY])
+        if e.reason != "missing":  # RFC 6750, 3.1
+            challenge += ', error="invalid_token"'
+        return _json(401, {"error": "unauthorized", "message": str(e)},
+                     **{"WWW-Authenticate": challenge})
+    except KeySetUnavailable as e:
+        log.warning("webhook.oauth2_unavailable", path=request.path, error=str(e))
+        app[METRICS_KEY].oauth2_unavailable.inc()
+        # The details (the provider's URLs) go to the log only: anyone can make a token
+        # that gets this far.
+        message = "cannot check the token now: the identity provider's keys are unavailable"
+        return _json(503, {"error": "unavailable", "message": message + "; please retry"},
+                     **{"Retry-After": str(e.retry_after_s)})
+    return None
 
 
 def _post_handler(kind: Literal["order", "shipment"]) -> Handler:

@@ -172,3 +172,48 @@ def test_check_config_refuses_single_delivery_with_search(
     assert "single_delivery" in capsys.readouterr().err
     ok = text.replace('api = "search"', 'api = "poll"')
     assert main(["check-config", "--config", str(write(tmp_path, ok))]) == 0
+OAUTH2 = MINIMAL.replace('auth = "bearer"\nbearer_token = "tok-9f3a"', """auth = "oauth2"
+oauth2_issuer = "https://login.microsoftonline.com/tenant-1/v2.0"
+oauth2_audience = "api://tcbridge"
+oauth2_required_claims = { appid = "tc-client" }""")
+
+
+def test_oauth2_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load_settings(write(tmp_path, OAUTH2))
+    hook = settings.webhook
+    assert hook.oauth2_audiences == ("api://tcbridge",)
+    assert hook.oauth2_required_claims == {"appid": "tc-client"}
+    assert hook.oauth2_leeway_s == 60 and hook.oauth2_jwks_url is None
+    text = OAUTH2.replace('"api://tcbridge"', '["api://tcbridge", "b1c2"]')
+    assert load_settings(write(tmp_path, text)).webhook.oauth2_audiences == (
+        "api://tcbridge", "b1c2")
+    monkeypatch.setenv("TCBRIDGE_WEBHOOK__OAUTH2_AUDIENCE", '["from-env"]')
+    assert load_settings(write(tmp_path, OAUTH2)).webhook.oauth2_audiences == ("from-env",)
+    monkeypatch.setenv("TCBRIDGE_WEBHOOK__OAUTH2_AUDIENCE", "api://plain")
+    assert load_settings(write(tmp_path, OAUTH2)).webhook.oauth2_audiences == ("api://plain",)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (('oauth2_issuer = "https://login.microsoftonline.com/tenant-1/v2.0"', ""),
+         "needs oauth2_issuer"),
+        (("https://login.microsoftonline.com/tenant-1/v2.0", "login.microsoftonline.com"),
+         "needs oauth2_issuer"),
+        (('oauth2_audience = "api://tcbridge"', ""), "needs oauth2_audience"),
+        (('oauth2_audience = "api://tcbridge"', "oauth2_audience = []"), "needs oauth2_audience"),
+        (('oauth2_audience = "api://tcbridge"', 'oauth2_audience = [""]'),
+         "needs oauth2_audience"),
+        (('"tc-client"', '""'), "'appid' needs a value"),
+        (('oauth2_audience = "api://tcbridge"',
+          'oauth2_audience = "api://tcbridge"\noauth2_jwks_url = "ftp://x"'),
+         "oauth2_jwks_url must be an http(s):// URL"),
+        (('oauth2_audience = "api://tcbridge"',
+          'oauth2_audience = "api://tcbridge"\noauth2_leeway_s = -1'),
+         "greater than or equal to 0"),
+    ],
+)
+def test_oauth2_errors(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match="webhook") as info:
+        load_settings(write(tmp_path, OAUTH2.replace(*change)))
+    assert message in str(info.value)

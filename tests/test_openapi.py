@@ -121,7 +121,8 @@ def operation(method: str, path: str) -> Any:
 def test_document_is_valid_openapi_3_0() -> None:
     validate(SPEC)
     assert SPEC["openapi"] == "3.0.3"
-    assert set(SPEC["components"]["securitySchemes"]) == {"bearerAuth", "basicAuth"}
+    assert set(SPEC["components"]["securitySchemes"]) == {"bearerAuth", "basicAuth",
+                                                          "oauth2Bearer"}
 
 
 def test_document_is_installed_as_package_data() -> None:

@@ -1,6 +1,7 @@
 """A faithful local stand-in for the Tradecloud API (``tcbridge simulate``, end-to-end tests).
 
-Depends only on aiohttp, structlog and the standard library.
+Depends only on aiohttp, structlog, PyJWT (with cryptography, for the identity provider) and the
+standard library.
 """
 
 from __future__ import annotations

@@ -14,9 +14,14 @@ log = structlog.get_logger(__name__)
 
 
 def webhook_auth(text: str) -> tuple[str, str]:
-    """Parse ``bearer:TOKEN`` or ``basic:USER:PASS`` for --webhook-auth."""
+    """Parse ``bearer:TOKEN``, ``basic:USER:PASS`` or ``oauth2:CLIENT_ID:SECRET:SCOPE`` for
+    --webhook-auth (oauth2: tokens from the simulator's own token endpoint)."""
     scheme, sep, secret = text.partition(":")
     scheme = scheme.lower()
+    if scheme == "oauth2":
+        if len(secret.split(":", 2)) != 3 or not all(secret.split(":", 2)):
+            raise argparse.ArgumentTypeError("expected oauth2:CLIENT_ID:CLIENT_SECRET:SCOPE")
+        return scheme, secret
     if not sep or not secret or scheme not in ("bearer", "basic"):
         raise argparse.ArgumentTypeError("expected bearer:TOKEN or basic:USER:PASS")
     if scheme == "basic" and ":" not in secret:
@@ -49,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--password", default="secret", help="integration user password")
     add("--webhook-url", default=None,
         help="base URL of the bridge's webhook receiver; /order and /shipment are appended")
-    add("--webhook-auth", type=webhook_auth, default=None, metavar="bearer:TOKEN|basic:USER:PASS",
+    add("--webhook-auth", type=webhook_auth, default=None,
+        metavar="bearer:TOKEN|basic:USER:PASS|oauth2:CLIENT_ID:SECRET:SCOPE",
         help="how the webhook sender authenticates to the receiver")
     add("--webhook-mode", choices=["post", "get"], default="post",
         help="post: event in the body (current); get: id in the path (legacy)")
@@ -73,6 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--search-cursor-filter", choices=["lastUpdatedAfter", "lastUpdatedSince"],
         default="lastUpdatedAfter",
         help="the search API's cursor filter; lastUpdatedSince plays a pre-2024 server")
+    add("--oauth-token-ttl-s", type=float, default=3600.0,
+        help="lifetime of the identity provider's access tokens (default 3600)")
 
 
 def build_simulator(args: argparse.Namespace) -> Simulator:
@@ -82,7 +90,8 @@ def build_simulator(args: argparse.Namespace) -> Simulator:
         refresh_token_ttl_s=args.refresh_ttl_s, rate_limit_per_s=args.rate_limit or None,
         seed=args.seed, webhook_url=args.webhook_url, webhook_auth=args.webhook_auth,
         webhook_mode=args.webhook_mode, single_delivery=args.single_delivery,
-        search_cursor_filter=args.search_cursor_filter)
+        search_cursor_filter=args.search_cursor_filter,
+        oauth_token_ttl_s=args.oauth_token_ttl_s)
     sim.faults.update({
         "webhook_drop_rate": args.drop_rate, "webhook_duplicate_rate": args.duplicate_rate,
         "webhook_reorder": args.reorder, "webhook_delay_s": args.delay_s,
@@ -97,6 +106,7 @@ async def run_from_args(args: argparse.Namespace, stop: asyncio.Event) -> int:
     try:
         sim.add_orders(args.initial_orders)
         log.info("simulator.started", url=url, username=sim.username, rate=args.rate,
+                 oauth2_issuer=sim.oauth.issuer,
                  webhook_url=args.webhook_url, initial_orders=args.initial_orders)
         stream = asyncio.create_task(sim.run_changes(args.rate)) if args.rate > 0 else None
         await stop.wait()

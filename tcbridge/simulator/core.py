@@ -16,6 +16,7 @@ from tcbridge.simulator.changes import random_change
 from tcbridge.simulator.control import Control
 from tcbridge.simulator.faults import Faults, RateLimiter
 from tcbridge.simulator.model import JsonObj
+from tcbridge.simulator.oauth import OAuthProvider, TokenClient
 from tcbridge.simulator.tokens import TokenStore
 from tcbridge.simulator.webhooks import SenderConfig, WebhookMode, WebhookSender
 from tcbridge.simulator.world import Change, World
@@ -40,6 +41,7 @@ class Simulator:
         webhook_backoff_max_s: float = 2.0, webhook_timeout_s: float = 5.0,
         clock: Callable[[], float] = time.time,
         single_delivery: bool = False, search_cursor_filter: str = "lastUpdatedAfter",
+        oauth_token_ttl_s: float = 3600.0,
     ) -> None:
         self.username = username
         self.password = password
@@ -55,6 +57,7 @@ class Simulator:
         self.rate_limiter = RateLimiter(rate_limit_per_s, clock) if rate_limit_per_s else None
         self._changes_rng = seeded(seed, "changes")
         self._sender: WebhookSender | None = None
+        self.oauth = OAuthProvider(clock=clock, token_ttl_s=oauth_token_ttl_s)
         self.webhook_results: list[dict[str, Any]] = []
         if webhook_url:
             config = SenderConfig(webhook_url, webhook_auth, webhook_mode,
@@ -63,13 +66,21 @@ class Simulator:
             self._sender = WebhookSender(config, self.faults, seeded(seed, "webhooks"))
             self.webhook_results = self._sender.results
             self.world.listeners.append(self._sender.enqueue)
+            if webhook_auth is not None and webhook_auth[0].lower() == "oauth2":
+                self._sender.token_client = self._oauth_client(webhook_auth[1], clock)
         self.app = self._build_app()
         self._runner: web.AppRunner | None = None
 
     def _build_app(self) -> web.Application:
         app = web.Application(middlewares=[api_middleware(self)])
-        app.add_routes(Api(self).routes() + Control(self).routes())
+        app.add_routes(Api(self).routes() + Control(self).routes() + self.oauth.routes())
         return app
+
+    def _oauth_client(self, credentials: str, clock: Callable[[], float]) -> TokenClient:
+        """The sender's client of this simulator's own token endpoint, registered there."""
+        client = TokenClient.parse(credentials, lambda: self.oauth.token_url, clock)
+        self.oauth.clients[client.client_id] = client.client_secret
+        return client
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve the API and start the webhook sender; return the base URL."""
@@ -78,9 +89,10 @@ class Simulator:
         site = web.TCPSite(self._runner, host, port)
         await site.start()
         bound_port = self._runner.addresses[0][1]
+        url = f"http://{host}:{bound_port}"
+        self.oauth.base_url = url
         if self._sender is not None:
             await self._sender.start()
-        url = f"http://{host}:{bound_port}"
         log.debug("simulator.listening", url=url)
         return url
 

@@ -13,6 +13,7 @@ import aiohttp
 import structlog
 
 from tcbridge.simulator.faults import Faults
+from tcbridge.simulator.oauth import TokenClient, TokenError
 from tcbridge.simulator.world import Change
 
 log = structlog.get_logger(__name__)
@@ -34,8 +35,9 @@ class SenderConfig:
 
 
 def auth_header(auth: tuple[str, str] | None) -> dict[str, str]:
-    """The Authorization header for ("bearer", token) or ("basic", "user:pass")."""
-    if auth is None:
+    """The Authorization header for ("bearer", token) or ("basic", "user:pass"); for
+    ("oauth2", ...) the sender's TokenClient adds one per request."""
+    if auth is None or auth[0].lower() == "oauth2":
         return {}
     scheme, secret = auth
     if scheme.lower() == "bearer":
@@ -68,6 +70,7 @@ class WebhookSender:
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        self.token_client: TokenClient | None = None  # set for auth ("oauth2", ...)
 
     def enqueue(self, change: Change) -> None:
         """Queue one change for delivery (works before start())."""
@@ -148,16 +151,29 @@ class WebhookSender:
         assert self._session is not None
         post = self._config.mode == "post"
         path = f"/{change.kind}" if post else f"/{change.kind}/{change.entity_id}"
+        headers = await self._auth_headers()
+        if headers is None:
+            return None  # no token from the identity provider: retried like a network error
         try:
             async with self._session.request(
                 "POST" if post else "GET", self._config.url.rstrip("/") + path,
-                json=change.webhook_body if post else None, headers=self._headers,
+                json=change.webhook_body if post else None, headers=headers,
                 allow_redirects=False,
             ) as response:
                 await response.read()
                 return response.status
         except (aiohttp.ClientError, TimeoutError) as e:
             log.debug("simulator.webhook_unreachable", error=repr(e))
+            return None
+
+    async def _auth_headers(self) -> dict[str, str] | None:
+        if self.token_client is None:
+            return self._headers
+        assert self._session is not None
+        try:
+            return {"Authorization": f"Bearer {await self.token_client.bearer(self._session)}"}
+        except TokenError as e:
+            log.debug("simulator.webhook_no_token", error=str(e))
             return None
 
     def _record(
