@@ -65,8 +65,10 @@ async def serve(
     settings: Settings, stop: asyncio.Event, *, notifier: Notifier | None = None
 ) -> int:
     """Run the daemon until ``stop`` is set or a part crashes; returns the exit code."""
-    route = make_route(settings.handlers)
-    parts = Parts(store=Store(settings.store.path, settings.store, route=route))
+    metrics = Metrics()
+    route = make_route(settings.handlers, on_skip=metrics.count_skip)
+    parts = Parts(store=Store(settings.store.path, settings.store, route=route),
+                  metrics=metrics)
     if notifier is not None:
         parts.notifier = notifier
     try:
