@@ -20,6 +20,7 @@ from tcbridge import __version__, retention
 from tcbridge.admin import build_admin_app
 from tcbridge.config import Settings, service_manager_environ
 from tcbridge.dispatch import Dispatcher, Lane, make_route
+from tcbridge.documents import with_documents
 from tcbridge.errors import StoreError
 from tcbridge.fetcher import Fetcher
 from tcbridge.handlers import build_handler
@@ -110,7 +111,10 @@ async def startup(settings: Settings, parts: Parts, stop: asyncio.Event) -> None
 
 async def _start_dispatcher(settings: Settings, parts: Parts, stop: asyncio.Event) -> None:
     assert parts.session is not None
-    lanes = [Lane(h, build_handler(h, parts.session), parts.store, metrics=parts.metrics)
+    lanes = [Lane(h, with_documents(h, build_handler(h, parts.session), parts.session,
+                                    parts.client, settings.store.path,
+                                    parts.metrics.count_documents),
+                  parts.store, metrics=parts.metrics)
              for h in settings.handlers]
     parts.dispatcher = Dispatcher(lanes, parts.store, parts.dispatch_wake)
     await parts.dispatcher.start()

@@ -322,6 +322,11 @@ class Settings(BaseSettings):
             raise ValueError(f"handler names must be unique: {', '.join(duplicates)}")
         if self.mode != "webhook" and not self.tradecloud.username:
             raise ValueError(f"mode = {self.mode!r} polls Tradecloud: set tradecloud.username")
+        downloading = [h.name for h in self.handlers
+                       if getattr(h, "documents", "none") == "download"]
+        if downloading and not self.tradecloud.username:
+            raise ValueError(f"handlers {', '.join(downloading)} download documents from "
+                             "Tradecloud's object storage: set tradecloud.username")
         return self
 
     @property

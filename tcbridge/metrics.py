@@ -93,6 +93,10 @@ class Metrics:
         """Count one event a handler's filters skipped (when the event is routed)."""
         self.skipped.labels(handler, reason).inc()
 
+    def count_documents(self, handler: str, count: int) -> None:
+        """Count documents downloaded for a handler."""
+        self.documents.labels(handler).inc(count)
+
     def set_cursor(self, kind: str, cursor: str) -> None:
         """Remember a kind's cursor for the lag gauge."""
         self._lag.cursors_us[kind] = instant_us(cursor)

@@ -113,3 +113,64 @@ async def test_echo_suppression_end_to_end(
     assert [e["id"] for e in delivered] == [theirs]
     rows = events_json(daemon)
     assert rows[own]["routedTo"] == [] and rows[own]["skipped"] == {"erp": "source_user"}
+
+
+# --- documents, downloaded next to the envelope file -------------------------------------------
+
+
+async def test_documents_downloaded_next_to_the_envelope(
+    daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    from tests.conftest import tradecloud_config
+
+    daemon = daemon_factory({"handlers": [
+        {"name": "drop", "type": "file", "directory": str(tmp_path / "outbox"),
+         "filename": "{kind}-{id}.json", "kinds": ["order_documents"], "max_attempts": 3,
+         "retry_initial_s": 0.05, "retry_max_s": 0.1,
+         "documents": "download", "documents_allowed_hosts": ["127.0.0.1"],
+         "documents_max_bytes": 100_000},
+    ]})
+    sim, url = await simulator_factory(webhook_url=f"{daemon.url}/webhook",
+                                       webhook_auth=("bearer", "hook-token-1"))
+    daemon.config_path.write_text(daemon.config_path.read_text() + "[tradecloud]\n" + "".join(
+        f"{k} = {json.dumps(v)}\n" for k, v in tradecloud_config(url).items()))
+    await daemon.start()
+    good, gone, big = (o["id"] for o in sim.add_orders(3))
+    sim.documents.expire_next = 1  # the first presigned URL has expired by the time it is used
+    sim.attach_documents("order", good, [
+        {"filename": "confirmation.pdf", "size": 5000},
+        {"filename": "drawing.pdf", "url": True, "content": "supplier drawing"}], base_url=url)
+    sim.attach_documents("order", gone, [{"filename": "lost.pdf", "missing": True}],
+                         base_url=url)
+    sim.attach_documents("order", big, [{"filename": "huge.bin", "size": 200_000}],
+                         base_url=url)
+    await sim.flush_webhooks()
+    outbox = tmp_path / "outbox"
+
+    def dead() -> list[dict[str, Any]]:
+        result = daemon.cli("deliveries", "--status", "dead", "--json")
+        return [json.loads(line) for line in result.stdout.splitlines()]
+
+    await until(lambda: len(list(outbox.glob("*.json"))) == 1)
+    await until(lambda: len(dead()) == 2, timeout_s=30)
+    (envelope_file,) = outbox.glob("*.json")
+    envelope = json.loads(envelope_file.read_text())
+    assert envelope["entityId"] == good
+    folder = outbox / (envelope_file.stem + ".documents")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".tcbridge-documents.json", "confirmation.pdf", "drawing.pdf"]
+    by_name = {Path(d["path"]).name: d for d in envelope["documents"]}
+    assert (folder / "drawing.pdf").read_text() == "supplier drawing"
+    assert by_name["drawing.pdf"]["url"] == f"{url}/_sim/content/drawing.pdf"
+    assert by_name["confirmation.pdf"]["size"] == 5000
+    assert not [p for p in outbox.iterdir() if p.name.startswith(".")]  # no temp folders
+    errors = {row["entityId"]: row["lastError"] for row in dead()}
+    assert "not found in Tradecloud's object storage" in errors[gone]
+    assert "over documents_max_bytes (100000)" in errors[big]
+    assert {row["attempts"] for row in dead()} == {1}  # dead at once, not after max_attempts
+    assert any(e.get("refused") == "Request has expired" for e in sim.documents.log)
+    text = await metrics_text(daemon)
+    assert 'tcbridge_documents_downloaded_total{handler="drop"} 2.0' in text
+    assert await daemon.stop() == 0
+    ledger = list((tmp_path / "documents" / "drop" / ".ledger").iterdir())
+    assert len(ledger) == 1  # remembered next to the store

@@ -91,6 +91,57 @@ class World:
         self._shipment_changed(shipment, event_name)
         return copy.deepcopy(shipment)
 
+    def attach_order_documents(
+        self, order_id: str, documents: list[JsonObj], line_id: str | None = None,
+        event_name: str = "OrderDocumentsAttachedBySupplier",
+    ) -> JsonObj:
+        """Attach documents to the supplier part of an order (or of one line) and announce it
+        as an ``orderDocumentsEvent``; KeyError for an unknown order or line."""
+        order = self._orders[order_id].obj
+        stamp = model.format_ms(self._clock.next_ms())
+        lines = [ln for ln in order["lines"] if ln["id"] == line_id]
+        if line_id is not None and not lines:
+            raise KeyError(line_id)
+        holder = lines[0].setdefault("supplierLine", {}) if lines else order["supplierOrder"]
+        holder.setdefault("documents", []).extend(copy.deepcopy(documents))
+        for line in lines:
+            line["lastUpdatedAt"] = stamp
+        order["version"] += 1
+        order["lastUpdatedAt"] = stamp
+        self._orders[order_id] = self._index(order, stamp)
+        # The orderDocumentsEvent model is "to be documented" by Tradecloud: the order
+        # header with its documents, and the lines that got documents.
+        event = {"orderId": order["id"], "lastUpdatedAt": stamp, "version": order["version"],
+                 "buyerOrder": order["buyerOrder"], "supplierOrder": order["supplierOrder"],
+                 "status": order["status"], "lines": lines}
+        body = {"eventName": event_name, "orderDocumentsEvent": copy.deepcopy(event),
+                "meta": self._message_meta(stamp)}
+        self._record("order", order_id, event_name, stamp, body)
+        return copy.deepcopy(order)
+
+    def attach_shipment_documents(
+        self, shipment_id: str, documents: list[JsonObj],
+        event_name: str = "ShipmentDocumentAttachedBySupplier",
+    ) -> JsonObj:
+        """Attach documents to ``supplierShipment.documents`` and announce the shipment."""
+        shipment = self._shipments[shipment_id].obj
+        stamp = model.format_ms(self._clock.next_ms())
+        for doc in documents:
+            doc.setdefault("meta", {})["lastUpdatedAt"] = stamp
+        shipment["supplierShipment"].setdefault("documents", []).extend(copy.deepcopy(documents))
+        shipment["meta"]["lastUpdatedAt"] = stamp
+        self._shipments[shipment_id] = self._index(shipment, stamp)
+        body = model.shipment_event_body(shipment, event_name) | {
+            "meta": self._message_meta(stamp)}
+        self._record("shipment", shipment_id, event_name, stamp, body)
+        return copy.deepcopy(shipment)
+
+    def _message_meta(self, stamp: str) -> JsonObj:
+        return {"messageId": self.factory.new_id(), "createdDateTime": stamp,
+                "source": {"traceId": self.factory.new_id(),
+                           "userId": self.factory.new_id(),
+                           "companyId": self.factory.suppliers[0]}}
+
     def order(self, order_id: str) -> JsonObj | None:
         """A copy of the whole order, or None."""
         entry = self._orders.get(order_id)
