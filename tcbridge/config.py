@@ -327,6 +327,13 @@ class Settings(BaseSettings):
         if downloading and not self.tradecloud.username:
             raise ValueError(f"handlers {', '.join(downloading)} download documents from "
                              "Tradecloud's object storage: set tradecloud.username")
+        # Each downloading handler keeps its own ledger there: sharing one would let one
+        # handler's deliveries mark documents as delivered for the other.
+        dirs = [str(d) for h in self.handlers
+                if (d := getattr(h, "documents_dir", None)) is not None and h.name in downloading]
+        shared = sorted({d for d in dirs if dirs.count(d) > 1})
+        if shared:
+            raise ValueError(f"handlers must not share a documents_dir: {', '.join(shared)}")
         return self
 
     @property

@@ -29,7 +29,13 @@ from tcbridge.documents import (
     with_documents,
 )
 from tcbridge.envelope import envelope_dict, parse_order_webhook, parse_shipment_webhook
-from tcbridge.errors import HandlerError, PermanentError
+from tcbridge.errors import (
+    ApiAuthError,
+    ApiPermanentError,
+    ApiTransientError,
+    HandlerError,
+    PermanentError,
+)
 from tcbridge.handlers import FileHandler, Outcome
 from tcbridge.simulator import Simulator
 from tcbridge.tradecloud import TradecloudClient
@@ -436,3 +442,140 @@ def test_other_handlers_are_not_wrapped(tmp_path: Path) -> None:
     settings = FileHandlerSettings(name="f", type="file", directory=tmp_path)
     inner = FileHandler(settings)
     assert with_documents(settings, inner, None, None, tmp_path) is inner  # type: ignore[arg-type]
+
+
+# --- more failure paths, against a scripted content server --------------------------------------
+
+
+@pytest.fixture
+async def content_server() -> AsyncIterator[str]:
+    from aiohttp import web
+
+    async def status(request: web.Request) -> web.StreamResponse:
+        code = int(request.match_info["code"])
+        return web.Response(status=code, text="answer")
+
+    async def loop(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPFound("/loop")
+
+    async def cut(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": "100000"})
+        await response.prepare(request)
+        await response.write(b"x" * 1000)
+        request.transport.close()  # type: ignore[union-attr]
+        return response
+
+    app = web.Application()
+    app.router.add_get("/status/{code}", status)
+    app.router.add_get("/loop", loop)
+    app.router.add_get("/cut", cut)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await runner.cleanup()
+
+
+def url_ref(url: str) -> DocumentRef:
+    return DocumentRef(f"url:{url}", None, url, "doc", "supplierOrder")
+
+
+def plain_fetcher(session: aiohttp.ClientSession, client: Any = None) -> DocumentFetcher:
+    return DocumentFetcher(session, client, max_bytes=1 << 20, allowed_hosts=["127.0.0.1"],
+                           timeout_s=5)
+
+
+@pytest.mark.parametrize(("path", "error", "match"), [
+    ("/status/403", PermanentError, r"refused \(HTTP 403\)"),
+    ("/status/410", PermanentError, r"not found \(HTTP 410\)"),
+    ("/status/503", HandlerError, "HTTP 503"),
+    ("/status/429", HandlerError, "HTTP 429"),
+    ("/loop", PermanentError, "more than 5 redirects"),
+    ("/cut", HandlerError, "download cut off"),
+])
+async def test_content_server_answers(
+    content_server: str, session: aiohttp.ClientSession, tmp_path: Path, path: str,
+    error: type[Exception], match: str,
+) -> None:
+    with pytest.raises(error, match=match) as caught:
+        await plain_fetcher(session).fetch(url_ref(content_server + path), tmp_path, set())
+    assert isinstance(caught.value, PermanentError) is (error is PermanentError)
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1/x", "file:///etc/passwd", "not a url"])
+async def test_only_http_urls(session: aiohttp.ClientSession, tmp_path: Path, url: str) -> None:
+    with pytest.raises(PermanentError):
+        await plain_fetcher(session).fetch(url_ref(url), tmp_path, set())
+
+
+class RefusingClient:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    async def document_metadata(self, object_id: str) -> dict[str, Any]:
+        raise self.error
+
+
+@pytest.mark.parametrize(("error", "permanent", "match"), [
+    (ApiAuthError("tradecloud x: credentials refused (HTTP 403)", status=403), True,
+     "Tradecloud refused access"),
+    (ApiAuthError("tradecloud x: credentials refused (HTTP 401)", status=401), False,
+     "HTTP 401"),
+    (ApiPermanentError("tradecloud x: HTTP 422", status=422), True, "HTTP 422"),
+    (ApiTransientError("tradecloud x: timeout after 2 attempts"), False, "timeout"),
+])
+async def test_metadata_errors(
+    session: aiohttp.ClientSession, tmp_path: Path, error: Exception, permanent: bool,
+    match: str,
+) -> None:
+    ref = DocumentRef("objectId:o", "o", None, "doc", "supplierOrder")
+    with pytest.raises(HandlerError, match=match) as caught:
+        await plain_fetcher(session, RefusingClient(error)).fetch(ref, tmp_path, set())
+    assert isinstance(caught.value, PermanentError) is permanent
+
+
+async def test_no_client_means_no_object_storage(
+    session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    ref = DocumentRef("objectId:o", "o", None, "doc", "supplierOrder")
+    with pytest.raises(PermanentError, match="no Tradecloud client"):
+        await plain_fetcher(session).fetch(ref, tmp_path, set())
+
+
+async def test_an_unwritable_documents_dir_is_a_retry(
+    sim: tuple[Simulator, str], session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    simulator, url = sim
+    envelope = order_with_documents(simulator, url, [{"filename": "a.pdf"}])
+    blocker = tmp_path / "docs"
+    blocker.write_text("a file where the folder should be")
+    inner = Recorder()
+    handler = wrap(command_settings(tmp_path), inner, session, url)
+    outcome = await deliver(handler, envelope)
+    assert outcome.status == "retry" and "documents:" in (outcome.error or "")
+    assert inner.envelopes == []
+
+
+async def test_a_ledger_that_cannot_be_written_keeps_the_delivery_done(
+    sim: tuple[Simulator, str], session: aiohttp.ClientSession, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    simulator, url = sim
+    envelope = order_with_documents(simulator, url, [{"filename": "a.pdf"}])
+    handler = wrap(command_settings(tmp_path), Recorder(), session, url)
+
+    def broken(*args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("tcbridge.documents.Ledger.record", broken)
+    assert await deliver(handler, envelope) == Outcome("done")
+
+
+def test_handlers_do_not_share_a_documents_dir(tmp_path: Path) -> None:
+    handler = {"type": "command", "command": ["true"], "documents": "download",
+               "documents_dir": str(tmp_path / "docs")}
+    with pytest.raises(ValueError, match="must not share a documents_dir"):
+        Settings(mode="webhook", tradecloud={"username": "u"},
+                 handlers=[handler | {"name": "a"}, handler | {"name": "b"}])
+    Settings(mode="webhook", tradecloud={"username": "u"},
+             handlers=[handler | {"name": "a"}, handler | {"name": "b", "documents": "none"}])
