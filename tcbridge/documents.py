@@ -10,8 +10,9 @@ content server); docs ``order/buyer/receive/download-document.md`` and
 event that no earlier delivered event of the same entity brought (a small per-entity ledger
 file under ``documents_dir``), into one folder per event (written as a hidden temp folder,
 fsynced, renamed), adds ``documents[]`` to the envelope and then runs the handler. A failed
-download is a failed attempt (retried like any other); a 404, a refusal, a host that is not
-allowed or a document over ``documents_max_bytes`` makes the delivery dead.
+download is a failed attempt (retried like any other); a 404, a refusal or a document over
+``documents_max_bytes`` makes the delivery dead. A ``url`` outside ``documents_allowed_hosts``
+is listed with the reason (``skipped``) but not fetched, and the delivery goes on.
 
 It sits between the handlers and the app (it wraps a :class:`~tcbridge.handlers.Handler`).
 """
@@ -40,6 +41,7 @@ from tcbridge.errors import (
     ApiAuthError,
     ApiError,
     ApiPermanentError,
+    DocumentNotFetched,
     HandlerError,
     PermanentError,
 )
@@ -72,19 +74,21 @@ class DocumentRef:
 
 @dataclass(frozen=True, slots=True)
 class Downloaded:
-    """A document on disk."""
+    """A document on disk, or (``skipped`` set, no path) one tcbridge would not fetch."""
 
     ref: DocumentRef
-    path: Path
-    size: int
-    sha256: str
+    path: Path | None
+    size: int | None
+    sha256: str | None
     content_type: str | None
+    skipped: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The entry in the envelope's ``documents[]``."""
         return {"objectId": self.ref.object_id, "url": self.ref.url, "name": self.ref.name,
-                "where": self.ref.where, "path": str(self.path), "size": self.size,
-                "sha256": self.sha256, "contentType": self.content_type}
+                "where": self.ref.where, "path": None if self.path is None else str(self.path),
+                "size": self.size, "sha256": self.sha256, "contentType": self.content_type,
+                "skipped": self.skipped}
 
 
 # --- which documents an event has (pure) -------------------------------------------------------
@@ -239,12 +243,12 @@ class DocumentFetcher:
         try:
             url = URL(text)
         except (TypeError, ValueError) as e:
-            raise PermanentError(f"document {origin}: not a URL") from e
+            raise DocumentNotFetched(f"document {origin}: not a URL") from e
         if url.scheme not in ("http", "https") or not url.host:
-            raise PermanentError(f"document {origin}: {text!r} is not an http(s) URL")
+            raise DocumentNotFetched(f"document {origin}: {text!r} is not an http(s) URL")
         if url.host.lower() not in self._allowed:
-            raise PermanentError(f"document {origin}: host {url.host!r} is not in "
-                                 "documents_allowed_hosts")
+            raise DocumentNotFetched(f"document {origin}: host {url.host!r} is not in "
+                                     "documents_allowed_hosts")
         return url
 
     @contextlib.asynccontextmanager
@@ -383,27 +387,37 @@ def reuse(folder: Path, refs: list[DocumentRef]) -> list[Downloaded] | None:
     out = []
     for ref in refs:
         entry = by_key.get(ref.key)
-        if entry is None:
+        kept = None if entry is None else _reused_entry(ref, entry, folder)
+        if kept is None:
             return None
-        path = folder / str(entry.get("file"))
-        try:
-            if path.stat().st_size != entry.get("size"):
-                return None
-        except OSError:
-            return None
-        content_type = entry.get("contentType")
-        out.append(Downloaded(ref, path.resolve(), int(entry["size"]), str(entry.get("sha256")),
-                              content_type if isinstance(content_type, str) else None))
+        out.append(kept)
     return out
+
+
+def _reused_entry(ref: DocumentRef, entry: dict[str, Any], folder: Path) -> Downloaded | None:
+    skipped = entry.get("skipped")
+    if isinstance(skipped, str):
+        return Downloaded(ref, None, None, None, None, skipped)
+    path = folder / str(entry.get("file"))
+    try:
+        if path.stat().st_size != entry.get("size"):
+            return None
+    except OSError:
+        return None
+    content_type = entry.get("contentType")
+    return Downloaded(ref, path.resolve(), int(entry["size"]), str(entry.get("sha256")),
+                      content_type if isinstance(content_type, str) else None)
 
 
 def publish(temp: Path, folder: Path, downloaded: list[Downloaded]) -> list[Downloaded]:
     """Write the manifest, fsync, and rename ``temp`` to ``folder`` (replacing an older one);
     returns the entries with their final paths."""
-    final = [Downloaded(d.ref, folder.resolve() / d.path.name, d.size, d.sha256,
-                        d.content_type) for d in downloaded]
-    manifest = {"documents": [{"key": d.ref.key, "file": d.path.name, "size": d.size,
-                               "sha256": d.sha256, "contentType": d.content_type}
+    final = [d if d.path is None else Downloaded(d.ref, folder.resolve() / d.path.name, d.size,
+                                                 d.sha256, d.content_type)
+             for d in downloaded]
+    manifest = {"documents": [{"key": d.ref.key, "file": d.path and d.path.name,
+                               "size": d.size, "sha256": d.sha256,
+                               "contentType": d.content_type, "skipped": d.skipped}
                               for d in final]}
     with (temp / MANIFEST).open("wb") as f:
         f.write(orjson.dumps(manifest))
@@ -460,7 +474,8 @@ class DocumentsHandler:
         outcome = await self._inner.deliver(enriched, _encode(enriched), attempt)
         if outcome.status == "done" and downloaded:
             try:
-                await asyncio.to_thread(ledger.record, [d.ref.key for d in downloaded], event_id)
+                keys = [d.ref.key for d in downloaded if d.skipped is None]
+                await asyncio.to_thread(ledger.record, keys, event_id)
             except OSError as e:  # delivered; at worst a later event downloads them again
                 log.warning("documents.ledger_failed", error=str(e))
         return outcome
@@ -493,16 +508,25 @@ class DocumentsHandler:
         await asyncio.to_thread(temp.mkdir)
         try:
             taken: set[str] = set()
-            downloaded = [await self._fetcher.fetch(ref, temp, taken) for ref in refs]
+            downloaded = [await self._fetch_or_skip(ref, temp, taken) for ref in refs]
             final = await asyncio.to_thread(publish, temp, folder, downloaded)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, temp, True)
             raise
+        fetched = [d for d in final if d.skipped is None]
         if self._on_downloaded is not None:
-            self._on_downloaded(len(final))
-        log.info("documents.downloaded", handler=self.name, count=len(final),
-                 bytes=sum(d.size for d in final), folder=str(folder))
+            self._on_downloaded(len(fetched))
+        log.info("documents.downloaded", handler=self.name, count=len(fetched),
+                 bytes=sum(d.size or 0 for d in fetched), folder=str(folder))
         return final
+
+    async def _fetch_or_skip(self, ref: DocumentRef, temp: Path, taken: set[str]) -> Downloaded:
+        try:
+            return await self._fetcher.fetch(ref, temp, taken)
+        except DocumentNotFetched as e:
+            # Listed, not fetched: an untrusted host must not stall the entity's deliveries.
+            log.warning("documents.not_fetched", handler=self.name, reason=str(e))
+            return Downloaded(ref, None, None, None, None, skipped=str(e))
 
 
 def _encode(envelope: Mapping[str, Any]) -> bytes:

@@ -33,6 +33,7 @@ from tcbridge.errors import (
     ApiAuthError,
     ApiPermanentError,
     ApiTransientError,
+    DocumentNotFetched,
     HandlerError,
     PermanentError,
 )
@@ -217,7 +218,7 @@ async def test_url_documents_refused_outside_the_allowed_hosts(
     simulator, url = sim
     other = url.replace("127.0.0.1", "localhost")  # the same server, another host name
     envelope = order_with_documents(simulator, other, [{"filename": "m.pdf", "url": True}])
-    with pytest.raises(PermanentError, match="'localhost' is not in documents_allowed_hosts"):
+    with pytest.raises(DocumentNotFetched, match="'localhost' is not in documents_allowed_hosts"):
         await fetcher(session, url).fetch(ref_of(envelope), tmp_path, set())
     assert not [e for e in simulator.documents.log if e["what"] == "content"]
 
@@ -229,7 +230,7 @@ async def test_no_redirect_to_another_host(
     target = url.replace("127.0.0.1", "localhost") + "/_sim/content/m.pdf"
     envelope = order_with_documents(simulator, url, [
         {"filename": "m.pdf", "url": f"{url}/_sim/redirect?to={target}"}])
-    with pytest.raises(PermanentError, match="'localhost' is not in documents_allowed_hosts"):
+    with pytest.raises(DocumentNotFetched, match="'localhost' is not in documents_allowed_hosts"):
         await fetcher(session, url).fetch(ref_of(envelope), tmp_path, set())
 
 
@@ -504,7 +505,7 @@ async def test_content_server_answers(
 
 @pytest.mark.parametrize("url", ["ftp://127.0.0.1/x", "file:///etc/passwd", "not a url"])
 async def test_only_http_urls(session: aiohttp.ClientSession, tmp_path: Path, url: str) -> None:
-    with pytest.raises(PermanentError):
+    with pytest.raises(DocumentNotFetched):
         await plain_fetcher(session).fetch(url_ref(url), tmp_path, set())
 
 
@@ -579,3 +580,28 @@ def test_handlers_do_not_share_a_documents_dir(tmp_path: Path) -> None:
                  handlers=[handler | {"name": "a"}, handler | {"name": "b"}])
     Settings(mode="webhook", tradecloud={"username": "u"},
              handlers=[handler | {"name": "a"}, handler | {"name": "b", "documents": "none"}])
+
+
+async def test_a_url_outside_the_allowed_hosts_is_listed_not_fetched(
+    sim: tuple[Simulator, str], session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    simulator, url = sim
+    elsewhere = url.replace("127.0.0.1", "localhost") + "/_sim/content/x.pdf"
+    envelope = order_with_documents(simulator, url, [{"filename": "a.pdf"},
+                                                     {"filename": "x.pdf", "url": elsewhere}])
+    inner = Recorder()
+    inner.outcomes = [Outcome("retry", error="exit code 75")]
+    handler = wrap(command_settings(tmp_path), inner, session, url)
+    assert (await deliver(handler, envelope)).status == "retry"
+    assert await deliver(handler, envelope, attempt=2) == Outcome("done")
+    first, second = inner.envelopes
+    assert first["documents"] == second["documents"]  # the retry reused both entries
+    stored, skipped = first["documents"]
+    assert stored["path"] and stored["skipped"] is None
+    assert skipped["url"] == elsewhere and skipped["path"] is None and skipped["size"] is None
+    assert "'localhost' is not in documents_allowed_hosts" in skipped["skipped"]
+    assert not [e for e in simulator.documents.log if e["what"] == "content"]
+    # only the downloaded one is remembered: a later event lists the skipped one again
+    later = envelope | {"id": "ev-later"}
+    assert await deliver(handler, later) == Outcome("done")
+    assert [d["url"] for d in inner.envelopes[2]["documents"]] == [elsewhere]

@@ -139,7 +139,9 @@ async def test_documents_downloaded_next_to_the_envelope(
     sim.documents.expire_next = 1  # the first presigned URL has expired by the time it is used
     sim.attach_documents("order", good, [
         {"filename": "confirmation.pdf", "size": 5000},
-        {"filename": "drawing.pdf", "url": True, "content": "supplier drawing"}], base_url=url)
+        {"filename": "drawing.pdf", "url": True, "content": "supplier drawing"},
+        {"filename": "offsite.pdf", "url": url.replace("127.0.0.1", "localhost") + "/x"}],
+        base_url=url)
     sim.attach_documents("order", gone, [{"filename": "lost.pdf", "missing": True}],
                          base_url=url)
     sim.attach_documents("order", big, [{"filename": "huge.bin", "size": 200_000}],
@@ -159,10 +161,12 @@ async def test_documents_downloaded_next_to_the_envelope(
     folder = outbox / (envelope_file.stem + ".documents")
     assert sorted(p.name for p in folder.iterdir()) == [
         ".tcbridge-documents.json", "confirmation.pdf", "drawing.pdf"]
-    by_name = {Path(d["path"]).name: d for d in envelope["documents"]}
+    by_name = {Path(d["path"]).name: d for d in envelope["documents"] if d["path"]}
     assert (folder / "drawing.pdf").read_text() == "supplier drawing"
     assert by_name["drawing.pdf"]["url"] == f"{url}/_sim/content/drawing.pdf"
     assert by_name["confirmation.pdf"]["size"] == 5000
+    (offsite,) = [d for d in envelope["documents"] if d["path"] is None]
+    assert "is not in documents_allowed_hosts" in offsite["skipped"]  # listed, no stall
     assert not [p for p in outbox.iterdir() if p.name.startswith(".")]  # no temp folders
     errors = {row["entityId"]: row["lastError"] for row in dead()}
     assert "not found in Tradecloud's object storage" in errors[gone]
