@@ -20,6 +20,7 @@ from tcbridge import __version__, retention
 from tcbridge.admin import build_admin_app
 from tcbridge.config import Settings, service_manager_environ
 from tcbridge.dispatch import Dispatcher, Lane, make_route
+from tcbridge.documents import with_documents
 from tcbridge.errors import StoreError
 from tcbridge.fetcher import Fetcher
 from tcbridge.handlers import build_handler
@@ -71,8 +72,10 @@ async def serve(
     settings: Settings, stop: asyncio.Event, *, notifier: Notifier | None = None
 ) -> int:
     """Run the daemon until ``stop`` is set or a part crashes; returns the exit code."""
-    route = make_route(settings.handlers)
-    parts = Parts(store=Store(settings.store.path, settings.store, route=route))
+    metrics = Metrics()
+    route = make_route(settings.handlers, on_skip=metrics.count_skip)
+    parts = Parts(store=Store(settings.store.path, settings.store, route=route),
+                  metrics=metrics)
     if notifier is not None:
         parts.notifier = notifier
     try:
@@ -137,7 +140,10 @@ async def _watch_store(store: Store, stop: asyncio.Event) -> None:
 
 async def _start_dispatcher(settings: Settings, parts: Parts, stop: asyncio.Event) -> None:
     assert parts.session is not None
-    lanes = [Lane(h, build_handler(h, parts.session), parts.store, metrics=parts.metrics)
+    lanes = [Lane(h, with_documents(h, build_handler(h, parts.session), parts.session,
+                                    parts.client, settings.store.path,
+                                    parts.metrics.count_documents),
+                  parts.store, metrics=parts.metrics)
              for h in settings.handlers]
     parts.dispatcher = Dispatcher(lanes, parts.store, parts.dispatch_wake)
     _spawn(parts, "dispatcher", _dispatch(parts.dispatcher, stop))

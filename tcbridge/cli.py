@@ -14,6 +14,7 @@ from typing import Any
 from tcbridge import __version__, app, logs, retention
 from tcbridge.backfill import backfill
 from tcbridge.config import PollKind, Settings, load_settings
+from tcbridge.dispatch import explain_route
 from tcbridge.errors import ApiError, ConfigError, InvalidEvent, StoreError, UnknownName
 from tcbridge.store import Store
 from tcbridge.timefmt import instant_us, parse_instant
@@ -123,13 +124,35 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    """``tcbridge events``."""
+    """``tcbridge events``: with the handlers each event was routed to and, in JSON, the
+    handlers the current configuration's filters skip and why."""
     settings = _quiet_settings(args, read_only=True)
-    rows = asyncio.run(_with_store(settings, lambda s: s.events(
-        entity_id=args.entity, limit=args.limit)))
+
+    async def read(store: Store) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = await store.events(entity_id=args.entity, limit=args.limit)
+        routing = await store.routing([row["seq"] for row in rows])
+        return [row | _routing_fields(settings, *routing.get(row["seq"], ([], None)))
+                for row in rows]
+
+    rows = asyncio.run(_with_store(settings, read))
+    if not args.json:
+        rows = [row | {"routedTo": ",".join(row["routedTo"]) or "-"} for row in rows]
     _print_rows(rows, ["seq", "id", "kind", "entityId", "lastUpdatedAt", "eventName",
-                       "source", "late", "duplicates"], as_json=args.json)
+                       "source", "late", "duplicates", "routedTo"], as_json=args.json)
     return 0
+
+
+def _routing_fields(
+    settings: Settings, routed: list[str], envelope_text: str | None
+) -> dict[str, Any]:
+    """``routedTo`` (a list; the table shows it joined) and ``skipped`` (handler -> reason,
+    from the current filters; null when the payload was purged)."""
+    skipped: dict[str, str] | None = None
+    if envelope_text is not None:
+        envelope = json.loads(envelope_text)
+        skipped = {name: reason for name, reason in
+                   explain_route(settings.handlers, envelope).items() if name not in routed}
+    return {"routedTo": routed, "skipped": skipped}
 
 
 def cmd_cursor(args: argparse.Namespace) -> int:

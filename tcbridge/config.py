@@ -307,9 +307,32 @@ class _HandlerBase(_Section):
     retry_initial_s: float = Field(default=1.0, gt=0)
     retry_max_s: float = Field(default=300.0, gt=0)
     timeout_s: float = Field(default=30.0, gt=0)
+    # Filters on status (glob patterns, case-sensitive) and echo suppression (meta.source).
+    process_status: list[str] | None = Field(default=None, min_length=1)
+    logistics_status: list[str] | None = Field(default=None, min_length=1)
+    exclude_source_user_ids: list[str] = Field(default_factory=list)
+    exclude_source_company_ids: list[str] = Field(default_factory=list)
 
 
-class FileHandlerSettings(_HandlerBase):
+class _DocumentsOptions(_HandlerBase):
+    """Download the event's documents before the handler runs (file and command handlers)."""
+
+    documents: Literal["none", "download"] = "none"
+    documents_dir: Path | None = None  # default: a "documents" folder next to the store
+    documents_max_bytes: int = Field(default=100 * 1024 * 1024, ge=1)
+    documents_allowed_hosts: list[str] = Field(default_factory=list)
+
+    @field_validator("documents_allowed_hosts")
+    @classmethod
+    def _hosts(cls, values: list[str]) -> list[str]:
+        for value in values:
+            bracketed = value.startswith("[") and value.endswith("]")  # an IPv6 literal
+            if not value or any(c in value for c in "/@ ") or (":" in value and not bracketed):
+                raise ValueError(f"{value!r} is not a host name (no scheme, port or path)")
+        return [value.lower() for value in values]
+
+
+class FileHandlerSettings(_DocumentsOptions):
     """Write each envelope atomically into a drop folder."""
 
     type: Literal["file"]
@@ -317,7 +340,7 @@ class FileHandlerSettings(_HandlerBase):
     filename: str = "{id}.json"
 
 
-class CommandHandlerSettings(_HandlerBase):
+class CommandHandlerSettings(_DocumentsOptions):
     """Run a program with the envelope on stdin."""
 
     type: Literal["command"]
@@ -404,6 +427,18 @@ class Settings(BaseSettings):
             raise ValueError(f"handler names must be unique: {', '.join(duplicates)}")
         if self.mode != "webhook" and not self.tradecloud.username:
             raise ValueError(f"mode = {self.mode!r} polls Tradecloud: set tradecloud.username")
+        downloading = [h.name for h in self.handlers
+                       if getattr(h, "documents", "none") == "download"]
+        if downloading and not self.tradecloud.username:
+            raise ValueError(f"handlers {', '.join(downloading)} download documents from "
+                             "Tradecloud's object storage: set tradecloud.username")
+        # Each downloading handler keeps its own ledger there: sharing one would let one
+        # handler's deliveries mark documents as delivered for the other.
+        dirs = [str(d) for h in self.handlers
+                if (d := getattr(h, "documents_dir", None)) is not None and h.name in downloading]
+        shared = sorted({d for d in dirs if dirs.count(d) > 1})
+        if shared:
+            raise ValueError(f"handlers must not share a documents_dir: {', '.join(shared)}")
         return self
 
     @property

@@ -24,7 +24,8 @@ from tcbridge.aio import wait_any
 from tcbridge.backoff import backoff_s
 from tcbridge.config import HandlerSettings
 from tcbridge.errors import InvalidEvent, StoreError
-from tcbridge.handlers import Handler, Outcome, matches
+from tcbridge.filters import SkipReason, skip_reason
+from tcbridge.handlers import Handler, Outcome
 from tcbridge.metrics import Metrics
 from tcbridge.store import Claim, DeliveryStatus, Store
 from tcbridge.timefmt import instant_us
@@ -57,13 +58,33 @@ def decide(settings: HandlerSettings, outcome: Outcome, attempt: int, now: float
     return Decision("pending", now + retry_delay_s(settings, attempt, outcome.retry_after_s))
 
 
-def make_route(handlers: Sequence[HandlerSettings]) -> Callable[[Mapping[str, Any]], list[str]]:
-    """The function the store calls to fan a new event out to matching handlers."""
+def make_route(
+    handlers: Sequence[HandlerSettings],
+    on_skip: Callable[[str, SkipReason], None] | None = None,
+) -> Callable[[Mapping[str, Any]], list[str]]:
+    """The function the store calls to fan a new event out to matching handlers;
+    ``on_skip(handler, reason)`` hears of every handler a filter skipped."""
 
     def route(envelope: Mapping[str, Any]) -> list[str]:
-        return [h.name for h in handlers if matches(h, envelope)]
+        routed = []
+        for h in handlers:
+            reason = skip_reason(h, envelope)
+            if reason is None:
+                routed.append(h.name)
+            elif on_skip is not None:
+                on_skip(h.name, reason)
+        return routed
 
     return route
+
+
+def explain_route(
+    handlers: Sequence[HandlerSettings], envelope: Mapping[str, Any]
+) -> dict[str, str]:
+    """handler -> why the current filters skip this envelope (handlers that take it are left
+    out); for ``tcbridge events``."""
+    reasons = {h.name: skip_reason(h, envelope) for h in handlers}
+    return {name: reason for name, reason in reasons.items() if reason is not None}
 
 
 class Lane:

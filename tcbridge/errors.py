@@ -85,3 +85,9 @@ class PermanentError(HandlerError):
 
     Python handlers raise this to say so.
     """
+
+
+class DocumentNotFetched(TcbridgeError):
+    """A document tcbridge will not fetch: its ``url`` is not http(s) or points (or
+    redirects) outside ``documents_allowed_hosts``. It is listed in the envelope, not
+    downloaded, and the delivery goes on."""

@@ -11,7 +11,6 @@ import asyncio
 import base64
 import contextlib
 import contextvars
-import fnmatch
 import importlib
 import inspect
 import json
@@ -40,6 +39,7 @@ from tcbridge.config import (
     PythonHandlerSettings,
 )
 from tcbridge.errors import ConfigError, PermanentError
+from tcbridge.filters import skip_reason
 from tcbridge.timefmt import retry_after_s
 
 log = structlog.get_logger(__name__)
@@ -93,17 +93,9 @@ def build_handler(settings: HandlerSettings, session: aiohttp.ClientSession) -> 
 
 
 def matches(settings: HandlerSettings, envelope: Mapping[str, Any]) -> bool:
-    """True when the handler's filters (kinds, sources, event names, snapshots) accept it."""
-    if envelope.get("kind") not in settings.kinds:
-        return False
-    if envelope.get("source") not in settings.sources:
-        return False
-    if settings.event_names is None:
-        return True
-    event_name = envelope.get("eventName")
-    if event_name is None:
-        return settings.snapshots
-    return any(fnmatch.fnmatchcase(str(event_name), p) for p in settings.event_names)
+    """True when the handler's filters (kinds, sources, event names, snapshots, statuses,
+    excluded sources) accept it; :func:`tcbridge.filters.skip_reason` says why not."""
+    return skip_reason(settings, envelope) is None
 
 
 def _short(text: str) -> str:

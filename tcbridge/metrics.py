@@ -101,6 +101,13 @@ class Metrics:
         self.backlog = Gauge("tcbridge_deliveries_backlog",
                              "Deliveries not done, by handler and status (pending, running, dead)",
                              ["handler", "status"], registry=r)
+        self.skipped = Counter(
+            "tcbridge_deliveries_skipped",
+            "Events a handler's filters did not take, by handler and reason",
+            ["handler", "reason"], registry=r)
+        self.documents = Counter(
+            "tcbridge_documents_downloaded", "Documents downloaded for handlers",
+            ["handler"], registry=r)
         self._lag = _CursorLag()
         r.register(self._lag)
         self.webhook_responses = Counter("tcbridge_webhook_responses",
@@ -121,6 +128,14 @@ class Metrics:
             self.duplicates.labels(source).inc()
         else:
             self.stale.labels(kind).inc()
+
+    def count_skip(self, handler: str, reason: str) -> None:
+        """Count one event a handler's filters skipped (when the event is routed)."""
+        self.skipped.labels(handler, reason).inc()
+
+    def count_documents(self, handler: str, count: int) -> None:
+        """Count documents downloaded for a handler."""
+        self.documents.labels(handler).inc(count)
 
     def set_cursor(self, kind: str, cursor: str) -> None:
         """Remember a kind's cursor for the lag gauge."""

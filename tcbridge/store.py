@@ -693,6 +693,10 @@ class Store:
         """The newest events (optionally of one entity), newest first."""
         return await self.run(lambda conn: select_events(conn, entity_id, limit))
 
+    async def routing(self, seqs: Sequence[int]) -> dict[int, tuple[list[str], str | None]]:
+        """seq -> (the handlers the event has deliveries for, its envelope JSON or None)."""
+        return await self.run(lambda conn: select_routing(conn, seqs))
+
     async def counts(self) -> dict[str, int]:
         """Row counts for status output and tests."""
         return await self.run(count_rows)
@@ -1134,6 +1138,22 @@ def select_events(
     names = ("seq", "id", "kind", "entityId", "lastUpdatedAt", "eventName", "source",
              "receivedAt", "late", "duplicates")
     return [dict(zip(names, row, strict=True)) | {"late": bool(row[8])} for row in rows]
+
+
+def select_routing(
+    conn: sqlite3.Connection, seqs: Sequence[int]
+) -> dict[int, tuple[list[str], str | None]]:
+    """seq -> (handlers with a delivery of the event, sorted; the envelope, None if purged)."""
+    out: dict[int, tuple[list[str], str | None]] = {}
+    for seq in seqs:
+        row = conn.execute("SELECT envelope FROM events WHERE seq = ?", (seq,)).fetchone()
+        if row is None:
+            continue
+        handlers = [h for (h,) in conn.execute(
+            "SELECT DISTINCT handler FROM deliveries WHERE event_seq = ? ORDER BY handler",
+            (seq,))]
+        out[seq] = (handlers, row[0])
+    return out
 
 
 def count_rows(conn: sqlite3.Connection) -> dict[str, int]:

@@ -43,6 +43,7 @@ POLL_PATHS: dict[str, dict[str, str]] = {
 # pollOrdersSingleDeliveryRoute), so that polled orders have the same line layout.
 SINGLE_DELIVERY_POLL_PATH = "/v2/order-search/poll/single-delivery"
 OBJECT_PATHS = {"order": "/v2/order/", "shipment": "/v2/shipment/"}
+DOCUMENT_METADATA_PATH = "/v2/object-storage/document/{object_id}/metadata"
 DEFAULT_TOKEN_LIFETIME_S = 600.0  # the older docs' access-token lifetime: the safe guess
 REFRESH_MARGIN_S = 30.0
 _TRANSIENT_ERRORS = (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
@@ -158,6 +159,25 @@ class TradecloudClient:
             token = await self._bearer(rejected=token)
             response = await self._call(method, path, {"Authorization": f"Bearer {token}"}, body)
         return response
+
+    async def document_metadata(self, object_id: str) -> dict[str, Any]:
+        """``{id, filename, contentType, downloadUrl}`` of a document in Tradecloud's object
+        storage; ``downloadUrl`` is presigned and expires within a minute (docs
+        ``order/buyer/receive/download-document.md``). Bearer token flow, like single objects.
+        """
+        path = DOCUMENT_METADATA_PATH.format(object_id=quote(object_id, safe=""))
+        token = await self._bearer()
+        response = await self._call("GET", path, {"Authorization": f"Bearer {token}"})
+        if response.status == 401:
+            token = await self._bearer(rejected=token)
+            response = await self._call("GET", path, {"Authorization": f"Bearer {token}"})
+        _check(response, path)
+        metadata = _json_object(response, path)
+        url = metadata.get("downloadUrl")
+        if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+            raise ApiPermanentError(f"tradecloud {path}: answer has no usable downloadUrl",
+                                    status=response.status)
+        return metadata
 
     async def close(self) -> None:
         """Log out if we hold a refresh token; never raises. The session stays the caller's."""

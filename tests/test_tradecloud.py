@@ -786,3 +786,53 @@ async def test_close_never_raises(
     assert [e["event"] for e in logs] == ["tradecloud.logout_failed"]
     assert len(calls(mock, "POST", LOGOUT)) == 1
     assert fake_time.longest_sleep() <= PACING_S  # no backoff on the way out
+
+
+# --- document metadata (object storage) --------------------------------------------------------
+
+DOC_ID = "67aa8ece-5d41-496f-a94c-483e360b833b"
+DOC_METADATA = f"/v2/object-storage/document/{DOC_ID}/metadata"
+
+
+async def test_document_metadata_uses_the_bearer_token(
+    client: TradecloudClient, mock: aioresponses
+) -> None:
+    access = jwt(WALL_START + 3600, "a1")
+    mock.get(BASE + LOGIN, headers=token_headers(access, "r1"))
+    answer = {"id": DOC_ID, "filename": "test.pdf", "contentType": "application/octet-stream",
+              "downloadUrl": "https://docs.s3.example/x?X-Amz-Expires=59"}
+    mock.get(BASE + DOC_METADATA, payload=answer)
+
+    assert await client.document_metadata(DOC_ID) == answer
+    (call,) = calls(mock, "GET", DOC_METADATA)
+    assert header(call, "Authorization") == f"Bearer {access}"
+
+
+async def test_document_metadata_logs_in_again_once_on_401(
+    client: TradecloudClient, mock: aioresponses
+) -> None:
+    mock.get(BASE + LOGIN, headers=token_headers(jwt(WALL_START + 3600, "a1"), "r1"))
+    mock.get(BASE + LOGIN, headers=token_headers(jwt(WALL_START + 3600, "a2"), "r2"))
+    mock.get(BASE + DOC_METADATA, status=401)
+    mock.get(BASE + DOC_METADATA, payload={"downloadUrl": "https://s3.example/x"})
+
+    assert (await client.document_metadata(DOC_ID))["downloadUrl"] == "https://s3.example/x"
+    assert len(calls(mock, "GET", LOGIN)) == 2
+
+
+@pytest.mark.parametrize(("status", "payload", "error", "match"), [
+    (404, {"message": "not found"}, ApiPermanentError, "HTTP 404"),
+    (403, {"message": "forbidden"}, ApiAuthError, "HTTP 403"),
+    (200, {"id": DOC_ID}, ApiPermanentError, "no usable downloadUrl"),
+    (200, {"downloadUrl": "ftp://x"}, ApiPermanentError, "no usable downloadUrl"),
+])
+async def test_document_metadata_failures(
+    client: TradecloudClient, mock: aioresponses, status: int, payload: Any,
+    error: type[Exception], match: str,
+) -> None:
+    mock.get(BASE + LOGIN, headers=token_headers(jwt(WALL_START + 3600, "a1"), "r1"))
+    mock.get(BASE + DOC_METADATA, status=status, payload=payload)
+
+    with pytest.raises(error, match=match) as caught:
+        await client.document_metadata(DOC_ID)
+    assert getattr(caught.value, "status", None) == status

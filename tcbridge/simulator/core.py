@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable
 from random import Random
@@ -14,6 +15,7 @@ from aiohttp import web
 from tcbridge.simulator.api import Api, api_middleware
 from tcbridge.simulator.changes import random_change
 from tcbridge.simulator.control import Control
+from tcbridge.simulator.documents import DocumentRoutes, DocumentStore, document_entry
 from tcbridge.simulator.faults import Faults, RateLimiter
 from tcbridge.simulator.model import JsonObj
 from tcbridge.simulator.oauth import OAuthProvider, TokenClient
@@ -22,6 +24,12 @@ from tcbridge.simulator.webhooks import SenderConfig, WebhookMode, WebhookSender
 from tcbridge.simulator.world import Change, World
 
 log = structlog.get_logger(__name__)
+
+
+def _generated(filename: str, size: int) -> bytes:
+    """``size`` bytes of reproducible content for a document."""
+    seed = hashlib.sha256(filename.encode()).digest()
+    return (seed * (size // len(seed) + 1))[:size]
 
 
 def seeded(seed: int, purpose: str) -> Random:
@@ -52,6 +60,7 @@ class Simulator:
         self.requests: list[dict[str, Any]] = []
         self.fault_rng = seeded(seed, "faults")
         self.world = World(seeded(seed, "data"), clock, single_delivery=single_delivery)
+        self.documents = DocumentStore(clock)
         self.tokens = TokenStore(clock=clock, access_ttl_s=access_token_ttl_s,
                                  refresh_ttl_s=refresh_token_ttl_s, faults=self.faults)
         self.rate_limiter = RateLimiter(rate_limit_per_s, clock) if rate_limit_per_s else None
@@ -73,7 +82,8 @@ class Simulator:
 
     def _build_app(self) -> web.Application:
         app = web.Application(middlewares=[api_middleware(self)])
-        app.add_routes(Api(self).routes() + Control(self).routes() + self.oauth.routes())
+        app.add_routes(Api(self).routes() + Control(self).routes() + self.oauth.routes()
+                       + DocumentRoutes(self).routes())
         return app
 
     def _oauth_client(self, credentials: str, clock: Callable[[], float]) -> TokenClient:
@@ -114,7 +124,7 @@ class Simulator:
         self, order_id: str, *, event_name: str = "OrderDocumentsAttachedBySupplier"
     ) -> JsonObj:
         """Send an order documents event (no lastUpdatedAt); the webhook body."""
-        return self.world.attach_order_documents(order_id, event_name)
+        return self.world.attach_order_documents(order_id, event_name=event_name)
 
     def update_order(self, order_id: str, *, event_name: str = "OrderLinesConfirmedBySupplier",
                      line_count: int = 1, line_ids: list[str] | None = None) -> JsonObj:
@@ -129,6 +139,44 @@ class Simulator:
                         event_name: str = "ShipmentApprovedByBuyer") -> JsonObj:
         """Apply a shipment event; KeyError for an unknown shipment."""
         return self.world.update_shipment(shipment_id, event_name)
+
+    def attach_documents(
+        self, kind: str, entity_id: str, specs: list[dict[str, Any]], *,
+        line_id: str | None = None, base_url: str = "",
+    ) -> list[JsonObj]:
+        """Attach documents to an order (or one of its lines) or a shipment and announce it.
+
+        Each spec: ``filename``, optional ``size`` (generated content) or ``content``,
+        ``url`` (true: on the supplier's content server at ``base_url``; a string: that url),
+        ``missing`` (listed but not stored: a 404), ``chunked`` (no Content-Length).
+        Returns the ``documents[]`` entries added.
+        """
+        entries = [self._document(spec, base_url) for spec in specs]
+        if kind == "shipment":
+            self.world.attach_shipment_documents(entity_id, entries)
+        else:
+            self.world.attach_order_documents(entity_id, entries, line_id)
+        return entries
+
+    def _document(self, spec: dict[str, Any], base_url: str) -> JsonObj:
+        filename = str(spec.get("filename", "document.pdf"))
+        content = spec.get("content")
+        data = (content.encode() if isinstance(content, str)
+                else _generated(filename, int(spec.get("size", 1024))))
+        object_id = self.world.factory.new_id()
+        chunked = bool(spec.get("chunked", False))
+        url = spec.get("url")
+        name = str(spec.get("name", filename.rsplit(".", 1)[0]))
+        if url:
+            if not isinstance(url, str):
+                url = f"{base_url}/_sim/content/{filename}"
+            if not spec.get("missing"):
+                self.documents.add(object_id, filename, data, chunked=chunked, on_server=True)
+            return document_entry(None, url=url, name=name, stamp=None)
+        if not spec.get("missing"):
+            self.documents.add(object_id, filename, data, chunked=chunked,
+                               content_type=str(spec.get("contentType", "application/pdf")))
+        return document_entry(None, object_id=object_id, name=name, stamp=None)
 
     def truth(self) -> list[dict[str, Any]]:
         """The ground truth: one record per change, in order."""

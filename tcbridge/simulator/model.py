@@ -292,7 +292,8 @@ def message_meta(message_id: str, trace_id: str, stamp: str, company_id: str) ->
     """The message meta Tradecloud puts at the top of a webhook body (docs
     order/buyer/receive/README.md, shipment/buyer/receive/README.md)."""
     return {"messageId": message_id,
-            "source": {"traceId": trace_id, "companyId": company_id, "origin": "simulator"},
+            "source": {"traceId": trace_id, "userId": f"user-{company_id}",
+                       "companyId": company_id, "origin": "simulator"},
             "createdDateTime": stamp}
 
 
@@ -336,12 +337,19 @@ def order_event_body(
 
 
 def order_documents_event_body(
-    order: JsonObj, document: JsonObj, event_name: str, meta: JsonObj
+    order: JsonObj, documents: list[JsonObj], event_name: str, meta: JsonObj,
+    *, line_id: str | None = None,
 ) -> JsonObj:
-    """An order documents webhook body: its model is undocumented; like Tradecloud's it has
-    no lastUpdatedAt, only the message meta at the top."""
-    side = "buyerOrder" if event_name.endswith("ByBuyer") else "supplierOrder"
-    event = {"orderId": order["id"], side: {"documents": [document]}}
+    """An order documents webhook body: its model is undocumented ("to be documented"); like
+    Tradecloud's it has no lastUpdatedAt, only the message meta at the top. The documents sit
+    on the order's buyer or supplier part, or on that part of the one line that got them."""
+    by_buyer = event_name.endswith("ByBuyer")
+    event: JsonObj = {"orderId": order["id"]}
+    if line_id is None:
+        event["buyerOrder" if by_buyer else "supplierOrder"] = {"documents": documents}
+    else:
+        event["lines"] = [{"id": line_id,
+                           "buyerLine" if by_buyer else "supplierLine": {"documents": documents}}]
     return copy.deepcopy({"eventName": event_name, "orderDocumentsEvent": event, "meta": meta})
 
 

@@ -101,21 +101,43 @@ class World:
         return copy.deepcopy(shipment)
 
     def attach_order_documents(
-        self, order_id: str, event_name: str = "OrderDocumentsAttachedBySupplier"
+        self, order_id: str, documents: list[JsonObj] | None = None,
+        line_id: str | None = None, event_name: str = "OrderDocumentsAttachedBySupplier",
     ) -> JsonObj:
-        """Attach a document to an order: an order documents webhook without lastUpdatedAt
-        (the order itself is not restamped); KeyError for an unknown order."""
+        """Attach documents to the supplier or buyer part of an order (or of one line) and
+        announce them in an order documents webhook without lastUpdatedAt (the order itself is
+        not restamped); the webhook body. KeyError for an unknown order or line."""
         order = self._orders[order_id].obj
         stamp = model.format_ms(self._clock.next_ms())
-        document = {"code": f"DOC-{len(self.changes) + 1}", "name": "drawing.pdf",
-                    "type": "General", "objectId": self.factory.new_id()}
+        if documents is None:
+            documents = [{"code": f"DOC-{len(self.changes) + 1}", "name": "drawing.pdf",
+                          "type": "General", "objectId": self.factory.new_id()}]
+        lines = [ln for ln in order["lines"] if ln["id"] == line_id]
+        if line_id is not None and not lines:
+            raise KeyError(line_id)
+        by_buyer = event_name.endswith("ByBuyer")
+        side = ("buyerLine" if by_buyer else "supplierLine") if lines else (
+            "buyerOrder" if by_buyer else "supplierOrder")
+        holder = lines[0].setdefault(side, {}) if lines else order.setdefault(side, {})
+        holder.setdefault("documents", []).extend(copy.deepcopy(documents))
         body = model.order_documents_event_body(
-            order, document, event_name, self._meta(stamp, order, event_name))
-        change = Change("order", order_id, event_name, stamp, len(self.changes) + 1, body)
-        self.changes.append(change)
-        for listener in self.listeners:
-            listener(change)
+            order, documents, event_name, self._meta(stamp, order, event_name), line_id=line_id)
+        self._record("order", order_id, event_name, stamp, body)
         return copy.deepcopy(body)
+
+    def attach_shipment_documents(
+        self, shipment_id: str, documents: list[JsonObj],
+        event_name: str = "ShipmentDocumentAttachedBySupplier",
+    ) -> JsonObj:
+        """Attach documents to ``supplierShipment.documents`` and announce the shipment."""
+        shipment = self._shipments[shipment_id].obj
+        stamp = model.format_ms(self._clock.next_ms())
+        for doc in documents:
+            doc.setdefault("meta", {})["lastUpdatedAt"] = stamp
+        shipment["supplierShipment"].setdefault("documents", []).extend(copy.deepcopy(documents))
+        shipment["meta"]["lastUpdatedAt"] = stamp
+        self._shipment_changed(shipment, event_name)
+        return copy.deepcopy(shipment)
 
     def order(self, order_id: str) -> JsonObj | None:
         """A copy of the whole order, or None."""
