@@ -43,7 +43,6 @@ class Control:
         return [
             web.post("/_sim/orders", self.add_orders),
             web.post("/_sim/orders/{id}/update", self.update_order),
-            web.post("/_sim/orders/{id}/documents", self.attach_order_documents),
             web.post("/_sim/shipments", self.add_shipments),
             web.post("/_sim/shipments/{id}/update", self.update_shipment),
             web.get("/_sim/truth", self.truth),
@@ -63,16 +62,6 @@ class Control:
             lines=_field(body, "lines", int, 3),
             po_numbers=[str(n) for n in _field(body, "purchaseOrderNumbers", list, [])])
         return web.json_response(created)
-
-    async def attach_order_documents(self, request: web.Request) -> web.Response:
-        """POST /_sim/orders/{id}/documents {"eventName"}: the order documents webhook body."""
-        body = await _object(request)
-        event = _field(body, "eventName", str, "OrderDocumentsAttachedBySupplier")
-        try:
-            sent = self._sim.attach_order_documents(request.match_info["id"], event_name=event)
-        except KeyError as e:
-            raise http_error(web.HTTPNotFound, "unknown order") from e
-        return web.json_response(sent)
 
     async def update_order(self, request: web.Request) -> web.Response:
         """POST /_sim/orders/{id}/update {"eventName", "lineCount"}: the changed order."""
