@@ -1,0 +1,493 @@
+"""Broker sinks against the real RabbitMQ (127.0.0.1:5672) and NATS JetStream (127.0.0.1:4222).
+
+Each run works in its own RabbitMQ vhost (made with rabbitmqctl, removed after) and each
+test in its own exchange/queue or JetStream stream (removed after). Without a server the
+tests are skipped with the reason; `.ci/services` makes CI fail instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+import nats.js
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from nats.aio.client import Client as NatsClient
+from nats.js.api import StreamConfig
+from pydantic import ValidationError
+
+from tcbridge.config import AmqpHandlerSettings, NatsHandlerSettings, Settings
+from tcbridge.errors import ConfigError
+from tcbridge.handlers import Handler, Outcome, build_handler
+from tcbridge.sinks import render_template
+from tests.conftest import Daemon, order_event_body, until
+from tests.support import free_port
+from tests.test_handlers import encode, make_envelope
+
+RABBIT_HOST, RABBIT_PORT = "127.0.0.1", 5672
+NATS_URL = "nats://127.0.0.1:4222"
+TOKEN = {"Authorization": "Bearer hook-token-1"}
+
+
+def reachable(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def rabbit_vhost() -> Iterator[str]:
+    """A vhost of this test run, guest allowed everything in it; deleted at the end."""
+    if not reachable(RABBIT_PORT):
+        pytest.skip(f"no RabbitMQ on {RABBIT_HOST}:{RABBIT_PORT}")
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl not found: cannot make a vhost for the test run")
+    vhost = f"tcbridge-test-{secrets.token_hex(4)}"
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield vhost
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture
+def amqp_url(rabbit_vhost: str) -> str:
+    return f"amqp://guest:guest@{RABBIT_HOST}:{RABBIT_PORT}/{rabbit_vhost}"
+
+
+@dataclass
+class Rabbit:
+    """The operator's side: declares the exchange and a queue, reads what arrived."""
+
+    url: str
+    connection: AbstractRobustConnection
+    channel: AbstractChannel
+    exchange: str
+
+    async def declare(self, *, bind: str | None = "#") -> str:
+        """The topic exchange, and a queue bound with ``bind`` (none: no queue at all)."""
+        exchange = await self.channel.declare_exchange(self.exchange, "topic", durable=True)
+        if bind is None:
+            return ""
+        queue = await self.channel.declare_queue(f"{self.exchange}.q", durable=True)
+        await queue.bind(exchange, bind)
+        return queue.name
+
+    async def drain(self, queue: str, timeout_s: float = 10.0) -> list[AbstractIncomingMessage]:
+        """Every message in ``queue`` (acknowledged), waiting a moment for the first."""
+        q = await self.channel.get_queue(queue)
+        got: list[AbstractIncomingMessage] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            message = await q.get(fail=False)
+            if message is not None:
+                await message.ack()
+                got.append(message)
+            elif got or loop.time() > deadline:
+                return got
+            else:
+                await asyncio.sleep(0.05)
+
+    async def exchange_exists(self, name: str) -> bool:
+        channel = await self.connection.channel()
+        try:
+            await channel.declare_exchange(name, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return False
+        await channel.close()
+        return True
+
+
+@pytest.fixture
+async def rabbit(amqp_url: str) -> AsyncIterator[Rabbit]:
+    connection = await aio_pika.connect_robust(amqp_url)
+    channel = await connection.channel()
+    name = f"tcbridge.test.{secrets.token_hex(4)}"
+    yield Rabbit(amqp_url, connection, channel, name)
+    await connection.close()
+
+
+@dataclass
+class Jet:
+    """The operator's side of JetStream: a stream of this test, and reading it back."""
+
+    js: nats.js.JetStreamContext
+    stream: str
+    prefix: str
+
+    async def messages(self) -> list[Any]:
+        info = await self.js.stream_info(self.stream)
+        return [await self.js.get_msg(self.stream, seq)
+                for seq in range(info.state.first_seq, info.state.last_seq + 1)
+                if info.state.messages]
+
+
+@pytest.fixture
+async def jet() -> AsyncIterator[Jet]:
+    if not reachable(4222):
+        pytest.skip("no NATS on 127.0.0.1:4222")
+    client = NatsClient()
+    await client.connect(NATS_URL)
+    js = client.jetstream()
+    token = secrets.token_hex(4)
+    stream, prefix = f"TCBRIDGE_TEST_{token}", f"tcbtest{token}"
+    try:
+        await js.add_stream(StreamConfig(name=stream, subjects=[f"{prefix}.>"],
+                                         duplicate_window=120.0))
+    except nats.js.errors.ServiceUnavailableError:
+        await client.close()
+        pytest.skip("the NATS server on 127.0.0.1:4222 has no JetStream")
+    yield Jet(js, stream, prefix)
+    await js.delete_stream(stream)
+    await client.close()
+
+
+def amqp_handler(url: str, exchange: str, **settings: Any) -> Handler:
+    return build_handler(AmqpHandlerSettings(name="rabbit", type="amqp", url=url,
+                                             exchange=exchange, timeout_s=5, **settings), None)
+
+
+def nats_handler(stream: str, subject: str, **settings: Any) -> Handler:
+    return build_handler(NatsHandlerSettings(**({
+        "name": "jet", "type": "nats", "url": NATS_URL, "stream": stream, "subject": subject,
+        "timeout_s": 5} | settings)), None)
+
+
+async def deliver(handler: Handler, envelope: dict[str, Any]) -> Outcome:
+    return await handler.deliver(envelope, encode(envelope), 1)
+
+
+def envelopes(count: int) -> list[dict[str, Any]]:
+    return [make_envelope(id=secrets.token_hex(16), entityId=f"ORD-{i}") for i in range(count)]
+
+
+# --- templates and settings (no server) --------------------------------------------------------
+
+
+def test_templates_fill_from_the_envelope_and_keep_levels_intact() -> None:
+    envelope = make_envelope(entityId="a.b*c>d e", eventName="OrderLinesConfirmedBySupplier")
+    assert render_template("{kind}.{eventName}", envelope) == "order.OrderLinesConfirmedBySupplier"
+    # A value can never add a level or a wildcard to the routing key or subject.
+    assert render_template("t.{entityId}", envelope) == "t.a_b_c_d_e"
+    snapshot = make_envelope(eventName=None, source="poll")
+    assert render_template("{kind}.{eventName}.{source}", snapshot) == "order.snapshot.poll"
+    assert render_template("{id}", make_envelope()) == make_envelope()["id"]
+
+
+@pytest.mark.parametrize(("template", "message"), [
+    ("{kind}.{orderId}", "unknown placeholder"),
+    ("{kind", "malformed"),
+    ("{kind!r}", "unknown placeholder"),
+])
+def test_a_bad_routing_key_template_is_refused_at_start(template: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        amqp_handler("amqp://127.0.0.1/", "x", routing_key=template)
+
+
+@pytest.mark.parametrize(("template", "message"), [
+    ("{kind}.{nope}", "unknown placeholder"),
+    ("tc.*.{kind}", "does not give a NATS subject"),
+    ("tc..{kind}", "does not give a NATS subject"),
+    ("tc.{kind}.", "does not give a NATS subject"),
+    ("tc {kind}", "does not give a NATS subject"),
+])
+def test_a_bad_subject_template_is_refused_at_start(template: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        nats_handler("S", template)
+
+
+def test_amqp_settings_read_the_url_from_a_file_and_check_it(tmp_path: Path) -> None:
+    secret = tmp_path / "url"
+    secret.write_text("amqps://u:p@rabbit.internal:5671/erp\n")
+    settings = AmqpHandlerSettings(name="r", type="amqp", url_file=secret, exchange="x")
+    assert settings.url is not None
+    assert settings.url.get_secret_value() == "amqps://u:p@rabbit.internal:5671/erp"
+    assert "p@" not in repr(settings)
+    with pytest.raises(ValidationError, match="needs url or url_file"):
+        AmqpHandlerSettings(name="r", type="amqp", exchange="x")
+    with pytest.raises(ValidationError, match="amqp:// or amqps://"):
+        AmqpHandlerSettings(name="r", type="amqp", url="http://x", exchange="x")
+    with pytest.raises(ConfigError, match="needs an amqps:// url"):
+        amqp_handler("amqp://127.0.0.1/", "x", ca_file=secret)
+
+
+def test_nats_settings_take_one_kind_of_credentials(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    settings = NatsHandlerSettings(name="n", type="nats", stream="S", token_file=token)
+    assert settings.token is not None and settings.token.get_secret_value() == "s3cret"
+    with pytest.raises(ValidationError, match="together"):
+        NatsHandlerSettings(name="n", type="nats", stream="S", user="u")
+    with pytest.raises(ValidationError, match="one of"):
+        NatsHandlerSettings(name="n", type="nats", stream="S", user="u", password="p",
+                            token="t")
+    with pytest.raises(ValidationError, match="nats:// or tls://"):
+        NatsHandlerSettings(name="n", type="nats", stream="S", url="http://x")
+    with pytest.raises(ValidationError, match="stream"):
+        NatsHandlerSettings(name="n", type="nats", stream="a.b")
+
+
+def test_the_handler_union_takes_both_types() -> None:
+    settings = Settings(mode="webhook", handlers=[
+        {"name": "r", "type": "amqp", "url": "amqp://127.0.0.1/", "exchange": "x"},
+        {"name": "n", "type": "nats", "stream": "S"},
+    ])
+    assert [type(h).__name__ for h in settings.handlers] == [
+        "AmqpHandlerSettings", "NatsHandlerSettings"]
+
+
+# --- amqp against RabbitMQ ---------------------------------------------------------------------
+
+
+async def test_amqp_consumer_receives_each_event_once_persistent_with_its_id(
+    rabbit: Rabbit,
+) -> None:
+    queue = await rabbit.declare(bind="order.*")
+    handler = amqp_handler(rabbit.url, rabbit.exchange)
+    sent = envelopes(3)
+    try:
+        assert [await deliver(handler, e) for e in sent] == [Outcome("done")] * 3
+    finally:
+        await handler.close()
+    got = await rabbit.drain(queue)
+    assert [m.message_id for m in got] == [e["id"] for e in sent]
+    assert [m.body for m in got] == [encode(e) for e in sent]
+    first = got[0]
+    assert first.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert first.content_type == "application/json"
+    assert first.routing_key == "order.OrderConfirmedByBuyer"
+    assert first.headers["Tcbridge-Entity-Id"] == "ORD-0"
+
+
+async def test_amqp_repeat_carries_the_same_message_id_for_the_consumer_to_drop(
+    rabbit: Rabbit,
+) -> None:
+    queue = await rabbit.declare()
+    handler = amqp_handler(rabbit.url, rabbit.exchange, routing_key="tc.{kind}.{entityId}")
+    envelope = make_envelope(id=secrets.token_hex(16))
+    try:
+        assert await deliver(handler, envelope) == Outcome("done")
+        assert await deliver(handler, envelope) == Outcome("done")  # a replay, a crash
+    finally:
+        await handler.close()
+    got = await rabbit.drain(queue)
+    # A plain exchange has no dedup: two copies, one message_id, dropped by the consumer.
+    assert [m.message_id for m in got] == [envelope["id"]] * 2
+    assert {m.routing_key for m in got} == {"tc.order.ORD-1"}
+
+
+async def test_amqp_unroutable_is_a_failed_attempt_then_done_once_bound(rabbit: Rabbit) -> None:
+    await rabbit.declare(bind=None)
+    handler = amqp_handler(rabbit.url, rabbit.exchange)
+    try:
+        outcome = await deliver(handler, make_envelope())
+        assert outcome.status == "retry"
+        assert "unroutable" in str(outcome.error)
+        assert "order.OrderConfirmedByBuyer" in str(outcome.error)
+        queue = await rabbit.declare()
+        assert await deliver(handler, make_envelope()) == Outcome("done")
+    finally:
+        await handler.close()
+    assert len(await rabbit.drain(queue)) == 1
+
+
+async def test_amqp_missing_exchange_is_a_failed_attempt_and_never_created(
+    rabbit: Rabbit,
+) -> None:
+    handler = amqp_handler(rabbit.url, rabbit.exchange)
+    try:
+        outcome = await deliver(handler, make_envelope())
+        assert outcome.status == "retry"
+        assert f"exchange {rabbit.exchange!r} not found" in str(outcome.error)
+        assert "never declares" in str(outcome.error)
+        assert "guest:guest" not in str(outcome.error)
+        assert not await rabbit.exchange_exists(rabbit.exchange)
+        queue = await rabbit.declare()  # the operator creates it: the next attempt is done
+        assert await deliver(handler, make_envelope()) == Outcome("done")
+    finally:
+        await handler.close()
+    assert len(await rabbit.drain(queue)) == 1
+
+
+async def test_amqp_default_exchange_routes_to_the_queue_named_by_the_key(
+    rabbit: Rabbit,
+) -> None:
+    queue = await rabbit.channel.declare_queue(f"{rabbit.exchange}.direct", durable=True)
+    handler = amqp_handler(rabbit.url, "", routing_key=queue.name)
+    missing = amqp_handler(rabbit.url, "", routing_key="no-such-queue")
+    try:
+        assert await deliver(handler, make_envelope()) == Outcome("done")
+        assert "unroutable" in str((await deliver(missing, make_envelope())).error)
+    finally:
+        await handler.close()
+        await missing.close()
+    assert len(await rabbit.drain(queue.name)) == 1
+
+
+async def test_amqp_broker_down_is_a_failed_attempt_not_a_crash() -> None:
+    port = free_port()
+    handler = amqp_handler(f"amqp://guest:s3cret@127.0.0.1:{port}/", "x")
+    try:
+        outcome = await deliver(handler, make_envelope())
+    finally:
+        await handler.close()
+    assert outcome.status == "retry"
+    assert f"127.0.0.1:{port}" in str(outcome.error)
+    assert "s3cret" not in str(outcome.error)
+
+
+async def test_amqp_recovers_after_the_broker_closes_the_connection(rabbit: Rabbit) -> None:
+    queue = await rabbit.declare()
+    handler = amqp_handler(rabbit.url, rabbit.exchange)
+    try:
+        assert await deliver(handler, make_envelope()) == Outcome("done")
+        await asyncio.to_thread(rabbitmqctl, "close_all_connections", "-p",
+                                rabbit.url.rsplit("/", 1)[1], "test")
+        outcomes: list[Outcome] = []
+
+        async def delivered() -> bool:
+            outcomes.append(await deliver(handler, make_envelope()))
+            return outcomes[-1].status == "done"
+
+        for _ in range(100):  # failed attempts are fine; never an exception, finally done
+            if await delivered():
+                break
+            await asyncio.sleep(0.2)
+        assert outcomes[-1] == Outcome("done"), outcomes
+    finally:
+        await handler.close()
+    # The test's own connection was closed too; robust, it comes back for the check.
+    await until(lambda: not rabbit.connection.is_closed)
+    assert len(await rabbit.drain(queue)) == 2
+
+
+# --- nats against JetStream --------------------------------------------------------------------
+
+
+async def test_nats_consumer_receives_each_event_once_with_its_msg_id(jet: Jet) -> None:
+    handler = nats_handler(jet.stream, jet.prefix + ".{kind}.{eventName}")
+    sent = envelopes(3)
+    try:
+        assert [await deliver(handler, e) for e in sent] == [Outcome("done")] * 3
+    finally:
+        await handler.close()
+    got = await jet.messages()
+    assert [m.headers["Nats-Msg-Id"] for m in got] == [e["id"] for e in sent]
+    assert [m.data for m in got] == [encode(e) for e in sent]
+    assert got[0].subject == f"{jet.prefix}.order.OrderConfirmedByBuyer"
+    assert got[0].headers["Tcbridge-Kind"] == "order"
+
+
+async def test_nats_repeated_publish_is_dropped_by_the_stream(jet: Jet) -> None:
+    handler = nats_handler(jet.stream, jet.prefix + ".{kind}")
+    envelope = make_envelope(id=secrets.token_hex(16))
+    try:
+        assert await deliver(handler, envelope) == Outcome("done")
+        assert await deliver(handler, envelope) == Outcome("done")  # the duplicate ack
+    finally:
+        await handler.close()
+    assert len(await jet.messages()) == 1
+
+
+async def test_nats_missing_stream_is_a_failed_attempt(jet: Jet) -> None:
+    handler = nats_handler("NO_SUCH_STREAM", "nobody.listens.{kind}")
+    try:
+        outcome = await deliver(handler, make_envelope())
+    finally:
+        await handler.close()
+    assert outcome.status == "retry"
+    assert "no stream takes subject 'nobody.listens.order'" in str(outcome.error)
+    with pytest.raises(nats.js.errors.NotFoundError):
+        await jet.js.stream_info("NO_SUCH_STREAM")  # and it was not created
+
+
+async def test_nats_ack_from_another_stream_is_refused(jet: Jet) -> None:
+    other = f"{jet.stream}_OTHER"
+    await jet.js.add_stream(StreamConfig(name=other, subjects=[f"{jet.prefix}other.>"]))
+    handler = nats_handler(other, jet.prefix + ".{kind}")  # jet.stream takes this subject
+    try:
+        outcome = await deliver(handler, make_envelope())
+    finally:
+        await handler.close()
+        await jet.js.delete_stream(other)
+    assert outcome.status == "retry"
+    assert f"belongs to another stream than {other!r}" in str(outcome.error)
+    assert await jet.messages() == []
+
+
+async def test_nats_server_down_is_a_failed_attempt_not_a_crash() -> None:
+    port = free_port()
+    handler = nats_handler("S", "tc.{kind}", url=f"nats://127.0.0.1:{port}", timeout_s=1.5,
+                           token="s3cret")
+    try:
+        outcome = await deliver(handler, make_envelope())
+    finally:
+        await handler.close()
+    assert outcome.status == "retry"
+    assert f"cannot connect to nats://127.0.0.1:{port}" in str(outcome.error)
+    assert "s3cret" not in str(outcome.error)
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+
+async def test_daemon_publishes_to_rabbitmq_and_jetstream_once_and_replay_is_deduplicated(
+    daemon_factory: Callable[..., Daemon], rabbit: Rabbit, jet: Jet,
+) -> None:
+    queue = await rabbit.declare(bind="order.#")
+    daemon = daemon_factory({"handlers": [
+        {"name": "rabbit", "type": "amqp", "url": rabbit.url, "exchange": rabbit.exchange,
+         "routing_key": "{kind}.{eventName}", "timeout_s": 5},
+        {"name": "jet", "type": "nats", "url": NATS_URL, "stream": jet.stream,
+         "subject": jet.prefix + ".{kind}.{entityId}", "timeout_s": 5},
+    ]})
+    await daemon.start()
+    bodies = [order_event_body(f"o{i}") for i in range(5)]
+    ids = []
+    async with aiohttp.ClientSession() as session:
+        for body in [*bodies, bodies[0]]:  # the last one is a duplicate webhook
+            async with session.post(f"{daemon.url}/webhook/order", json=body,
+                                    headers=TOKEN) as response:
+                assert response.status == 200
+                ids.append((await response.json())["eventId"])
+    consumed: list[AbstractIncomingMessage] = []
+
+    async def count() -> None:
+        consumed.extend(await rabbit.drain(queue, timeout_s=0))
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while len(consumed) < 5 or len(await jet.messages()) < 5:
+        assert loop.time() < deadline, daemon.tail()
+        await count()
+        await asyncio.sleep(0.1)
+    # A replay (as after a crash that cut off the confirm) publishes again: JetStream drops
+    # it; the AMQP consumer sees the same message_id again and drops it itself.
+    assert "queued" in daemon.cli("replay", "--event", ids[0]).stdout
+    await daemon.wait_for_log("handler.nats_duplicate", event_id=ids[0])
+    while len(consumed) < 6:
+        assert loop.time() < deadline, daemon.tail()
+        await count()
+        await asyncio.sleep(0.1)
+    assert await daemon.stop() == 0
+    assert len(await jet.messages()) == 5
+    assert sorted(m.headers["Nats-Msg-Id"] for m in await jet.messages()) == sorted(set(ids))
+    message_ids = [m.message_id for m in consumed]
+    assert sorted(set(message_ids)) == sorted(set(ids))
+    assert message_ids.count(ids[0]) == 2
