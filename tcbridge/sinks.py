@@ -152,6 +152,7 @@ class AmqpHandler:
             headers=dict(_headers(envelope)),
         )
         timeout_s = self._settings.timeout_s
+        exchange: AbstractExchange | None = None
         try:
             async with asyncio.timeout(timeout_s):
                 exchange = await self._ready(timeout_s)
@@ -163,10 +164,10 @@ class AmqpHandler:
         except PublishError as e:
             return self._failed(self._unroutable(routing_key, e))
         except ChannelNotFoundEntity as e:
-            await self._drop_channel()
+            await self._drop_channel(exchange)
             return self._failed(self._not_found(e))
         except CONNECTION_EXCEPTIONS as e:
-            await self._drop_channel()
+            await self._drop_channel(exchange)
             return self._failed(f"cannot publish to {self._where}: {_describe(e)}")
         return DONE
 
@@ -209,8 +210,11 @@ class AmqpHandler:
         # re-declare it either.
         return await channel.declare_exchange(name, passive=True, robust=False)
 
-    async def _drop_channel(self) -> None:
-        """After a channel error the broker closed the channel: open a new one next time."""
+    async def _drop_channel(self, failed: AbstractExchange | None) -> None:
+        """After a channel error the broker closed the channel: open a new one next time
+        (unless a concurrent delivery already did: that one is not ours to drop)."""
+        if failed is not None and failed is not self._exchange:
+            return
         channel, self._channel, self._exchange = self._channel, None, None
         if channel is not None:
             await _close_quietly(channel)
@@ -267,7 +271,9 @@ class NatsHandler:
                 ack = await js.publish(subject, body, timeout=timeout_s, stream=stream,
                                        headers=headers)
         except TimeoutError:
-            if self._js is None:
+            client = self._client
+            if client is None or not client.is_connected:
+                # Still connecting, or reconnecting: say why, not just "timeout".
                 return self._failed(f"cannot connect to {self._where} within {timeout_s:g} s: "
                                     f"{self._last_error}")
             return _timeout_error(timeout_s)
@@ -278,6 +284,8 @@ class NatsHandler:
         except nats.js.errors.APIError as e:
             return self._failed(self._refused(subject, e))
         except (nats.errors.Error, OSError) as e:
+            if self._client is not None and self._client.is_closed:
+                await self.close()  # the client gave up (e.g. refused credentials): start anew
             return self._failed(f"cannot publish to {self._where}: {_describe(e)}")
         if ack.stream != stream:  # the server checks it; this guards an old server
             return self._failed(f"stored by stream {ack.stream!r}, not {stream!r}")
