@@ -12,6 +12,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -491,3 +492,107 @@ async def test_daemon_publishes_to_rabbitmq_and_jetstream_once_and_replay_is_ded
     message_ids = [m.message_id for m in consumed]
     assert sorted(set(message_ids)) == sorted(set(ids))
     assert message_ids.count(ids[0]) == 2
+
+
+async def test_daemon_retries_until_the_operator_creates_the_exchange_and_the_stream(
+    daemon_factory: Callable[..., Daemon], rabbit: Rabbit, jet: Jet,
+) -> None:
+    late_stream, late_prefix = f"{jet.stream}_LATE", f"{jet.prefix}late"
+    retry = {"retry_initial_s": 0.05, "retry_max_s": 0.5, "max_attempts": 1000, "timeout_s": 5}
+    daemon = daemon_factory({"handlers": [
+        {"name": "rabbit", "type": "amqp", "url": rabbit.url, "exchange": rabbit.exchange,
+         **retry},
+        {"name": "jet", "type": "nats", "url": NATS_URL, "stream": late_stream,
+         "subject": late_prefix + ".{kind}", **retry},
+    ]})
+    await daemon.start()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{daemon.url}/webhook/order", json=order_event_body(),
+                                headers=TOKEN) as response:
+            assert response.status == 200
+            event_id = (await response.json())["eventId"]
+    # Failed attempts, recorded as rows and retried, each with a clear error.
+    (rabbit_retry, *_) = await daemon.wait_for_log("delivery.retry", handler="rabbit", count=2)
+    (jet_retry, *_) = await daemon.wait_for_log("delivery.retry", handler="jet", count=2)
+    assert f"exchange {rabbit.exchange!r} not found" in rabbit_retry["error"]
+    assert "no stream takes subject" in jet_retry["error"]
+    queue = await rabbit.declare()
+    await jet.js.add_stream(StreamConfig(name=late_stream, subjects=[f"{late_prefix}.>"]))
+    try:
+        await daemon.wait_for_log("delivery.done", handler="rabbit")
+        await daemon.wait_for_log("delivery.done", handler="jet")
+        assert await daemon.stop() == 0
+        got = [m.headers["Nats-Msg-Id"] for m in await Jet(jet.js, late_stream, "").messages()]
+    finally:
+        await jet.js.delete_stream(late_stream)
+    assert got == [event_id]
+    assert [m.message_id for m in await rabbit.drain(queue)] == [event_id]
+
+
+async def test_amqp_refused_credentials_are_a_failed_attempt(rabbit_vhost: str) -> None:
+    handler = amqp_handler(f"amqp://guest:wrong-pw@{RABBIT_HOST}:{RABBIT_PORT}/{rabbit_vhost}",
+                           "x")
+    try:
+        outcome = await deliver(handler, make_envelope())
+    finally:
+        await handler.close()
+    assert outcome.status == "retry"
+    assert "cannot publish to amqp://127.0.0.1:5672/" in str(outcome.error)
+    assert "wrong-pw" not in str(outcome.error)
+
+
+@pytest.fixture
+def private_nats(tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """Start our own nats-server (JetStream on, with the given auth flags) on a free port."""
+    if shutil.which("nats-server") is None:
+        pytest.skip("nats-server not found")
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*auth: str) -> str:
+        port = free_port()
+        procs.append(subprocess.Popen(
+            ["nats-server", "-a", "127.0.0.1", "-p", str(port), "-js",
+             "-sd", str(tmp_path / f"js{port}"), *auth],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for _ in range(200):
+            if reachable(port):
+                return f"nats://127.0.0.1:{port}"
+            time.sleep(0.05)
+        raise AssertionError("nats-server did not start")
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("auth", ["user", "token"])
+async def test_nats_credentials_are_sent_and_refused_ones_fail_the_attempt(
+    private_nats: Callable[..., str], tmp_path: Path, auth: str,
+) -> None:
+    if auth == "user":
+        url = private_nats("--user", "tcb", "--pass", "pw-right")
+        right, wrong = {"user": "tcb", "password": "pw-right"}, {"user": "tcb",
+                                                                 "password": "pw-wrong"}
+        connect = {"user": "tcb", "password": "pw-right"}
+    else:
+        url = private_nats("--auth", "tk-right")
+        secret = tmp_path / "token"
+        secret.write_text("tk-right\n")
+        right, wrong = {"token_file": secret}, {"token": "tk-wrong"}
+        connect = {"token": "tk-right"}
+    client = NatsClient()
+    await client.connect(url, **connect)
+    await client.jetstream().add_stream(StreamConfig(name="PRIV", subjects=["priv.>"]))
+    await client.close()
+    good = nats_handler("PRIV", "priv.{kind}", url=url, **right)
+    bad = nats_handler("PRIV", "priv.{kind}", url=url, timeout_s=1.5, **wrong)
+    try:
+        assert await deliver(good, make_envelope()) == Outcome("done")
+        refused = await deliver(bad, make_envelope())
+    finally:
+        await good.close()
+        await bad.close()
+    assert refused.status == "retry"
+    assert "cannot connect" in str(refused.error)
+    assert "wrong" not in str(refused.error)
