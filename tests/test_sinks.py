@@ -11,6 +11,7 @@ import asyncio
 import secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -596,3 +597,91 @@ async def test_nats_credentials_are_sent_and_refused_ones_fail_the_attempt(
     assert refused.status == "retry"
     assert "cannot connect" in str(refused.error)
     assert "wrong" not in str(refused.error)
+
+
+def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A private CA and a server certificate for 127.0.0.1 signed by it (openssl)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not found")
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    cert, key, csr = directory / "server.pem", directory / "server.key", directory / "server.csr"
+    ext = directory / "san.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    for command in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
+         "-days", "1", "-subj", "/CN=tcbridge test CA"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+         "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "1", "-extfile", ext],
+    ):
+        subprocess.run(["openssl", *map(str, command)], check=True, capture_output=True,
+                       timeout=60)
+    return ca, cert, key
+
+
+async def test_nats_tls_with_a_private_ca_file(
+    private_nats: Callable[..., str], tmp_path: Path,
+) -> None:
+    ca, cert, key = make_certificates(tmp_path)
+    url = private_nats("--tls", "--tlscert", str(cert), "--tlskey", str(key)).replace(
+        "nats://", "tls://")
+    client = NatsClient()
+    await client.connect(url, tls=ssl.create_default_context(cafile=str(ca)))
+    await client.jetstream().add_stream(StreamConfig(name="TLS", subjects=["tls.>"]))
+    await client.close()
+    trusted = nats_handler("TLS", "tls.{kind}", url=url, ca_file=ca)
+    untrusted = nats_handler("TLS", "tls.{kind}", url=url, timeout_s=1.5)
+    try:
+        assert await deliver(trusted, make_envelope()) == Outcome("done")
+        refused = await deliver(untrusted, make_envelope())
+    finally:
+        await trusted.close()
+        await untrusted.close()
+    assert refused.status == "retry"
+    assert "CERTIFICATE_VERIFY_FAILED" in str(refused.error)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, ssl.SSLError):
+        pass
+    finally:
+        writer.close()
+
+
+async def test_amqps_with_a_private_ca_file(rabbit: Rabbit, tmp_path: Path) -> None:
+    # RabbitMQ here listens without TLS: a TLS-terminating relay in front of it stands in
+    # for an amqps:// listener, so the handler's TLS and CA file meet a real handshake.
+    ca, cert, key = make_certificates(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    relays: set[asyncio.Task[Any]] = set()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(RABBIT_HOST, RABBIT_PORT)
+        task = asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        relays.add(task)
+        await task
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0, ssl=server_tls)
+    port = server.sockets[0].getsockname()[1]
+    url = rabbit.url.replace("amqp://", "amqps://").replace(f":{RABBIT_PORT}/", f":{port}/")
+    queue = await rabbit.declare()
+    trusted = amqp_handler(url, rabbit.exchange, ca_file=ca)
+    untrusted = amqp_handler(url, rabbit.exchange)
+    try:
+        assert await deliver(trusted, make_envelope()) == Outcome("done")
+        refused = await deliver(untrusted, make_envelope())
+    finally:
+        await trusted.close()
+        await untrusted.close()
+        server.close()
+        for task in relays:
+            task.cancel()
+    assert refused.status == "retry"
+    assert "CERTIFICATE_VERIFY_FAILED" in str(refused.error)
+    assert len(await rabbit.drain(queue)) == 1
