@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from tcbridge.errors import ConfigError, InvalidEvent
+from tcbridge.templates import check_routing_key, check_subject
 from tcbridge.timefmt import parse_instant
 
 Mode = Literal["webhook", "poll", "hybrid"]
@@ -262,6 +263,8 @@ class AmqpHandlerSettings(_HandlerBase):
     routing_key: str = "{kind}.{eventName}"
     ca_file: Path | None = None  # for amqps:// with a private CA
 
+    _routing_key = field_validator("routing_key")(check_routing_key)
+
     @model_validator(mode="after")
     def _secrets(self) -> AmqpHandlerSettings:
         _resolve_secrets(self, "url")
@@ -270,6 +273,8 @@ class AmqpHandlerSettings(_HandlerBase):
         url = self.url.get_secret_value() if self.url is not None else ""
         if not url.startswith(("amqp://", "amqps://")):
             raise ValueError("url must start with amqp:// or amqps://")
+        if self.ca_file is not None and not url.startswith("amqps://"):
+            raise ValueError("ca_file needs an amqps:// url")
         return self
 
 
@@ -287,6 +292,8 @@ class NatsHandlerSettings(_HandlerBase):
     token_file: Path | None = None
     creds_file: Path | None = None  # a NATS .creds file (JWT + NKey seed)
     ca_file: Path | None = None  # for tls:// with a private CA
+
+    _subject = field_validator("subject")(check_subject)
 
     @model_validator(mode="after")
     def _secrets(self) -> NatsHandlerSettings:

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import ssl
-import string
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,63 +37,20 @@ from nats.aio.client import Client as NatsClient
 from yarl import URL
 
 from tcbridge.config import AmqpHandlerSettings, NatsHandlerSettings
-from tcbridge.errors import ConfigError
 from tcbridge.handlers import DONE, Handler, Outcome, _describe, _short, _timeout_error
+from tcbridge.templates import MAX_ROUTING_KEY_BYTES, render_template, routing_key_fits
 
 log = structlog.get_logger(__name__)
 
-TEMPLATE_FIELDS = ("id", "kind", "entityId", "eventName", "source")
 CLOSE_TIMEOUT_S = 5.0
-MAX_ROUTING_KEY_BYTES = 255  # AMQP 0-9-1 shortstr
 NATS_EXPECTED_STREAM_MISMATCH = 10060  # JetStream err_code: "expected stream does not match"
-_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-_NATS_SUBJECT = re.compile(r"^[^\s.*>]+(\.[^\s.*>]+)*$")
 
 
 def build_sink(settings: AmqpHandlerSettings | NatsHandlerSettings) -> Handler:
-    """The broker handler for one ``[[handlers]]`` section; :class:`ConfigError` if wrong."""
+    """The broker handler for one ``[[handlers]]`` section (its settings are checked)."""
     if isinstance(settings, AmqpHandlerSettings):
         return AmqpHandler(settings)
     return NatsHandler(settings)
-
-
-# --- templates --------------------------------------------------------------------------------
-
-
-def check_template(where: str, template: str, valid: Callable[[str], bool], rule: str) -> None:
-    """Reject, at start-up, a template that is malformed, uses an unknown field, or cannot
-    give a valid routing key or subject (``rule`` says what a valid one is)."""
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as e:
-        raise ConfigError(f"{where}: malformed template {template!r}: {e}") from e
-    for _, field, spec, conversion in parts:
-        if field is not None and (field not in TEMPLATE_FIELDS or spec or conversion):
-            allowed = ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS)
-            raise ConfigError(f"{where}: unknown placeholder in {template!r}; use {allowed}")
-    if not valid(render_template(template, {})):
-        raise ConfigError(f"{where}: {template!r} does not give {rule}")
-
-
-def render_template(template: str, envelope: Mapping[str, Any]) -> str:
-    """Fill a routing key or subject from the envelope; values keep only ``[A-Za-z0-9_-]``
-    (others become ``_``), so an id can never add a ``.`` level or a wildcard."""
-    values = {field: _safe(envelope.get(field)) for field in TEMPLATE_FIELDS}
-    if envelope.get("eventName") is None:
-        values["eventName"] = "snapshot"
-    return template.format_map(values)
-
-
-def _safe(value: object) -> str:
-    return _UNSAFE.sub("_", "none" if value is None else str(value)) or "_"
-
-
-def _routing_key_fits(key: str) -> bool:
-    return len(key.encode()) <= MAX_ROUTING_KEY_BYTES
-
-
-def _valid_subject(subject: str) -> bool:
-    return _NATS_SUBJECT.match(subject) is not None
 
 
 def _headers(envelope: Mapping[str, Any]) -> dict[str, str]:
@@ -125,10 +80,6 @@ class AmqpHandler:
         self._settings = settings
         assert settings.url is not None  # the settings refuse a missing url
         self._url = URL(settings.url.get_secret_value())
-        if settings.ca_file is not None and self._url.scheme != "amqps":
-            raise ConfigError(f"handlers.{settings.name}.ca_file: needs an amqps:// url")
-        check_template(f"handlers.{settings.name}.routing_key", settings.routing_key,
-                       _routing_key_fits, f"a routing key of at most {MAX_ROUTING_KEY_BYTES} bytes")
         self._ssl = _ssl_context(settings.ca_file)
         # Where, for error messages: never the credentials.
         self._where = str(self._url.with_user(None).with_query(None))
@@ -141,7 +92,7 @@ class AmqpHandler:
     async def deliver(self, envelope: Mapping[str, Any], body: bytes, attempt: int) -> Outcome:
         """Publish once; done when the broker confirms it, retried on any failure."""
         routing_key = render_template(self._settings.routing_key, envelope)
-        if not _routing_key_fits(routing_key):
+        if not routing_key_fits(routing_key):
             return Outcome("dead", error=f"routing key longer than {MAX_ROUTING_KEY_BYTES} bytes")
         message = aio_pika.Message(
             body,
@@ -249,8 +200,6 @@ class NatsHandler:
     def __init__(self, settings: NatsHandlerSettings) -> None:
         self.name = settings.name
         self._settings = settings
-        check_template(f"handlers.{settings.name}.subject", settings.subject, _valid_subject,
-                       "a NATS subject (tokens separated by '.', no spaces, no '*' or '>')")
         self._servers = [server.strip() for server in settings.url.split(",")]
         self._ssl = _ssl_context(settings.ca_file)
         self._lock = asyncio.Lock()

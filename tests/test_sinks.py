@@ -28,12 +28,12 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import StreamConfig
 from pydantic import ValidationError
 
-from tcbridge.config import AmqpHandlerSettings, NatsHandlerSettings, Settings
+from tcbridge.config import AmqpHandlerSettings, NatsHandlerSettings, Settings, load_settings
 from tcbridge.errors import ConfigError
 from tcbridge.handlers import Handler, Outcome, build_handler
-from tcbridge.sinks import render_template
+from tcbridge.templates import render_template
 from tests.conftest import Daemon, order_event_body, until
-from tests.support import free_port
+from tests.support import free_port, write_config
 from tests.test_handlers import encode, make_envelope
 
 RABBIT_HOST, RABBIT_PORT = "127.0.0.1", 5672
@@ -198,7 +198,7 @@ def test_templates_fill_from_the_envelope_and_keep_levels_intact() -> None:
     ("{kind!r}", "unknown placeholder"),
 ])
 def test_a_bad_routing_key_template_is_refused_at_start(template: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ValidationError, match=message):
         amqp_handler("amqp://127.0.0.1/", "x", routing_key=template)
 
 
@@ -210,7 +210,7 @@ def test_a_bad_routing_key_template_is_refused_at_start(template: str, message: 
     ("tc {kind}", "does not give a NATS subject"),
 ])
 def test_a_bad_subject_template_is_refused_at_start(template: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ValidationError, match=message):
         nats_handler("S", template)
 
 
@@ -225,8 +225,16 @@ def test_amqp_settings_read_the_url_from_a_file_and_check_it(tmp_path: Path) -> 
         AmqpHandlerSettings(name="r", type="amqp", exchange="x")
     with pytest.raises(ValidationError, match="amqp:// or amqps://"):
         AmqpHandlerSettings(name="r", type="amqp", url="http://x", exchange="x")
-    with pytest.raises(ConfigError, match="needs an amqps:// url"):
+    with pytest.raises(ValidationError, match="ca_file needs an amqps:// url"):
         amqp_handler("amqp://127.0.0.1/", "x", ca_file=secret)
+
+
+def test_check_config_names_the_bad_template(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.toml", {"mode": "webhook", "handlers": [
+        {"name": "r", "type": "amqp", "url": "amqp://127.0.0.1/", "exchange": "x",
+         "routing_key": "{kind}.{eventname}"}]})
+    with pytest.raises(ConfigError, match=r"handlers\.0\.amqp\.routing_key: unknown placeholder"):
+        load_settings(path)
 
 
 def test_nats_settings_take_one_kind_of_credentials(tmp_path: Path) -> None:
