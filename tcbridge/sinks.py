@@ -230,6 +230,9 @@ class NatsHandler:
             return self._failed(f"no stream takes subject {subject!r} (expected stream "
                                 f"{stream!r}); tcbridge never creates it: create the stream "
                                 "or fix subject")
+        except nats.errors.OutboundBufferLimitError:
+            return self._failed(f"not connected to {self._where} (reconnecting): "
+                                f"{self._last_error}")
         except nats.js.errors.APIError as e:
             return self._failed(self._refused(subject, e))
         except (nats.errors.Error, OSError) as e:
@@ -277,6 +280,9 @@ class NatsHandler:
             "name": f"tcbridge handler {self.name}",
             "connect_timeout": max(1, round(timeout_s)),
             "max_reconnect_attempts": -1,  # once connected, follow the server for ever
+            # No buffering while reconnecting: such an attempt fails at once and is retried
+            # from the store, instead of timing out and then perhaps still landing later.
+            "pending_size": 0,
             "error_cb": self._on_error,
             "disconnected_cb": self._on_disconnected,
             "reconnected_cb": self._on_reconnected,

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from tcbridge.config import AmqpHandlerSettings, NatsHandlerSettings, Settings, load_settings
 from tcbridge.errors import ConfigError
-from tcbridge.handlers import Handler, Outcome, build_handler
+from tcbridge.handlers import DONE, Handler, Outcome, build_handler
 from tcbridge.templates import render_template
 from tests.conftest import Daemon, order_event_body, until
 from tests.support import free_port, write_config
@@ -550,34 +550,54 @@ async def test_amqp_refused_credentials_are_a_failed_attempt(rabbit_vhost: str) 
     assert "wrong-pw" not in str(outcome.error)
 
 
-@pytest.fixture
-def private_nats(tmp_path: Path) -> Iterator[Callable[..., str]]:
-    """Start our own nats-server (JetStream on, with the given auth flags) on a free port."""
-    if shutil.which("nats-server") is None:
-        pytest.skip("nats-server not found")
-    procs: list[subprocess.Popen[bytes]] = []
+class PrivateNats:
+    """Our own nats-server processes (JetStream on, auth flags as given) on free ports."""
 
-    def start(*auth: str) -> str:
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._args: dict[int, tuple[str, ...]] = {}
+
+    def __call__(self, *args: str) -> str:
         port = free_port()
-        procs.append(subprocess.Popen(
+        self._args[port] = args
+        self.restart(port)
+        return f"nats://127.0.0.1:{port}"
+
+    def restart(self, port: int) -> None:
+        """Start (again, on the same port and storage) and wait until it listens."""
+        self._procs[port] = subprocess.Popen(
             ["nats-server", "-a", "127.0.0.1", "-p", str(port), "-js",
-             "-sd", str(tmp_path / f"js{port}"), *auth],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+             "-sd", str(self._directory / f"js{port}"), *self._args[port]],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(200):
             if reachable(port):
-                return f"nats://127.0.0.1:{port}"
+                return
             time.sleep(0.05)
         raise AssertionError("nats-server did not start")
 
-    yield start
-    for proc in procs:
+    def stop(self, port: int) -> None:
+        proc = self._procs.pop(port)
         proc.terminate()
         proc.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for port in list(self._procs):
+            self.stop(port)
+
+
+@pytest.fixture
+def private_nats(tmp_path: Path) -> Iterator[PrivateNats]:
+    if shutil.which("nats-server") is None:
+        pytest.skip("nats-server not found")
+    servers = PrivateNats(tmp_path)
+    yield servers
+    servers.stop_all()
 
 
 @pytest.mark.parametrize("auth", ["user", "token"])
 async def test_nats_credentials_are_sent_and_refused_ones_fail_the_attempt(
-    private_nats: Callable[..., str], tmp_path: Path, auth: str,
+    private_nats: PrivateNats, tmp_path: Path, auth: str,
 ) -> None:
     if auth == "user":
         url = private_nats("--user", "tcb", "--pass", "pw-right")
@@ -629,7 +649,7 @@ def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
 
 
 async def test_nats_tls_with_a_private_ca_file(
-    private_nats: Callable[..., str], tmp_path: Path,
+    private_nats: PrivateNats, tmp_path: Path,
 ) -> None:
     ca, cert, key = make_certificates(tmp_path)
     url = private_nats("--tls", "--tlscert", str(cert), "--tlskey", str(key)).replace(
@@ -693,3 +713,59 @@ async def test_amqps_with_a_private_ca_file(rabbit: Rabbit, tmp_path: Path) -> N
     assert refused.status == "retry"
     assert "CERTIFICATE_VERIFY_FAILED" in str(refused.error)
     assert len(await rabbit.drain(queue)) == 1
+
+
+async def test_concurrent_deliveries_share_one_connection_and_each_arrives_once(
+    rabbit: Rabbit, jet: Jet,
+) -> None:
+    queue = await rabbit.declare()
+    publishers = [amqp_handler(rabbit.url, rabbit.exchange),
+                  nats_handler(jet.stream, jet.prefix + ".{entityId}")]
+    sent = envelopes(40)
+    try:
+        for handler in publishers:  # as a lane with concurrency = 40 would call it
+            outcomes = await asyncio.gather(*(deliver(handler, e) for e in sent))
+            assert outcomes == [Outcome("done")] * len(sent)
+    finally:
+        for handler in publishers:
+            await handler.close()
+    ids = sorted(e["id"] for e in sent)
+    got = await rabbit.drain(queue)
+    while len(got) < len(sent):
+        more = await rabbit.drain(queue)
+        assert more, "messages missing"
+        got += more
+    assert sorted(str(m.message_id) for m in got) == ids
+    assert sorted(m.headers["Nats-Msg-Id"] for m in await jet.messages()) == ids
+
+
+async def test_nats_reconnects_after_a_server_restart(
+    private_nats: PrivateNats, tmp_path: Path,
+) -> None:
+    url = private_nats()
+    port = int(url.rsplit(":", 1)[1])
+    client = NatsClient()
+    await client.connect(url)
+    await client.jetstream().add_stream(StreamConfig(name="RE", subjects=["re.>"]))
+    await client.close()
+    handler = nats_handler("RE", "re.{kind}", url=url, timeout_s=2)
+    try:
+        assert await deliver(handler, make_envelope(id=secrets.token_hex(16))) == DONE
+        private_nats.stop(port)
+        pending = make_envelope(id=secrets.token_hex(16))
+        down = await deliver(handler, pending)
+        assert down.status == "retry"
+        assert f"127.0.0.1:{port}" in str(down.error)
+        private_nats.restart(port)
+        outcomes = [await deliver(handler, pending)]
+        while outcomes[-1].status != "done":  # the client reconnects by itself
+            assert len(outcomes) < 30, outcomes
+            await asyncio.sleep(0.2)
+            outcomes.append(await deliver(handler, pending))
+    finally:
+        await handler.close()
+    client = NatsClient()
+    await client.connect(url)
+    info = await client.jetstream().stream_info("RE")
+    await client.close()
+    assert info.state.messages == 2  # the one before, the one after: none while down
