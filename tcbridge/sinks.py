@@ -83,7 +83,7 @@ class AmqpHandler:
         self._ssl = _ssl_context(settings.ca_file)
         # Where, for error messages: never the credentials.
         self._where = str(self._url.with_user(None).with_query(None))
-        self._secrets = tuple(s for s in (self._url.password, self._url.user) if s)
+        self._secrets = tuple(s for s in (self._url.password, self._url.raw_password) if s)
         self._lock = asyncio.Lock()
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
@@ -111,6 +111,8 @@ class AmqpHandler:
                 # the publish, instead of being confirmed and dropped by the broker.
                 await exchange.publish(message, routing_key, mandatory=True)
         except TimeoutError:
+            if self._connection is None:
+                return self._failed(f"cannot connect to {self._where} within {timeout_s:g} s")
             return _timeout_error(timeout_s)
         except PublishError as e:
             return self._failed(self._unroutable(routing_key, e))
@@ -256,7 +258,8 @@ class NatsHandler:
 
     @property
     def _where(self) -> str:
-        return ",".join(self._servers)
+        """The servers, for error messages: never credentials written into a url."""
+        return ",".join(str(URL(server).with_user(None)) for server in self._servers)
 
     async def _jetstream(self, timeout_s: float) -> nats.js.JetStreamContext:
         async with self._lock:

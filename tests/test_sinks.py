@@ -443,8 +443,8 @@ async def test_nats_ack_from_another_stream_is_refused(jet: Jet) -> None:
 
 async def test_nats_server_down_is_a_failed_attempt_not_a_crash() -> None:
     port = free_port()
-    handler = nats_handler("S", "tc.{kind}", url=f"nats://127.0.0.1:{port}", timeout_s=1.5,
-                           token="s3cret")
+    handler = nats_handler("S", "tc.{kind}", url=f"nats://u:s3cret@127.0.0.1:{port}",
+                           timeout_s=1.5)
     try:
         outcome = await deliver(handler, make_envelope())
     finally:
