@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from tcbridge.errors import ConfigError, InvalidEvent
+from tcbridge.templates import check_routing_key, check_subject
 from tcbridge.timefmt import parse_instant
 
 Mode = Literal["webhook", "poll", "hybrid"]
@@ -380,8 +381,65 @@ class PythonHandlerSettings(_HandlerBase):
     callable: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
+class AmqpHandlerSettings(_HandlerBase):
+    """Publish each envelope to a RabbitMQ exchange the operator declared (AMQP 0-9-1)."""
+
+    type: Literal["amqp"]
+    url: SecretStr | None = None  # a secret: amqp://user:password@host:5672/vhost
+    url_file: Path | None = None
+    exchange: str = Field(max_length=255)  # "" is the default exchange (queue name as key)
+    routing_key: str = "{kind}.{eventName}"
+    ca_file: Path | None = None  # for amqps:// with a private CA
+
+    _routing_key = field_validator("routing_key")(check_routing_key)
+
+    @model_validator(mode="after")
+    def _secrets(self) -> AmqpHandlerSettings:
+        _resolve_secrets(self, "url")
+        if not _filled(self.url):
+            raise ValueError("type = 'amqp' needs url or url_file")
+        url = self.url.get_secret_value() if self.url is not None else ""
+        if not url.startswith(("amqp://", "amqps://")):
+            raise ValueError("url must start with amqp:// or amqps://")
+        if self.ca_file is not None and not url.startswith("amqps://"):
+            raise ValueError("ca_file needs an amqps:// url")
+        return self
+
+
+class NatsHandlerSettings(_HandlerBase):
+    """Publish each envelope to a NATS JetStream stream the operator created."""
+
+    type: Literal["nats"]
+    url: str = "nats://127.0.0.1:4222"  # several servers of a cluster: comma-separated
+    subject: str = "tradecloud.{kind}.{eventName}"
+    stream: str = Field(min_length=1, pattern=r"^[^\s.*>]+$")
+    user: str = ""
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    creds_file: Path | None = None  # a NATS .creds file (JWT + NKey seed)
+    ca_file: Path | None = None  # for tls:// with a private CA
+
+    _subject = field_validator("subject")(check_subject)
+
+    @model_validator(mode="after")
+    def _secrets(self) -> NatsHandlerSettings:
+        _resolve_secrets(self, "password", "token")
+        if bool(self.user) != _filled(self.password):
+            raise ValueError("set user and password (or password_file) together")
+        ways = [bool(self.user), _filled(self.token), self.creds_file is not None]
+        if sum(ways) > 1:
+            raise ValueError("use one of user/password, token or creds_file")
+        for server in self.url.split(","):
+            if not server.strip().startswith(("nats://", "tls://")):
+                raise ValueError("url: each server must start with nats:// or tls://")
+        return self
+
+
 HandlerSettings = Annotated[
-    FileHandlerSettings | CommandHandlerSettings | HttpHandlerSettings | PythonHandlerSettings,
+    FileHandlerSettings | CommandHandlerSettings | HttpHandlerSettings | PythonHandlerSettings
+    | AmqpHandlerSettings | NatsHandlerSettings,
     Field(discriminator="type"),
 ]
 

@@ -32,10 +32,12 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from tcbridge.config import (
+    AmqpHandlerSettings,
     CommandHandlerSettings,
     FileHandlerSettings,
     HandlerSettings,
     HttpHandlerSettings,
+    NatsHandlerSettings,
     PythonHandlerSettings,
 )
 from tcbridge.errors import ConfigError, PermanentError
@@ -89,6 +91,12 @@ def build_handler(settings: HandlerSettings, session: aiohttp.ClientSession) -> 
         return CommandHandler(settings)
     if isinstance(settings, HttpHandlerSettings):
         return HttpHandler(settings, session)
+    if isinstance(settings, AmqpHandlerSettings | NatsHandlerSettings):
+        # Imported here: sinks builds on this module (Outcome), and the broker clients load
+        # only when a broker handler is configured.
+        from tcbridge.sinks import build_sink
+
+        return build_sink(settings)
     return PythonHandler(settings)
 
 
