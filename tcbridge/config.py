@@ -104,7 +104,8 @@ class WebhookSettings(_Section):
 
     host: str = "0.0.0.0"  # noqa: S104 - a webhook listener is public by design
     port: int = Field(default=8080, ge=0, le=65535)
-    auth: Literal["bearer", "basic", "none"] = "bearer"
+    # No default: a listener open to anyone must be asked for (see _check_webhook_auth).
+    auth: Literal["bearer", "basic", "none"] | None = None
     bearer_token: SecretStr | None = None
     bearer_token_file: Path | None = None
     basic_username: SecretStr | None = None
@@ -116,6 +117,7 @@ class WebhookSettings(_Section):
     tls_key: Path | None = None
     allowed_ips: list[str] = Field(default_factory=list)
     trusted_proxies: list[str] = Field(default_factory=list)
+    allow_unauthenticated: bool = False
 
     @field_validator("allowed_ips", "trusted_proxies")
     @classmethod
@@ -130,12 +132,8 @@ class WebhookSettings(_Section):
     @model_validator(mode="after")
     def _check_auth(self) -> WebhookSettings:
         _resolve_secrets(self, "bearer_token", "basic_username", "basic_password")
-        if self.auth == "bearer" and not _filled(self.bearer_token):
-            raise ValueError("auth = 'bearer' needs bearer_token or bearer_token_file")
-        if self.auth == "basic" and not (
-            _filled(self.basic_username) and _filled(self.basic_password)
-        ):
-            raise ValueError("auth = 'basic' needs basic_username and basic_password")
+        if self.auth is not None:
+            _WEBHOOK_AUTH_CHECKS[self.auth](self)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("set both tls_cert and tls_key, or neither")
         return self
@@ -143,6 +141,47 @@ class WebhookSettings(_Section):
 
 def _filled(secret: SecretStr | None) -> bool:
     return secret is not None and secret.get_secret_value() != ""
+
+
+MIN_BEARER_TOKEN_CHARS = 32
+MAKE_SECRET_HINT = "make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"  # noqa: S105 - advice, not a secret
+
+
+def _placeholder(secret: SecretStr | None) -> bool:
+    """A value copied from config.example.toml or the README, not a real secret."""
+    text = "" if secret is None else secret.get_secret_value().strip().lower()
+    return text.startswith(("change-me", "changeme")) or text in ("...", "<secret>")
+
+
+def _check_bearer(hook: WebhookSettings) -> None:
+    if not _filled(hook.bearer_token):
+        raise ValueError("auth = 'bearer' needs bearer_token or bearer_token_file")
+    if _placeholder(hook.bearer_token):
+        raise ValueError(f"bearer_token is the example's placeholder; {MAKE_SECRET_HINT}")
+    assert hook.bearer_token is not None
+    if len(hook.bearer_token.get_secret_value()) < MIN_BEARER_TOKEN_CHARS:
+        raise ValueError(
+            f"bearer_token is shorter than {MIN_BEARER_TOKEN_CHARS} characters; {MAKE_SECRET_HINT}"
+        )
+
+
+def _check_basic(hook: WebhookSettings) -> None:
+    if not (_filled(hook.basic_username) and _filled(hook.basic_password)):
+        raise ValueError("auth = 'basic' needs basic_username and basic_password")
+    if _placeholder(hook.basic_password):
+        raise ValueError(f"basic_password is the example's placeholder; {MAKE_SECRET_HINT}")
+
+
+def _check_none(hook: WebhookSettings) -> None:
+    if not hook.allow_unauthenticated:
+        raise ValueError(
+            "auth = 'none' lets anyone who reaches the port post events; "
+            "set allow_unauthenticated = true as well if that is really meant"
+        )
+
+
+# One check per scheme, so a new scheme is one entry here and one in the Literal.
+_WEBHOOK_AUTH_CHECKS = {"bearer": _check_bearer, "basic": _check_basic, "none": _check_none}
 
 
 class PollSettings(_Section):
@@ -272,7 +311,7 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
     store: StoreSettings = Field(default_factory=StoreSettings)
     tradecloud: TradecloudSettings = Field(default_factory=TradecloudSettings)
-    webhook: WebhookSettings = Field(default_factory=lambda: WebhookSettings(auth="none"))
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     poll: PollSettings = Field(default_factory=PollSettings)
     fetch: FetchSettings = Field(default_factory=FetchSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
@@ -299,6 +338,11 @@ class Settings(BaseSettings):
             raise ValueError(f"handler names must be unique: {', '.join(duplicates)}")
         if self.mode != "webhook" and not self.tradecloud.username:
             raise ValueError(f"mode = {self.mode!r} polls Tradecloud: set tradecloud.username")
+        if self.webhook_enabled and self.webhook.auth is None:
+            raise ValueError(
+                f"mode = {self.mode!r} runs the webhook listener: set [webhook] auth "
+                "('bearer' or 'basic'; 'none' only with allow_unauthenticated = true)"
+            )
         return self
 
     @property

@@ -153,7 +153,9 @@ def _admit(settings: WebhookSettings) -> Callable[..., Awaitable[web.StreamRespo
             # Requests already in a handler finish and get their answer; new ones retry.
             return unavailable(request, "shutting down; please retry")
         if allowed:
-            ip = auth.client_ip(request.remote, request.headers.get("X-Forwarded-For"), proxies)
+            ip = auth.client_ip(
+                request.remote, request.headers.getall("X-Forwarded-For", []), proxies
+            )
             if not auth.ip_allowed(ip, allowed):
                 log.warning("webhook.ip_refused", remote=ip, path=request.path)
                 return _json(403, {"error": "forbidden", "message": "source address not allowed"})

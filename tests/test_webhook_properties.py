@@ -39,7 +39,7 @@ from tcbridge.store import Store
 from tcbridge.webhook import build_app, decode_body
 from tests.conftest import order_event_body, shipment_obj
 
-TOKEN = "hook-token-1"
+TOKEN = "hook-token-1-for-tests-0123456789ab"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 RETRY_AFTER_S = 7
 MAX_BODY_BYTES = 64 * 1024
