@@ -127,7 +127,7 @@ class TradecloudClient:
 
     async def get_object(self, kind: PollKind, entity_id: str) -> dict[str, Any]:
         """Fetch one whole order or shipment."""
-        path = OBJECT_PATHS[kind] + quote(entity_id, safe="")
+        path = object_path(kind, entity_id)
         token = await self._bearer()
         response = await self._call("GET", path, {"Authorization": f"Bearer {token}"})
         if response.status == 401:
@@ -287,6 +287,15 @@ class TradecloudClient:
         settings = self._settings
         ceiling_s = min(settings.retry_max_s, settings.retry_initial_s * 2.0 ** min(retry - 1, 64))
         return self._rng.uniform(0.0, ceiling_s)
+
+
+def object_path(kind: PollKind, entity_id: str) -> str:
+    """``/v2/<kind>/<id>`` with the id as one path segment: every reserved character
+    percent-encoded ("/" too). "." and ".." cannot be one: URL normalisation (yarl, and any
+    proxy) resolves them, so GET /v2/order/.. would be GET /v2/ with our token."""
+    if entity_id in (".", ".."):
+        raise ApiPermanentError(f"tradecloud: {entity_id!r} cannot be sent as an id in a path")
+    return OBJECT_PATHS[kind] + quote(entity_id, safe="")
 
 
 def _check(response: _Response, path: str) -> None:

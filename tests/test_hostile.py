@@ -1,0 +1,147 @@
+"""Hostile input to the webhook listener (issue 11), in process over real HTTP: nesting,
+ids, headers, forwarded addresses."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
+
+from tcbridge.config import WebhookSettings
+from tcbridge.envelope import MAX_ENVELOPE_DEPTH
+from tcbridge.errors import ApiPermanentError
+from tcbridge.store import Store
+from tcbridge.tradecloud import object_path
+from tcbridge.webhook import build_app
+from tests.conftest import order_event_body
+
+TOKEN_VALUE = "hook-token-1-for-tests-0123456789ab"
+TOKEN = {"Authorization": f"Bearer {TOKEN_VALUE}"}
+Client = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+async def client_factory(store: Store) -> AsyncIterator[Client]:
+    clients: list[TestClient[Any, Any]] = []
+
+    async def make(**overrides: Any) -> TestClient[Any, Any]:
+        settings = WebhookSettings(**({"auth": "bearer", "bearer_token": TOKEN_VALUE}
+                                      | overrides))
+        app = build_app(settings, store, asyncio.Event(), asyncio.Event(), retry_after_s=7)
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+def rejected_reasons(store: Store) -> list[str]:
+    with sqlite3.connect(store.path) as conn:
+        return [row[0] for row in conn.execute("SELECT reason FROM rejected ORDER BY id")]
+
+
+def nested_body(depth: int) -> bytes:
+    """An order event whose ``orderEvent`` object is ``depth`` levels deep in all."""
+    inner = "[" * (depth - 1) + "]" * (depth - 1)
+    event = orjson.dumps(order_event_body("deep-1")["orderEvent"])[:-1]
+    return b'{"eventName":"X","orderEvent":' + event + b',"x":' + inner.encode() + b"}}"
+
+
+@pytest.mark.parametrize("depth", [MAX_ENVELOPE_DEPTH, 990, 1020])
+async def test_json_too_deep_to_store_is_400_and_kept(
+    client_factory: Client, store: Store, depth: int
+) -> None:
+    # 990 and 1020 parse (orjson reads 1024 levels) but could never be stored: that was a
+    # 503 for ever, which Tradecloud retries for ever.
+    client = await client_factory()
+    response = await client.post("/webhook/order", data=nested_body(depth), headers=TOKEN)
+    assert response.status == 400, await response.text()
+    assert "nested deeper" in (await response.json())["message"]
+    assert len(rejected_reasons(store)) == 1
+    assert (await store.counts())["events"] == 0
+
+
+async def test_json_as_deep_as_can_be_stored_is_stored(
+    client_factory: Client, store: Store
+) -> None:
+    client = await client_factory()
+    response = await client.post(
+        "/webhook/order", data=nested_body(MAX_ENVELOPE_DEPTH - 1), headers=TOKEN
+    )
+    assert response.status == 200, await response.text()
+    assert (await store.counts())["events"] == 1
+
+
+@pytest.mark.parametrize("bad_id", [".", "..", "o\x1b[31m1", "o\n1", "o\x7f", "o\x9b1"])
+async def test_ids_that_are_dots_or_hold_control_characters_are_refused(
+    client_factory: Client, store: Store, bad_id: str
+) -> None:
+    client = await client_factory()
+    posted = await client.post("/webhook/order", json=order_event_body(bad_id), headers=TOKEN)
+    assert posted.status == 400
+    fetched = await client.get("/webhook/order", params={"orderId": bad_id}, headers=TOKEN)
+    assert fetched.status == 400
+    assert len(rejected_reasons(store)) == 2
+    assert (await store.counts())["events"] == 0
+
+
+async def test_event_name_with_escape_sequence_is_refused(
+    client_factory: Client, store: Store
+) -> None:
+    client = await client_factory()
+    body = order_event_body("o-esc", event_name="Confirmed\x1b]0;owned\x07")
+    assert (await client.post("/webhook/order", json=body, headers=TOKEN)).status == 400
+
+
+def test_client_never_sends_a_dot_segment_and_quotes_every_reserved_character() -> None:
+    # Why: URL normalisation turns /v2/order/.. into /v2/ (where the bearer token would go).
+    assert URL("https://api.example" + "/v2/order/..").path == "/v2/"
+    for dots in (".", ".."):
+        with pytest.raises(ApiPermanentError):
+            object_path("order", dots)
+    assert object_path("order", "a/b?c#d %") == "/v2/order/a%2Fb%3Fc%23d%20%25"
+    assert object_path("shipment", "...") == "/v2/shipment/..."
+
+
+async def test_non_utf8_authorization_is_401_not_503(client_factory: Client) -> None:
+    client = await client_factory()
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"POST /webhook/order HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    assert status_line.split()[1] == b"401", status_line
+
+
+async def test_spoofed_forwarded_for_before_the_proxy_header_is_refused(
+    client_factory: Client, store: Store
+) -> None:
+    # The test client connects from 127.0.0.1, our "proxy". A client that sends its own
+    # X-Forwarded-For naming Tradecloud's address, with the proxy's header appended after
+    # it, must be judged by the proxy's hop.
+    client = await client_factory(allowed_ips=["35.204.224.107"], trusted_proxies=["127.0.0.1"])
+    body = order_event_body("o-xff")
+
+    def headers(*hops: str) -> list[tuple[str, str]]:
+        return [*TOKEN.items(), *(("X-Forwarded-For", hop) for hop in hops)]
+
+    spoofed = await client.post("/webhook/order", json=body, headers=headers(
+        "35.204.224.107", "6.6.6.6"))
+    assert spoofed.status == 403
+    one_header = await client.post("/webhook/order", json=body, headers=headers(
+        "35.204.224.107, 6.6.6.6"))
+    assert one_header.status == 403
+    genuine = await client.post("/webhook/order", json=body, headers=headers(
+        "6.6.6.6, 35.204.224.107"))
+    assert genuine.status == 200
+
