@@ -33,6 +33,7 @@ from tcbridge.envelope import (
     Candidate,
     parse_order_webhook,
     parse_shipment_webhook,
+    plain_text,
 )
 from tcbridge.errors import InvalidEvent
 from tcbridge.store import Store
@@ -408,7 +409,7 @@ async def test_legacy_get_queues_or_rejects(
     if in_path and (entity in ("", ".", "..") or {"{", "}"} & set(entity)):
         assert status == 404
         return
-    if not entity.strip() or len(entity) > MAX_ID_LENGTH:
+    if not plain_text(entity):  # blank, too long, control characters
         check_400(bridge, status, answer, method="GET", path=URL(path, encoded=True).path,
                   body=b"")
         return
