@@ -18,7 +18,7 @@ from aiohttp import web
 
 from tcbridge import __version__, retention
 from tcbridge.admin import build_admin_app
-from tcbridge.config import Settings, service_manager_environ
+from tcbridge.config import Settings, secret_values, service_manager_environ
 from tcbridge.dispatch import Dispatcher, Lane, make_route
 from tcbridge.errors import StoreError
 from tcbridge.fetcher import Fetcher
@@ -108,8 +108,9 @@ async def startup(settings: Settings, parts: Parts, stop: asyncio.Event) -> None
 
 async def _start_dispatcher(settings: Settings, parts: Parts, stop: asyncio.Event) -> None:
     assert parts.session is not None
-    lanes = [Lane(h, build_handler(h, parts.session), parts.store, metrics=parts.metrics)
-             for h in settings.handlers]
+    secrets = secret_values(settings)
+    lanes = [Lane(h, build_handler(h, parts.session, secrets=secrets), parts.store,
+                  metrics=parts.metrics) for h in settings.handlers]
     parts.dispatcher = Dispatcher(lanes, parts.store, parts.dispatch_wake)
     await parts.dispatcher.start()
     _spawn(parts, "dispatcher", parts.dispatcher.run(stop))

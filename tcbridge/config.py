@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -259,6 +260,9 @@ class CommandHandlerSettings(_HandlerBase):
     permanent_exit_codes: list[int] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     cwd: Path | None = None
+    # Names of the daemon's environment variables the command also gets (besides PATH, LANG,
+    # HOME): the rest, secrets given as TCBRIDGE_* above all, stays with the daemon.
+    inherit_env: list[str] = Field(default_factory=list)
 
 
 class HttpHandlerSettings(_HandlerBase):
@@ -362,6 +366,38 @@ SERVICE_MANAGER_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 def service_manager_environ() -> dict[str, str]:
     """What systemd tells its service through the environment (sd_notify, watchdog)."""
     return {k: os.environ[k] for k in SERVICE_MANAGER_VARIABLES if k in os.environ}
+
+
+CHILD_BASE_VARIABLES = ("PATH", "LANG", "HOME")
+
+
+def child_environ(inherit: Sequence[str]) -> dict[str, str]:
+    """The part of the daemon's environment a command handler's program inherits: PATH,
+    LANG, HOME and the names its configuration lists (``inherit_env``); never the rest."""
+    names = (*CHILD_BASE_VARIABLES, *inherit)
+    return {k: os.environ[k] for k in names if k in os.environ}
+
+
+def secret_values(model: BaseModel) -> tuple[str, ...]:
+    """Every secret of the settings (each SecretStr, wherever it is), longest first, so
+    output that is kept can be redacted."""
+    found: set[str] = set()
+
+    def walk(value: object) -> None:
+        if isinstance(value, SecretStr):
+            found.add(value.get_secret_value())
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name))
+        elif isinstance(value, list | tuple):
+            for item in value:
+                walk(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+
+    walk(model)
+    return tuple(sorted((s for s in found if s), key=len, reverse=True))
 
 
 def load_settings(path: Path | str) -> Settings:

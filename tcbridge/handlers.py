@@ -22,7 +22,7 @@ import signal
 import string
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
@@ -38,6 +38,7 @@ from tcbridge.config import (
     HandlerSettings,
     HttpHandlerSettings,
     PythonHandlerSettings,
+    child_environ,
 )
 from tcbridge.errors import ConfigError, PermanentError
 from tcbridge.timefmt import retry_after_s
@@ -81,12 +82,15 @@ class Handler(Protocol):
         ...
 
 
-def build_handler(settings: HandlerSettings, session: aiohttp.ClientSession) -> Handler:
-    """The handler for one ``[[handlers]]`` section; :class:`ConfigError` if it cannot work."""
+def build_handler(
+    settings: HandlerSettings, session: aiohttp.ClientSession, *, secrets: Sequence[str] = ()
+) -> Handler:
+    """The handler for one ``[[handlers]]`` section; :class:`ConfigError` if it cannot work.
+    ``secrets`` (every secret of the settings) are redacted from output that is kept."""
     if isinstance(settings, FileHandlerSettings):
         return FileHandler(settings)
     if isinstance(settings, CommandHandlerSettings):
-        return CommandHandler(settings)
+        return CommandHandler(settings, secrets)
     if isinstance(settings, HttpHandlerSettings):
         return HttpHandler(settings, session)
     return PythonHandler(settings)
@@ -213,28 +217,39 @@ def _fsync_directory(directory: Path) -> None:
 
 
 class _Tail:
-    """Keeps only the last ``limit`` bytes of a stream."""
+    """Keeps only the last ``limit`` bytes of a stream, with known secrets redacted.
 
-    def __init__(self, limit: int = OUTPUT_TAIL_BYTES) -> None:
+    It holds ``margin`` bytes more than it shows, so that a secret cut by the start of the
+    shown tail is still whole when redaction runs."""
+
+    def __init__(
+        self, limit: int = OUTPUT_TAIL_BYTES, secrets: Sequence[str] = ()
+    ) -> None:
         self._limit = limit
+        self._secrets = [s.encode() for s in secrets]
+        self._keep = limit + max((len(s) for s in self._secrets), default=0)
         self._data = bytearray()
 
     def feed(self, chunk: bytes) -> None:
         self._data += chunk
-        if len(self._data) > self._limit:
-            del self._data[: len(self._data) - self._limit]
+        if len(self._data) > self._keep:
+            del self._data[: len(self._data) - self._keep]
 
     def text(self) -> str:
-        return self._data.decode("utf-8", errors="replace")
+        data = bytes(self._data)
+        for secret in self._secrets:
+            data = data.replace(secret, b"***")
+        return data[-self._limit:].decode("utf-8", errors="replace")
 
 
 class CommandHandler:
     """Runs a program (no shell) in its own process group with the envelope on stdin."""
 
-    def __init__(self, settings: CommandHandlerSettings) -> None:
+    def __init__(self, settings: CommandHandlerSettings, secrets: Sequence[str] = ()) -> None:
         self.name = settings.name
         self._settings = settings
         self._permanent = frozenset(settings.permanent_exit_codes)
+        self._secrets = tuple(secrets)
 
     async def deliver(self, envelope: Mapping[str, Any], body: bytes, attempt: int) -> Outcome:
         """Run the command once; its exit code decides the outcome."""
@@ -259,10 +274,10 @@ class CommandHandler:
 
     def _environment(self, envelope: Mapping[str, Any], attempt: int) -> dict[str, str]:
         event_name = envelope.get("eventName")
-        # Passing the daemon's environment through to the child, as a shell would; this is
-        # not configuration, which comes only from config.py.
+        # Not os.environ: the daemon's may hold secrets (TCBRIDGE_*), which the program
+        # would see and could print into the kept output.
         return {
-            **os.environ,
+            **child_environ(self._settings.inherit_env),
             **self._settings.env,
             "TCBRIDGE_EVENT_ID": str(envelope.get("id", "")),
             "TCBRIDGE_KIND": str(envelope.get("kind", "")),
@@ -272,7 +287,7 @@ class CommandHandler:
         }
 
     async def _supervise(self, proc: asyncio.subprocess.Process, body: bytes) -> Outcome:
-        tail = _Tail()
+        tail = _Tail(secrets=self._secrets)
         timeout_s = self._settings.timeout_s
         try:
             async with asyncio.timeout(timeout_s):

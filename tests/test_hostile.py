@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -13,13 +14,15 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
-from tcbridge.config import WebhookSettings
+from tcbridge.config import WebhookSettings, load_settings, secret_values
 from tcbridge.envelope import MAX_ENVELOPE_DEPTH
 from tcbridge.errors import ApiPermanentError
+from tcbridge.handlers import _Tail
 from tcbridge.store import Store
 from tcbridge.tradecloud import object_path
 from tcbridge.webhook import build_app
 from tests.conftest import order_event_body
+from tests.support import write_config
 
 TOKEN_VALUE = "hook-token-1-for-tests-0123456789ab"
 TOKEN = {"Authorization": f"Bearer {TOKEN_VALUE}"}
@@ -145,3 +148,26 @@ async def test_spoofed_forwarded_for_before_the_proxy_header_is_refused(
         "6.6.6.6, 35.204.224.107"))
     assert genuine.status == 200
 
+
+
+def test_every_secret_of_the_settings_is_known_for_redaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TCBRIDGE_TRADECLOUD__PASSWORD", "pw-from-env")
+    (tmp_path / "token").write_text("x" * 40)
+    path = write_config(tmp_path / "t.toml", {
+        "mode": "webhook",
+        "webhook": {"auth": "bearer", "bearer_token_file": str(tmp_path / "token")},
+        "handlers": [{"name": "h", "type": "http", "url": "http://erp/", "auth": "basic",
+                      "basic_username": "u", "basic_password": "erp-pw"}],
+    })
+    assert secret_values(load_settings(path)) == ("x" * 40, "pw-from-env", "erp-pw")
+
+
+def test_output_tail_redacts_a_secret_cut_by_its_start() -> None:
+    secret = "s-" + "9" * 30
+    tail = _Tail(limit=16, secrets=[secret])
+    tail.feed(b"....." + secret.encode())
+    tail.feed(b"tail-end")  # the secret now starts before the last 16 bytes
+    assert tail.text() == ".....***tail-end"
+    assert "9" not in tail.text()
