@@ -12,6 +12,7 @@ import base64
 import contextlib
 import contextvars
 import fnmatch
+import hashlib
 import importlib
 import inspect
 import json
@@ -40,6 +41,7 @@ from tcbridge.config import (
     PythonHandlerSettings,
     child_environ,
 )
+from tcbridge.envelope import MAX_ID_LENGTH
 from tcbridge.errors import ConfigError, PermanentError
 from tcbridge.timefmt import retry_after_s
 
@@ -53,6 +55,16 @@ REAP_TIMEOUT_S = 5.0
 FILENAME_FIELDS = ("id", "kind", "entityId", "lastUpdatedAt", "eventName")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _LEADING_DOTS = re.compile(r"^\.+")
+# write_atomically's temp file is ".<name>.<12 hex>.tmp" and must fit NAME_MAX (255 bytes on
+# every common Linux file system) as well.
+_TEMP_RANDOM_HEX = 12
+_TEMP_FILE = re.compile(rf"^\..+\.[0-9a-f]{{{_TEMP_RANDOM_HEX}}}\.tmp$")
+MAX_FILENAME_BYTES = 255 - len("..tmp.") - _TEMP_RANDOM_HEX
+SHORT_VALUE_PREFIX = 40
+# The longest values a stored event can give a file name: what a template must fit.
+_LONGEST_ENVELOPE = {"id": "x" * 32, "kind": "order_documents", "entityId": "x" * MAX_ID_LENGTH,
+                     "lastUpdatedAt": "2024-05-01T10:00:00.000000000+00:00",
+                     "eventName": "x" * MAX_ID_LENGTH}
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +146,10 @@ class FileHandler:
         self.name = settings.name
         self._settings = settings
         _check_filename_template(settings.name, settings.filename)
+        removed = remove_stale_temp_files(settings.directory)
+        if removed:
+            log.warning("handler.stale_temp_files_removed", handler=self.name, files=removed,
+                        directory=str(settings.directory))
 
     async def deliver(self, envelope: Mapping[str, Any], body: bytes, attempt: int) -> Outcome:
         """Write ``body`` to ``directory/filename``; an OS error is retried."""
@@ -169,14 +185,31 @@ def _check_filename_template(handler: str, template: str) -> None:
     sample = render_filename(template, {})
     if not sample or sample.startswith(".") or any(c in sample for c in "/\\\0"):
         raise ConfigError(f"{where}: {template!r} must give a plain, non-hidden file name")
+    if len(render_filename(template, _LONGEST_ENVELOPE).encode()) > MAX_FILENAME_BYTES:
+        raise ConfigError(f"{where}: {template!r} can give names over {MAX_FILENAME_BYTES} bytes")
 
 
 def render_filename(template: str, envelope: Mapping[str, Any]) -> str:
-    """The file name for an envelope; every substituted value is made path-safe."""
+    """The file name for an envelope; every substituted value is made path-safe, and the
+    longest ones shortened (with a digest) until the name fits the file system's limit."""
     values = {field: _safe_value(envelope.get(field)) for field in FILENAME_FIELDS}
     if envelope.get("eventName") is None:
         values["eventName"] = "snapshot"
-    return template.format_map(values)
+    name = template.format_map(values)
+    while len(name.encode()) > MAX_FILENAME_BYTES:
+        field = max(values, key=lambda f: len(values[f]))
+        if len(values[field]) <= SHORT_VALUE_PREFIX + 17:
+            break  # the template itself is too long; refused when the handler is built
+        values[field] = _shortened(values[field], envelope.get(field))
+        name = template.format_map(values)
+    return name
+
+
+def _shortened(safe: str, original: object) -> str:
+    """A readable prefix and a digest of the whole value, so two long ids that share a
+    prefix still give different names (the same id always the same name)."""
+    digest = hashlib.sha256(str(original).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{safe[:SHORT_VALUE_PREFIX]}_{digest}"
 
 
 def _safe_value(value: object) -> str:
@@ -190,7 +223,7 @@ def _safe_value(value: object) -> str:
 def write_atomically(directory: Path, name: str, body: bytes) -> None:
     """Temp file (dot-prefixed) in the same directory, fsync, rename, fsync the directory."""
     directory.mkdir(parents=True, exist_ok=True)
-    temp = directory / f".{name}.{secrets.token_hex(6)}.tmp"
+    temp = directory / f".{name}.{secrets.token_hex(_TEMP_RANDOM_HEX // 2)}.tmp"
     # os.open honours the umask (unlike mkstemp's 0600), so importers can read the file.
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
@@ -203,6 +236,23 @@ def write_atomically(directory: Path, name: str, body: bytes) -> None:
         temp.unlink(missing_ok=True)
         raise
     _fsync_directory(directory)
+
+
+def remove_stale_temp_files(directory: Path) -> int:
+    """Delete the temp files of write_atomically that a crash left behind (only names of
+    that pattern: the folder is the importer's too); returns how many. Called when the
+    handler is built, before any delivery runs, so none of them is being written."""
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:  # missing or unreadable: each delivery will say so
+        return 0
+    for entry in entries:
+        if _TEMP_FILE.match(entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed += 1
+    return removed
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -14,10 +14,11 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
-from tcbridge.config import WebhookSettings, load_settings, secret_values
+from tcbridge import cli
+from tcbridge.config import FileHandlerSettings, WebhookSettings, load_settings, secret_values
 from tcbridge.envelope import MAX_ENVELOPE_DEPTH
-from tcbridge.errors import ApiPermanentError
-from tcbridge.handlers import _Tail
+from tcbridge.errors import ApiPermanentError, ConfigError
+from tcbridge.handlers import MAX_FILENAME_BYTES, FileHandler, _Tail, render_filename
 from tcbridge.store import Store
 from tcbridge.tradecloud import object_path
 from tcbridge.webhook import build_app
@@ -171,3 +172,58 @@ def test_output_tail_redacts_a_secret_cut_by_its_start() -> None:
     tail.feed(b"tail-end")  # the secret now starts before the last 16 bytes
     assert tail.text() == ".....***tail-end"
     assert "9" not in tail.text()
+
+
+# --- names from payloads; crash leftovers --------------------------------------------------
+
+
+def envelope_with(entity_id: str, event_id: str = "e" * 32) -> dict[str, Any]:
+    return {"id": event_id, "kind": "order_documents", "entityId": entity_id,
+            "lastUpdatedAt": "2024-05-01T10:00:00.000Z", "eventName": "OrderDocumentsAdded",
+            "source": "webhook"}
+
+
+async def test_file_names_from_200_character_ids_fit_the_file_system(tmp_path: Path) -> None:
+    # The README's template with the longest id the ingest accepts: 253 characters, too long
+    # for the temp file (NAME_MAX 255), so the delivery used to fail for ever.
+    settings = FileHandlerSettings(name="f", type="file", directory=tmp_path,
+                                   filename="{kind}-{entityId}-{id}.json")
+    handler = FileHandler(settings)
+    first, second = "P" * 200, "P" * 199 + "Q"
+    for entity_id in (first, second):
+        envelope = envelope_with(entity_id)
+        outcome = await handler.deliver(envelope, orjson.dumps(envelope), 1)
+        assert outcome.status == "done", outcome.error
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2  # the digest tells ids with the same prefix apart
+    assert all(len(n.encode()) <= MAX_FILENAME_BYTES and n.endswith("e" * 32 + ".json")
+               for n in names)
+    assert render_filename(settings.filename, envelope_with(first)) in names  # stable
+    short = render_filename(settings.filename, envelope_with("ORD-1"))
+    assert short == f"order_documents-ORD-1-{'e' * 32}.json"  # short names are unchanged
+
+
+def test_a_template_that_cannot_fit_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="over 237 bytes"):
+        FileHandler(FileHandlerSettings(name="f", type="file", directory=tmp_path,
+                                        filename="x" * 230 + "-{id}.json"))
+
+
+def test_stale_temp_files_of_ours_are_removed_at_start(tmp_path: Path) -> None:
+    ours = [tmp_path / ".o1.json.0123456789ab.tmp", tmp_path / ".order-x.json.abcdef012345.tmp"]
+    theirs = [tmp_path / "o1.json", tmp_path / ".importer.tmp", tmp_path / "x.0123456789ab.tmp",
+              tmp_path / ".o2.json.0123456789ab.tmp.keep"]
+    for path in ours + theirs:
+        path.write_text("{}")
+    FileHandler(FileHandlerSettings(name="f", type="file", directory=tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in theirs)
+    FileHandler(FileHandlerSettings(name="g", type="file", directory=tmp_path / "missing"))
+
+
+def test_table_output_escapes_control_characters(capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [{"id": "e1", "error": "HTTP 500: \x1b]0;owned\x07\x1b[2J\r\nfake line\x9b"}]
+    cli._table(rows, ["id", "error"])
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out and "\x9b" not in out
+    assert "\\x1b]0;owned\\x07\\x1b[2J\\x0d\\x0afake line\\x9b" in out
+    assert out.count("\n") == 2
