@@ -119,6 +119,13 @@ class WebhookSettings(_Section):
     allowed_ips: list[str] = Field(default_factory=list)
     trusted_proxies: list[str] = Field(default_factory=list)
     allow_unauthenticated: bool = False
+    # A connection is closed when it has not sent a whole request head this long after it
+    # opened or after its last answer: idle keep-alive and slow headers alike.
+    idle_timeout_s: float = Field(default=15.0, gt=0)
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    max_connections: int = Field(default=1000, ge=1)
+    # Bodies being read and parsed at once (parsing costs up to ~27 times the body size).
+    max_parse_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
 
     @field_validator("allowed_ips", "trusted_proxies")
     @classmethod
@@ -137,6 +144,8 @@ class WebhookSettings(_Section):
             _WEBHOOK_AUTH_CHECKS[self.auth](self)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("set both tls_cert and tls_key, or neither")
+        if self.max_parse_bytes < self.max_body_bytes:
+            raise ValueError("max_parse_bytes must be at least max_body_bytes")
         return self
 
 

@@ -70,6 +70,10 @@ class Metrics:
         self.backlog = Gauge("tcbridge_deliveries_backlog",
                              "Deliveries not done, by handler and status (pending, running, dead)",
                              ["handler", "status"], registry=r)
+        self.shed = Counter(
+            "tcbridge_webhook_shed",
+            "Webhook connections or requests cut short to protect the listener, by reason",
+            ["reason"], registry=r)
         self._lag = _CursorLag()
         r.register(self._lag)
 

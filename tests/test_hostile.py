@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,15 +15,15 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
-from tcbridge import cli
+from tcbridge import cli, webhook
 from tcbridge.config import FileHandlerSettings, WebhookSettings, load_settings, secret_values
 from tcbridge.envelope import MAX_ENVELOPE_DEPTH
 from tcbridge.errors import ApiPermanentError, ConfigError
 from tcbridge.handlers import MAX_FILENAME_BYTES, FileHandler, _Tail, render_filename
 from tcbridge.store import Store
 from tcbridge.tradecloud import object_path
-from tcbridge.webhook import build_app
-from tests.conftest import order_event_body
+from tcbridge.webhook import BUDGET_KEY, build_app
+from tests.conftest import order_event_body, until
 from tests.support import write_config
 
 TOKEN_VALUE = "hook-token-1-for-tests-0123456789ab"
@@ -227,3 +228,55 @@ def test_table_output_escapes_control_characters(capsys: pytest.CaptureFixture[s
     assert "\x1b" not in out and "\x07" not in out and "\r" not in out and "\x9b" not in out
     assert "\\x1b]0;owned\\x07\\x1b[2J\\x0d\\x0afake line\\x9b" in out
     assert out.count("\n") == 2
+
+
+# --- memory: bytes being parsed at once ------------------------------------------------------
+
+
+async def test_bodies_past_the_parse_budget_get_503_and_small_ones_are_still_answered(
+    client_factory: Client, store: Store
+) -> None:
+    client = await client_factory(max_body_bytes=100_000, max_parse_bytes=150_000)
+    budget = client.server.app[BUDGET_KEY]
+    # A big body on its way holds 100,000 bytes of the budget while it arrives.
+    _, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"POST /webhook/order HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {TOKEN_VALUE}\r\n".encode()
+                 + b"Content-Length: 100000\r\n\r\n{")
+    await writer.drain()
+    await until(lambda: budget.used_bytes == 100_000, timeout_s=10)
+
+    big = order_event_body("o-big")
+    big["orderEvent"]["padding"] = "x" * 60_000
+    refused = await client.post("/webhook/order", json=big, headers=TOKEN)
+    assert refused.status == 503
+    assert refused.headers["Retry-After"] == "7"
+    small = await client.post("/webhook/order", json=order_event_body("o-small"), headers=TOKEN)
+    assert small.status == 200
+
+    writer.close()
+    await until(lambda: budget.used_bytes == 0, timeout_s=10)
+    retried = await client.post("/webhook/order", json=big, headers=TOKEN)
+    assert retried.status == 200
+    assert (await store.counts())["events"] == 2
+
+
+async def test_a_large_body_is_parsed_off_the_event_loop(
+    client_factory: Client, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[str] = []
+    real = webhook.decode_body
+
+    def decode(body: bytes) -> object:
+        threads.append(threading.current_thread().name)
+        return real(body)
+
+    monkeypatch.setattr(webhook, "decode_body", decode)
+    client = await client_factory()
+    body = order_event_body("o-large")
+    body["orderEvent"]["lines"] = [{"id": f"l{i}", "note": "n" * 100} for i in range(5000)]
+    assert (await client.post("/webhook/order", json=body, headers=TOKEN)).status == 200
+    assert (await client.post("/webhook/order", json=order_event_body("o-tiny"),
+                              headers=TOKEN)).status == 200
+    assert threads[0] != threading.main_thread().name
+    assert threads[1] == threading.main_thread().name
