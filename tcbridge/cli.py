@@ -116,6 +116,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     """``tcbridge check-config``."""
     settings = load_settings(args.config)
     print(f"{args.config}: ok (mode {settings.mode}, {len(settings.handlers)} handler(s))")
+    if settings.webhook_enabled and settings.webhook.auth == "none":
+        print(f"{args.config}: warning: webhook.auth = 'none': anyone who can reach "
+              f"{settings.webhook.host}:{settings.webhook.port} can post events", file=sys.stderr)
     return 0
 
 

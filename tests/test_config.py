@@ -69,10 +69,12 @@ def test_webhook_authentication_must_be_chosen(
 
 
 def test_unauthenticated_webhook_when_asked_for_and_poll_mode_without_webhook(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     text = 'mode = "webhook"\n[webhook]\nauth = "none"\nallow_unauthenticated = true\n'
     assert load_settings(write(tmp_path, text)).webhook.auth == "none"
+    assert main(["check-config", "--config", str(tmp_path / "tcbridge.toml")]) == 0
+    assert "warning: webhook.auth = 'none'" in capsys.readouterr().err
     poll = 'mode = "poll"\n[tradecloud]\nusername = "u"\npassword = "p"\n'
     assert load_settings(write(tmp_path, poll)).webhook.auth is None
 

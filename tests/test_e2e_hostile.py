@@ -180,3 +180,19 @@ async def test_slow_headers_and_slow_bodies_are_cut_off(
     # An idle connection is closed too; a real webhook still works.
     assert await trickle(b"", b"") == b""
     assert await post(daemon, order_event_body("o-after-slow"))
+
+
+async def test_a_daemon_without_webhook_auth_refuses_to_start_and_none_is_warned_about(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    open_default = daemon_factory({"webhook": {"auth": "none"}}, name="open")
+    result = open_default.cli("check-config", expect=2)
+    assert "allow_unauthenticated" in result.stderr
+    with pytest.raises(AssertionError, match="exited 2"):
+        await open_default.start(timeout_s=20)
+    explicit = daemon_factory({"webhook": {"auth": "none", "allow_unauthenticated": True}},
+                              name="explicit")
+    for _ in range(2):  # at every start
+        await explicit.start()
+        assert await explicit.stop() == 0
+    assert len(await explicit.wait_for_log("webhook.auth_disabled", count=2)) == 2
