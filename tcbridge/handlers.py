@@ -105,7 +105,7 @@ def build_handler(
         return CommandHandler(settings, secrets)
     if isinstance(settings, HttpHandlerSettings):
         return HttpHandler(settings, session)
-    return PythonHandler(settings)
+    return PythonHandler(settings, secrets)
 
 
 def matches(settings: HandlerSettings, envelope: Mapping[str, Any]) -> bool:
@@ -523,9 +523,10 @@ def parse_retry_after(value: str | None) -> float | None:
 class PythonHandler:
     """Calls ``pkg.module:function(envelope)``: async ones awaited, sync ones in a thread."""
 
-    def __init__(self, settings: PythonHandlerSettings) -> None:
+    def __init__(self, settings: PythonHandlerSettings, secrets: Sequence[str] = ()) -> None:
         self.name = settings.name
         self._settings = settings
+        self._secrets = tuple(secrets)
         self._target = _load_callable(settings.name, settings.callable)
         call = getattr(self._target, "__call__", None)  # noqa: B004 - objects with async __call__
         self._is_async = inspect.iscoroutinefunction(self._target) or (
@@ -540,14 +541,21 @@ class PythonHandler:
                 # A fresh copy, so the function cannot change what the dispatcher holds.
                 await self._call(json.loads(body))
         except PermanentError as e:
-            return Outcome("dead", error=_short(_describe(e)))
+            return Outcome("dead", error=self._error(e))
         except TimeoutError as e:
             if deadline.expired():
                 return _timeout_error(self._settings.timeout_s)
-            return Outcome("retry", error=_short(_describe(e)))
+            return Outcome("retry", error=self._error(e))
         except (Exception, SystemExit) as e:  # a sys.exit() in a handler must not stop us
-            return Outcome("retry", error=_short(_describe(e)))
+            return Outcome("retry", error=self._error(e))
         return DONE
+
+    def _error(self, error: BaseException) -> str:
+        """The exception as kept text: a message may quote a secret (a connection string)."""
+        text = _describe(error)
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return _short(text)
 
     async def close(self) -> None:
         """Nothing to release."""

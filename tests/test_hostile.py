@@ -10,16 +10,29 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
 from tcbridge import cli, webhook
-from tcbridge.config import FileHandlerSettings, WebhookSettings, load_settings, secret_values
+from tcbridge.config import (
+    FileHandlerSettings,
+    PythonHandlerSettings,
+    WebhookSettings,
+    load_settings,
+    secret_values,
+)
 from tcbridge.envelope import MAX_ENVELOPE_DEPTH
 from tcbridge.errors import ApiPermanentError, ConfigError
-from tcbridge.handlers import MAX_FILENAME_BYTES, FileHandler, _Tail, render_filename
+from tcbridge.handlers import (
+    MAX_FILENAME_BYTES,
+    FileHandler,
+    _Tail,
+    build_handler,
+    render_filename,
+)
 from tcbridge.store import Store
 from tcbridge.tradecloud import object_path
 from tcbridge.webhook import BUDGET_KEY, build_app
@@ -280,3 +293,19 @@ async def test_a_large_body_is_parsed_off_the_event_loop(
                               headers=TOKEN)).status == 200
     assert threads[0] != threading.main_thread().name
     assert threads[1] == threading.main_thread().name
+
+
+async def test_python_handler_errors_are_redacted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "tcb_leaky_target.py").write_text(
+        "def fail(envelope):\n"
+        "    raise RuntimeError('cannot connect to postgres://erp:erp-db-pw-42@db/erp')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    settings = PythonHandlerSettings(name="p", type="python", callable="tcb_leaky_target:fail")
+    async with aiohttp.ClientSession() as session:
+        handler = build_handler(settings, session, secrets=["erp-db-pw-42"])
+        envelope = envelope_with("o-1")
+        outcome = await handler.deliver(envelope, orjson.dumps(envelope), 1)
+    assert outcome.status == "retry"
+    assert outcome.error == "RuntimeError: cannot connect to postgres://erp:***@db/erp"
