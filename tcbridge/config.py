@@ -144,6 +144,9 @@ class WebhookSettings(_Section):
             _WEBHOOK_AUTH_CHECKS[self.auth](self)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("set both tls_cert and tls_key, or neither")
+        if "max_parse_bytes" not in self.model_fields_set:  # follow a raised max_body_bytes
+            object.__setattr__(self, "max_parse_bytes",
+                               max(self.max_parse_bytes, 2 * self.max_body_bytes))
         if self.max_parse_bytes < self.max_body_bytes:
             raise ValueError("max_parse_bytes must be at least max_body_bytes")
         return self

@@ -79,6 +79,14 @@ def test_unauthenticated_webhook_when_asked_for_and_poll_mode_without_webhook(
     assert load_settings(write(tmp_path, poll)).webhook.auth is None
 
 
+def test_parse_budget_follows_the_body_limit_unless_set(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, MINIMAL)).webhook.max_parse_bytes == 20 * 1024 * 1024
+    raised = load_settings(write(tmp_path, MINIMAL + "max_body_bytes = 50000000\n")).webhook
+    assert raised.max_parse_bytes == 100_000_000
+    with pytest.raises(ConfigError, match="max_parse_bytes must be at least max_body_bytes"):
+        load_settings(write(tmp_path, MINIMAL + "max_parse_bytes = 5000\n"))
+
+
 def test_defaults_and_values(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, MINIMAL))
     assert settings.store.path == Path("var/tcbridge.db")
