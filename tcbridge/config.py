@@ -105,7 +105,8 @@ class WebhookSettings(_Section):
 
     host: str = "0.0.0.0"  # noqa: S104 - a webhook listener is public by design
     port: int = Field(default=8080, ge=0, le=65535)
-    # No default: a listener open to anyone must be asked for (see _check_webhook_auth).
+    # No default: a listener open to anyone must be asked for (_WEBHOOK_AUTH_CHECKS, and
+    # Settings._check_whole when the listener runs).
     auth: Literal["bearer", "basic", "none"] | None = None
     bearer_token: SecretStr | None = None
     bearer_token_file: Path | None = None
@@ -157,7 +158,10 @@ def _filled(secret: SecretStr | None) -> bool:
 
 
 MIN_BEARER_TOKEN_CHARS = 32
-MAKE_SECRET_HINT = "make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"  # noqa: S105 - advice, not a secret
+# Advice, not a secret (ruff's S105 reads the name).
+MAKE_SECRET_HINT = (
+    "make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"  # noqa: S105
+)
 
 
 def _placeholder(secret: SecretStr | None) -> bool:
