@@ -27,7 +27,7 @@ from tests.support import free_port, write_config
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 PYTHON = sys.executable
-TOKEN = "bench-token-0123456789"  # noqa: S105 - a loopback-only benchmark credential
+TOKEN = "bench-token-0123456789-0123456789abcdef"  # noqa: S105 - a loopback-only benchmark credential
 ENV = os.environ | {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import ssl
 import time
@@ -18,7 +19,7 @@ from aiohttp import web
 
 from tcbridge import __version__, retention
 from tcbridge.admin import build_admin_app
-from tcbridge.config import Settings, service_manager_environ
+from tcbridge.config import Settings, secret_values, service_manager_environ
 from tcbridge.dispatch import Dispatcher, Lane, make_route
 from tcbridge.documents import with_documents
 from tcbridge.errors import StoreError
@@ -30,13 +31,16 @@ from tcbridge.poller import Poller
 from tcbridge.store import Store
 from tcbridge.systemd import Notifier
 from tcbridge.tradecloud import TradecloudClient
-from tcbridge.webhook import build_app, drain
+from tcbridge.webhook import build_app, drain, limit_connections
 
 log = structlog.get_logger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 READY_PING_TIMEOUT_S = 2.0
+# File descriptors kept for everything but webhook connections: the store, the client's
+# connection pool, handler pipes and sockets, the admin listener.
+RESERVED_FDS = 256
 STALE_POLL_INTERVALS = 3
 # Background loops (poller, fetcher, retention) hold nothing that a cancel can lose (each
 # page commits with its cursor), so stopping does not wait out their HTTP retries.
@@ -140,8 +144,9 @@ async def _watch_store(store: Store, stop: asyncio.Event) -> None:
 
 async def _start_dispatcher(settings: Settings, parts: Parts, stop: asyncio.Event) -> None:
     assert parts.session is not None
-    lanes = [Lane(h, with_documents(h, build_handler(h, parts.session), parts.session,
-                                    parts.client, settings.store.path,
+    secrets = secret_values(settings)
+    lanes = [Lane(h, with_documents(h, build_handler(h, parts.session, secrets=secrets),
+                                    parts.session, parts.client, settings.store.path,
                                     parts.metrics.count_documents),
                   parts.store, metrics=parts.metrics)
              for h in settings.handlers]
@@ -177,8 +182,12 @@ async def _start_listener(settings: Settings, parts: Parts) -> None:
                     retry_after_s=settings.store.retry_after_s, metrics=parts.metrics,
                     draining=parts.draining, verifier=await _oauth2_verifier(settings, parts))
     parts.webhook_app = app
-    parts.runner = await _listen(app, hook.host, hook.port, settings.shutdown_timeout_s,
-                                 _tls(settings))
+    max_connections = _connection_limit(hook.max_connections)
+    parts.runner = await _listen(
+        app, hook.host, hook.port, settings.shutdown_timeout_s, _tls(settings),
+        keepalive_timeout_s=hook.idle_timeout_s,
+        prepare=lambda runner: limit_connections(_server(runner), app, max_connections),
+    )
     parts.bound.extend(_addresses(parts.runner))
 
 
@@ -202,17 +211,48 @@ async def _start_admin(settings: Settings, parts: Parts) -> None:
 
 async def _listen(
     app: web.Application, host: str, port: int, shutdown_timeout_s: float,
-    tls: ssl.SSLContext | None,
+    tls: ssl.SSLContext | None, *, keepalive_timeout_s: float = 15.0,
+    prepare: Callable[[web.AppRunner], None] | None = None,
 ) -> web.AppRunner:
+    # aiohttp's own keep-alive default is an hour, and it runs from the connection's
+    # opening until a whole request head has arrived: idle and slow clients held a file
+    # descriptor each for that long.
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                           shutdown_timeout=shutdown_timeout_s)
+                           shutdown_timeout=shutdown_timeout_s,
+                           keepalive_timeout=keepalive_timeout_s)
     await runner.setup()
+    if prepare is not None:
+        prepare(runner)
     try:
         await web.TCPSite(runner, host, port, ssl_context=tls, reuse_address=True).start()
     except BaseException:
         await runner.cleanup()
         raise
     return runner
+
+
+def _server(runner: web.AppRunner) -> web.Server:
+    server = runner.server
+    assert server is not None  # set up
+    return server
+
+
+def _connection_limit(configured: int) -> int:
+    """``max_connections``, within what the process may open: the soft RLIMIT_NOFILE is
+    raised to the hard one first (systemd's default soft limit is 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    allowed = max(1, soft - RESERVED_FDS) if soft != resource.RLIM_INFINITY else configured
+    if configured > allowed:
+        log.warning("webhook.max_connections_lowered", configured=configured, used=allowed,
+                    open_files_limit=soft,
+                    message="raise LimitNOFILE= (the unit sets 65536) to allow more")
+        return allowed
+    return configured
 
 
 def _addresses(runner: web.AppRunner) -> list[tuple[str, int]]:

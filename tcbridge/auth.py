@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 import ipaddress
 from collections.abc import Sequence
@@ -17,7 +16,7 @@ def check_credentials(settings: WebhookSettings, authorization: str | None) -> b
     """True when the ``Authorization`` header matches the configured scheme (constant time)."""
     if settings.auth == "none":
         return True
-    if not authorization:
+    if settings.auth is None or not authorization:  # no scheme configured: fail closed
         return False
     scheme, _, value = authorization.strip().partition(" ")
     value = value.strip()
@@ -34,7 +33,7 @@ def check_credentials(settings: WebhookSettings, authorization: str | None) -> b
 def _check_basic(settings: WebhookSettings, value: str) -> bool:
     try:
         decoded = base64.b64decode(value, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError):  # b64decode raises ValueError for non-ASCII
         return False
     user, sep, password = decoded.partition(":")
     if not sep or settings.basic_username is None or settings.basic_password is None:
@@ -46,7 +45,11 @@ def _check_basic(settings: WebhookSettings, value: str) -> bool:
 
 
 def _same(given: str, expected: str) -> bool:
-    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+    # aiohttp decodes header bytes that are not UTF-8 as lone surrogates; such a value is
+    # not any configured secret (surrogateescape gives the raw bytes back to compare).
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape")
+    )
 
 
 def challenge(settings: WebhookSettings) -> str:
@@ -62,13 +65,18 @@ def parse_networks(values: Sequence[str]) -> tuple[Network, ...]:
 
 
 def client_ip(
-    peer: str | None, forwarded_for: str | None, trusted_proxies: Sequence[Network]
+    peer: str | None, forwarded_for: Sequence[str], trusted_proxies: Sequence[Network]
 ) -> str | None:
     """The caller's address: the peer, or the last untrusted hop of X-Forwarded-For
-    when the peer is a trusted proxy."""
+    when the peer is a trusted proxy.
+
+    ``forwarded_for`` is every X-Forwarded-For header in order: several headers are one
+    list joined by commas (RFC 9110 5.3), and a proxy that adds its own header after the
+    client's puts the real hop at the right, so reading only the first would let the
+    client name itself (nginx realip and MDN read it the same way, from the right)."""
     if peer is None or not trusted_proxies or not _in(peer, trusted_proxies):
         return peer
-    hops = [hop.strip() for hop in (forwarded_for or "").split(",") if hop.strip()]
+    hops = [hop.strip() for hop in ",".join(forwarded_for).split(",") if hop.strip()]
     for hop in reversed(hops):
         if not _in(hop, trusted_proxies):
             return hop

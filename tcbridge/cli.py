@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -120,6 +121,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     """``tcbridge check-config``."""
     settings = load_settings(args.config)
     print(f"{args.config}: ok (mode {settings.mode}, {len(settings.handlers)} handler(s))")
+    if settings.webhook_enabled and settings.webhook.auth == "none":
+        print(f"{args.config}: warning: webhook.auth = 'none': anyone who can reach "
+              f"{settings.webhook.host}:{settings.webhook.port} can post events", file=sys.stderr)
     return 0
 
 
@@ -348,6 +352,15 @@ async def _with_store(settings: Settings, op: Callable[[Store], Any]) -> Any:
         return await op(store)
 
 
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    """Control characters as \\xNN: ids, names and errors come from payloads and handlers,
+    and an escape sequence must not reach the operator's terminal."""
+    return _CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _print_rows(rows: list[dict[str, Any]], columns: list[str], *, as_json: bool) -> None:
     """One JSON object per line, or a table of the given columns."""
     if as_json:
@@ -358,7 +371,8 @@ def _print_rows(rows: list[dict[str, Any]], columns: list[str], *, as_json: bool
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-    cells = [[("" if row[c] is None else str(row[c])) for c in columns] for row in rows]
+    cells = [[("" if row[c] is None else _printable(str(row[c]))) for c in columns]
+             for row in rows]
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for r in cells:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -134,7 +134,9 @@ class WebhookSettings(_Section):
 
     host: str = "0.0.0.0"  # noqa: S104 - a webhook listener is public by design
     port: int = Field(default=8080, ge=0, le=65535)
-    auth: Literal["bearer", "basic", "none", "oauth2"] = "bearer"
+    # No default: a listener open to anyone must be asked for (_WEBHOOK_AUTH_CHECKS, and
+    # Settings._check_whole when the listener runs).
+    auth: Literal["bearer", "basic", "oauth2", "none"] | None = None
     bearer_token: SecretStr | None = None
     bearer_token_file: Path | None = None
     basic_username: SecretStr | None = None
@@ -152,6 +154,14 @@ class WebhookSettings(_Section):
     oauth2_jwks_url: str | None = None
     oauth2_required_claims: dict[str, str | list[str]] = Field(default_factory=dict)
     oauth2_leeway_s: float = Field(default=60.0, ge=0, le=600)
+    allow_unauthenticated: bool = False
+    # A connection is closed when it has not sent a whole request head this long after it
+    # opened or after its last answer: idle keep-alive and slow headers alike.
+    idle_timeout_s: float = Field(default=15.0, gt=0)
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    max_connections: int = Field(default=1000, ge=1)
+    # Bodies being read and parsed at once (parsing costs up to ~27 times the body size).
+    max_parse_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
 
     @field_validator("allowed_ips", "trusted_proxies")
     @classmethod
@@ -166,29 +176,15 @@ class WebhookSettings(_Section):
     @model_validator(mode="after")
     def _check_auth(self) -> WebhookSettings:
         _resolve_secrets(self, "bearer_token", "basic_username", "basic_password")
-        if self.auth == "bearer" and not _filled(self.bearer_token):
-            raise ValueError("auth = 'bearer' needs bearer_token or bearer_token_file")
-        if self.auth == "basic" and not (
-            _filled(self.basic_username) and _filled(self.basic_password)
-        ):
-            raise ValueError("auth = 'basic' needs basic_username and basic_password")
+        if self.auth is not None:
+            _WEBHOOK_AUTH_CHECKS[self.auth](self)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("set both tls_cert and tls_key, or neither")
-        return self
-
-    @model_validator(mode="after")
-    def _check_oauth2(self) -> WebhookSettings:
-        if self.auth != "oauth2":
-            return self
-        if not self.oauth2_issuer or not _is_url(self.oauth2_issuer):
-            raise ValueError("auth = 'oauth2' needs oauth2_issuer, an http(s):// URL")
-        if not self.oauth2_audiences or not all(self.oauth2_audiences):
-            raise ValueError("auth = 'oauth2' needs oauth2_audience (a string or a list)")
-        if self.oauth2_jwks_url is not None and not _is_url(self.oauth2_jwks_url):
-            raise ValueError("oauth2_jwks_url must be an http(s):// URL")
-        for name, value in self.oauth2_required_claims.items():
-            if not name or value in ("", []):
-                raise ValueError(f"oauth2_required_claims: {name!r} needs a value")
+        if "max_parse_bytes" not in self.model_fields_set:  # follow a raised max_body_bytes
+            object.__setattr__(self, "max_parse_bytes",
+                               max(self.max_parse_bytes, 2 * self.max_body_bytes))
+        if self.max_parse_bytes < self.max_body_bytes:
+            raise ValueError("max_parse_bytes must be at least max_body_bytes")
         return self
 
     @property
@@ -204,6 +200,63 @@ def _is_url(value: str) -> bool:
 
 def _filled(secret: SecretStr | None) -> bool:
     return secret is not None and secret.get_secret_value() != ""
+
+
+MIN_BEARER_TOKEN_CHARS = 32
+# Advice, not a secret (ruff's S105 reads the name).
+MAKE_SECRET_HINT = (
+    "make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"  # noqa: S105
+)
+
+
+def _placeholder(secret: SecretStr | None) -> bool:
+    """A value copied from config.example.toml or the README, not a real secret."""
+    text = "" if secret is None else secret.get_secret_value().strip().lower()
+    return text.startswith(("change-me", "changeme")) or text in ("...", "<secret>")
+
+
+def _check_bearer(hook: WebhookSettings) -> None:
+    if not _filled(hook.bearer_token):
+        raise ValueError("auth = 'bearer' needs bearer_token or bearer_token_file")
+    if _placeholder(hook.bearer_token):
+        raise ValueError(f"bearer_token is the example's placeholder; {MAKE_SECRET_HINT}")
+    assert hook.bearer_token is not None
+    if len(hook.bearer_token.get_secret_value()) < MIN_BEARER_TOKEN_CHARS:
+        raise ValueError(
+            f"bearer_token is shorter than {MIN_BEARER_TOKEN_CHARS} characters; {MAKE_SECRET_HINT}"
+        )
+
+
+def _check_basic(hook: WebhookSettings) -> None:
+    if not (_filled(hook.basic_username) and _filled(hook.basic_password)):
+        raise ValueError("auth = 'basic' needs basic_username and basic_password")
+    if _placeholder(hook.basic_password):
+        raise ValueError(f"basic_password is the example's placeholder; {MAKE_SECRET_HINT}")
+
+
+def _check_none(hook: WebhookSettings) -> None:
+    if not hook.allow_unauthenticated:
+        raise ValueError(
+            "auth = 'none' lets anyone who reaches the port post events; "
+            "set allow_unauthenticated = true as well if that is really meant"
+        )
+
+
+def _check_oauth2(hook: WebhookSettings) -> None:
+    if not hook.oauth2_issuer or not _is_url(hook.oauth2_issuer):
+        raise ValueError("auth = 'oauth2' needs oauth2_issuer, an http(s):// URL")
+    if not hook.oauth2_audiences or not all(hook.oauth2_audiences):
+        raise ValueError("auth = 'oauth2' needs oauth2_audience (a string or a list)")
+    if hook.oauth2_jwks_url is not None and not _is_url(hook.oauth2_jwks_url):
+        raise ValueError("oauth2_jwks_url must be an http(s):// URL")
+    for name, value in hook.oauth2_required_claims.items():
+        if not name or value in ("", []):
+            raise ValueError(f"oauth2_required_claims: {name!r} needs a value")
+
+
+# One check per scheme, so a new scheme is one entry here and one in the Literal.
+_WEBHOOK_AUTH_CHECKS = {"bearer": _check_bearer, "basic": _check_basic,
+                        "oauth2": _check_oauth2, "none": _check_none}
 
 
 class PollSettings(_Section):
@@ -349,6 +402,9 @@ class CommandHandlerSettings(_DocumentsOptions):
     permanent_exit_codes: list[int] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     cwd: Path | None = None
+    # Names of the daemon's environment variables the command also gets (besides PATH, LANG,
+    # HOME): the rest, secrets given as TCBRIDGE_* above all, stays with the daemon.
+    inherit_env: list[str] = Field(default_factory=list)
 
 
 class HttpHandlerSettings(_HandlerBase):
@@ -458,7 +514,7 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
     store: StoreSettings = Field(default_factory=StoreSettings)
     tradecloud: TradecloudSettings = Field(default_factory=TradecloudSettings)
-    webhook: WebhookSettings = Field(default_factory=lambda: WebhookSettings(auth="none"))
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     poll: PollSettings = Field(default_factory=PollSettings)
     fetch: FetchSettings = Field(default_factory=FetchSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
@@ -497,6 +553,11 @@ class Settings(BaseSettings):
         shared = sorted({d for d in dirs if dirs.count(d) > 1})
         if shared:
             raise ValueError(f"handlers must not share a documents_dir: {', '.join(shared)}")
+        if self.webhook_enabled and self.webhook.auth is None:
+            raise ValueError(
+                f"mode = {self.mode!r} runs the webhook listener: set [webhook] auth "
+                "('bearer', 'basic' or 'oauth2'; 'none' only with allow_unauthenticated = true)"
+            )
         return self
 
     @property
@@ -516,6 +577,38 @@ SERVICE_MANAGER_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 def service_manager_environ() -> dict[str, str]:
     """What systemd tells its service through the environment (sd_notify, watchdog)."""
     return {k: os.environ[k] for k in SERVICE_MANAGER_VARIABLES if k in os.environ}
+
+
+CHILD_BASE_VARIABLES = ("PATH", "LANG", "HOME")
+
+
+def child_environ(inherit: Sequence[str]) -> dict[str, str]:
+    """The part of the daemon's environment a command handler's program inherits: PATH,
+    LANG, HOME and the names its configuration lists (``inherit_env``); never the rest."""
+    names = (*CHILD_BASE_VARIABLES, *inherit)
+    return {k: os.environ[k] for k in names if k in os.environ}
+
+
+def secret_values(model: BaseModel) -> tuple[str, ...]:
+    """Every secret of the settings (each SecretStr, wherever it is), longest first, so
+    output that is kept can be redacted."""
+    found: set[str] = set()
+
+    def walk(value: object) -> None:
+        if isinstance(value, SecretStr):
+            found.add(value.get_secret_value())
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name))
+        elif isinstance(value, list | tuple):
+            for item in value:
+                walk(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+
+    walk(model)
+    return tuple(sorted((s for s in found if s), key=len, reverse=True))
 
 
 def load_settings(path: Path | str) -> Settings:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeGuard
 from urllib.parse import quote
@@ -38,6 +39,14 @@ LAYOUTS: dict[str, Layout] = {
 }
 # The buyer or supplier asking for the order again: same lastUpdatedAt, always delivered.
 RESENT_EVENTS = frozenset({"OrderResentByBuyer", "OrderResentBySupplier", "ShipmentResentByBuyer"})
+# orjson writes at most 254 nested arrays/objects (loads reads 1024). Deeper envelopes fell
+# back to the json module, whose limit is Python's recursion limit minus whatever is on the
+# stack (about 989 levels in the writer thread), and then failed for ever: 503s that
+# Tradecloud retries without end. So the envelope's own limit is orjson's.
+MAX_ENVELOPE_DEPTH = 254
+# C0 and C1 control characters: no id has them, and they would reach file names, logs and
+# the operator's terminal.
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +125,7 @@ def parse_order_webhook(body: object) -> Candidate:
     event = _require_object(data[key], key)
     kind = ORDER_EVENT_KEYS[key]
     entity = _entity_id(event, ("orderId", "id"), key)
+    _check_storable(event, key)
     meta = _message_meta(data, event)
     message_id = _message_id(meta)
     name = _event_name(data)
@@ -183,6 +193,7 @@ def parse_snapshot(
     if kind == "shipment":
         return replace(_shipment(data, source, kind), since_us=since_us)
     entity = _entity_id(data, ("id", "orderId"), kind)
+    _check_storable(data, kind)
     stamp, version, instant = _version(data, kind, meta=None)
     lines = _lines(data, "lastUpdatedAt")
     return Candidate(
@@ -241,6 +252,7 @@ def envelope_dict(
 
 def _shipment(data: Mapping[str, Any], source: Source, where: str) -> Candidate:
     entity = _entity_id(data, ("id", "shipmentId"), where)
+    _check_storable(data, where)
     meta = data.get("meta")
     stamp_holder = meta if isinstance(meta, Mapping) and "lastUpdatedAt" in meta else data
     stamp, version, instant = _version(stamp_holder, where, meta=meta)
@@ -296,14 +308,44 @@ def _event_name(data: Mapping[str, Any]) -> str | None:
 
 def plain_text(value: object) -> TypeGuard[str]:
     """A usable id or name: a non-blank string, not too long, valid Unicode (a lone
-    surrogate such as "\\ud800" parses as JSON but is no text)."""
+    surrogate such as "\\ud800" parses as JSON but is no text), without control characters,
+    and not "." or ".." (which a URL path would resolve: GET /v2/order/.. is GET /v2/)."""
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_LENGTH:
+        return False
+    if value in (".", "..") or _CONTROL_CHARS.search(value):
         return False
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _check_storable(payload: Mapping[str, Any], where: str) -> None:
+    """Refuse a payload its envelope could never be stored with (too deeply nested): a 4xx
+    now instead of a 503 for ever. orjson is the probe: in C, and fast when it succeeds."""
+    try:
+        orjson.dumps({"payload": payload})  # as deep as the envelope
+    except orjson.JSONEncodeError:
+        # Also raised for a lone surrogate, which the store can still keep: only depth counts.
+        if _deeper_than({"payload": payload}, MAX_ENVELOPE_DEPTH):
+            raise InvalidEvent(
+                f"{where} is nested deeper than {MAX_ENVELOPE_DEPTH - 1} levels and cannot "
+                "be stored"
+            ) from None
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """True when ``value`` has more than ``limit`` nested arrays and objects (iterative)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, Mapping) else node
+        assert isinstance(children, Iterable)
+        stack.extend((c, depth + 1) for c in children if isinstance(c, Mapping | list))
+    return False
 
 
 def _entity_id(data: Mapping[str, Any], keys: tuple[str, ...], where: str) -> str:

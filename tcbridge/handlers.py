@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import contextvars
+import hashlib
 import importlib
 import inspect
 import json
@@ -21,7 +22,7 @@ import signal
 import string
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
@@ -39,7 +40,9 @@ from tcbridge.config import (
     HttpHandlerSettings,
     NatsHandlerSettings,
     PythonHandlerSettings,
+    child_environ,
 )
+from tcbridge.envelope import MAX_ID_LENGTH
 from tcbridge.errors import ConfigError, PermanentError
 from tcbridge.filters import skip_reason
 from tcbridge.timefmt import retry_after_s
@@ -54,6 +57,16 @@ REAP_TIMEOUT_S = 5.0
 FILENAME_FIELDS = ("id", "kind", "entityId", "lastUpdatedAt", "eventName")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _LEADING_DOTS = re.compile(r"^\.+")
+# write_atomically's temp file is ".<name>.<12 hex>.tmp" and must fit NAME_MAX (255 bytes on
+# every common Linux file system) as well.
+_TEMP_RANDOM_HEX = 12
+_TEMP_FILE = re.compile(rf"^\..+\.[0-9a-f]{{{_TEMP_RANDOM_HEX}}}\.tmp$")
+MAX_FILENAME_BYTES = 255 - len("..tmp.") - _TEMP_RANDOM_HEX
+SHORT_VALUE_PREFIX = 40
+# The longest values a stored event can give a file name: what a template must fit.
+_LONGEST_ENVELOPE = {"id": "x" * 32, "kind": "order_documents", "entityId": "x" * MAX_ID_LENGTH,
+                     "lastUpdatedAt": "2024-05-01T10:00:00.000000000+00:00",
+                     "eventName": "x" * MAX_ID_LENGTH}
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,12 +96,15 @@ class Handler(Protocol):
         ...
 
 
-def build_handler(settings: HandlerSettings, session: aiohttp.ClientSession) -> Handler:
-    """The handler for one ``[[handlers]]`` section; :class:`ConfigError` if it cannot work."""
+def build_handler(
+    settings: HandlerSettings, session: aiohttp.ClientSession, *, secrets: Sequence[str] = ()
+) -> Handler:
+    """The handler for one ``[[handlers]]`` section; :class:`ConfigError` if it cannot work.
+    ``secrets`` (every secret of the settings) are redacted from output that is kept."""
     if isinstance(settings, FileHandlerSettings):
         return FileHandler(settings)
     if isinstance(settings, CommandHandlerSettings):
-        return CommandHandler(settings)
+        return CommandHandler(settings, secrets)
     if isinstance(settings, HttpHandlerSettings):
         return HttpHandler(settings, session)
     if isinstance(settings, AmqpHandlerSettings | NatsHandlerSettings):
@@ -97,7 +113,7 @@ def build_handler(settings: HandlerSettings, session: aiohttp.ClientSession) -> 
         from tcbridge.sinks import build_sink
 
         return build_sink(settings)
-    return PythonHandler(settings)
+    return PythonHandler(settings, secrets)
 
 
 def matches(settings: HandlerSettings, envelope: Mapping[str, Any]) -> bool:
@@ -130,6 +146,10 @@ class FileHandler:
         self.name = settings.name
         self._settings = settings
         _check_filename_template(settings.name, settings.filename)
+        removed = remove_stale_temp_files(settings.directory)
+        if removed:
+            log.warning("handler.stale_temp_files_removed", handler=self.name, files=removed,
+                        directory=str(settings.directory))
 
     async def deliver(self, envelope: Mapping[str, Any], body: bytes, attempt: int) -> Outcome:
         """Write ``body`` to ``directory/filename``; an OS error is retried."""
@@ -165,14 +185,31 @@ def _check_filename_template(handler: str, template: str) -> None:
     sample = render_filename(template, {})
     if not sample or sample.startswith(".") or any(c in sample for c in "/\\\0"):
         raise ConfigError(f"{where}: {template!r} must give a plain, non-hidden file name")
+    if len(render_filename(template, _LONGEST_ENVELOPE).encode()) > MAX_FILENAME_BYTES:
+        raise ConfigError(f"{where}: {template!r} can give names over {MAX_FILENAME_BYTES} bytes")
 
 
 def render_filename(template: str, envelope: Mapping[str, Any]) -> str:
-    """The file name for an envelope; every substituted value is made path-safe."""
+    """The file name for an envelope; every substituted value is made path-safe, and the
+    longest ones shortened (with a digest) until the name fits the file system's limit."""
     values = {field: _safe_value(envelope.get(field)) for field in FILENAME_FIELDS}
     if envelope.get("eventName") is None:
         values["eventName"] = "snapshot"
-    return template.format_map(values)
+    name = template.format_map(values)
+    while len(name.encode()) > MAX_FILENAME_BYTES:
+        field = max(values, key=lambda f: len(values[f]))
+        if len(values[field]) <= SHORT_VALUE_PREFIX + 17:
+            break  # the template itself is too long; refused when the handler is built
+        values[field] = _shortened(values[field], envelope.get(field))
+        name = template.format_map(values)
+    return name
+
+
+def _shortened(safe: str, original: object) -> str:
+    """A readable prefix and a digest of the whole value, so two long ids that share a
+    prefix still give different names (the same id always the same name)."""
+    digest = hashlib.sha256(str(original).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{safe[:SHORT_VALUE_PREFIX]}_{digest}"
 
 
 def _safe_value(value: object) -> str:
@@ -186,7 +223,7 @@ def _safe_value(value: object) -> str:
 def write_atomically(directory: Path, name: str, body: bytes) -> None:
     """Temp file (dot-prefixed) in the same directory, fsync, rename, fsync the directory."""
     directory.mkdir(parents=True, exist_ok=True)
-    temp = directory / f".{name}.{secrets.token_hex(6)}.tmp"
+    temp = directory / f".{name}.{secrets.token_hex(_TEMP_RANDOM_HEX // 2)}.tmp"
     # os.open honours the umask (unlike mkstemp's 0600), so importers can read the file.
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
@@ -201,6 +238,23 @@ def write_atomically(directory: Path, name: str, body: bytes) -> None:
     _fsync_directory(directory)
 
 
+def remove_stale_temp_files(directory: Path) -> int:
+    """Delete the temp files of write_atomically that a crash left behind (only names of
+    that pattern: the folder is the importer's too); returns how many. Called when the
+    handler is built, before any delivery runs, so none of them is being written."""
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:  # missing or unreadable: each delivery will say so
+        return 0
+    for entry in entries:
+        if _TEMP_FILE.match(entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed += 1
+    return removed
+
+
 def _fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -213,28 +267,39 @@ def _fsync_directory(directory: Path) -> None:
 
 
 class _Tail:
-    """Keeps only the last ``limit`` bytes of a stream."""
+    """Keeps only the last ``limit`` bytes of a stream, with known secrets redacted.
 
-    def __init__(self, limit: int = OUTPUT_TAIL_BYTES) -> None:
+    It holds ``margin`` bytes more than it shows, so that a secret cut by the start of the
+    shown tail is still whole when redaction runs."""
+
+    def __init__(
+        self, limit: int = OUTPUT_TAIL_BYTES, secrets: Sequence[str] = ()
+    ) -> None:
         self._limit = limit
+        self._secrets = [s.encode() for s in secrets]
+        self._keep = limit + max((len(s) for s in self._secrets), default=0)
         self._data = bytearray()
 
     def feed(self, chunk: bytes) -> None:
         self._data += chunk
-        if len(self._data) > self._limit:
-            del self._data[: len(self._data) - self._limit]
+        if len(self._data) > self._keep:
+            del self._data[: len(self._data) - self._keep]
 
     def text(self) -> str:
-        return self._data.decode("utf-8", errors="replace")
+        data = bytes(self._data)
+        for secret in self._secrets:
+            data = data.replace(secret, b"***")
+        return data[-self._limit:].decode("utf-8", errors="replace")
 
 
 class CommandHandler:
     """Runs a program (no shell) in its own process group with the envelope on stdin."""
 
-    def __init__(self, settings: CommandHandlerSettings) -> None:
+    def __init__(self, settings: CommandHandlerSettings, secrets: Sequence[str] = ()) -> None:
         self.name = settings.name
         self._settings = settings
         self._permanent = frozenset(settings.permanent_exit_codes)
+        self._secrets = tuple(secrets)
 
     async def deliver(self, envelope: Mapping[str, Any], body: bytes, attempt: int) -> Outcome:
         """Run the command once; its exit code decides the outcome."""
@@ -259,10 +324,10 @@ class CommandHandler:
 
     def _environment(self, envelope: Mapping[str, Any], attempt: int) -> dict[str, str]:
         event_name = envelope.get("eventName")
-        # Passing the daemon's environment through to the child, as a shell would; this is
-        # not configuration, which comes only from config.py.
+        # Not os.environ: the daemon's may hold secrets (TCBRIDGE_*), which the program
+        # would see and could print into the kept output.
         return {
-            **os.environ,
+            **child_environ(self._settings.inherit_env),
             **self._settings.env,
             "TCBRIDGE_EVENT_ID": str(envelope.get("id", "")),
             "TCBRIDGE_KIND": str(envelope.get("kind", "")),
@@ -272,7 +337,7 @@ class CommandHandler:
         }
 
     async def _supervise(self, proc: asyncio.subprocess.Process, body: bytes) -> Outcome:
-        tail = _Tail()
+        tail = _Tail(secrets=self._secrets)
         timeout_s = self._settings.timeout_s
         try:
             async with asyncio.timeout(timeout_s):
@@ -458,9 +523,10 @@ def parse_retry_after(value: str | None) -> float | None:
 class PythonHandler:
     """Calls ``pkg.module:function(envelope)``: async ones awaited, sync ones in a thread."""
 
-    def __init__(self, settings: PythonHandlerSettings) -> None:
+    def __init__(self, settings: PythonHandlerSettings, secrets: Sequence[str] = ()) -> None:
         self.name = settings.name
         self._settings = settings
+        self._secrets = tuple(secrets)
         self._target = _load_callable(settings.name, settings.callable)
         call = getattr(self._target, "__call__", None)  # noqa: B004 - objects with async __call__
         self._is_async = inspect.iscoroutinefunction(self._target) or (
@@ -475,14 +541,21 @@ class PythonHandler:
                 # A fresh copy, so the function cannot change what the dispatcher holds.
                 await self._call(json.loads(body))
         except PermanentError as e:
-            return Outcome("dead", error=_short(_describe(e)))
+            return Outcome("dead", error=self._error(e))
         except TimeoutError as e:
             if deadline.expired():
                 return _timeout_error(self._settings.timeout_s)
-            return Outcome("retry", error=_short(_describe(e)))
+            return Outcome("retry", error=self._error(e))
         except (Exception, SystemExit) as e:  # a sys.exit() in a handler must not stop us
-            return Outcome("retry", error=_short(_describe(e)))
+            return Outcome("retry", error=self._error(e))
         return DONE
+
+    def _error(self, error: BaseException) -> str:
+        """The exception as kept text: a message may quote a secret (a connection string)."""
+        text = _describe(error)
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return _short(text)
 
     async def close(self) -> None:
         """Nothing to release."""

@@ -108,6 +108,10 @@ class Metrics:
         self.documents = Counter(
             "tcbridge_documents_downloaded", "Documents downloaded for handlers",
             ["handler"], registry=r)
+        self.shed = Counter(
+            "tcbridge_webhook_shed",
+            "Webhook connections or requests cut short to protect the listener, by reason",
+            ["reason"], registry=r)
         self._lag = _CursorLag()
         r.register(self._lag)
         self.webhook_responses = Counter("tcbridge_webhook_responses",

@@ -144,7 +144,7 @@ class TradecloudClient:
 
     async def get_object(self, kind: PollKind, entity_id: str) -> dict[str, Any]:
         """Fetch one whole order or shipment."""
-        path = OBJECT_PATHS[kind] + quote(entity_id, safe="")
+        path = object_path(kind, entity_id)
         response = await self._bearer_call("GET", path)
         _check(response, path)
         return _json_object(response, path)
@@ -339,6 +339,15 @@ def _reason(error: BaseException) -> str:
     if isinstance(error, TimeoutError) and not text:
         text = "no answer in time"
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def object_path(kind: PollKind, entity_id: str) -> str:
+    """``/v2/<kind>/<id>`` with the id as one path segment: every reserved character
+    percent-encoded ("/" too). "." and ".." cannot be one: URL normalisation (yarl, and any
+    proxy) resolves them, so GET /v2/order/.. would be GET /v2/ with our token."""
+    if entity_id in (".", ".."):
+        raise ApiPermanentError(f"tradecloud: {entity_id!r} cannot be sent as an id in a path")
+    return OBJECT_PATHS[kind] + quote(entity_id, safe="")
 
 
 def _check(response: _Response, path: str) -> None:

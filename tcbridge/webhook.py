@@ -18,7 +18,12 @@ from aiohttp import web
 
 from tcbridge import auth
 from tcbridge.config import WebhookSettings
-from tcbridge.envelope import parse_order_webhook, parse_shipment_webhook, plain_text
+from tcbridge.envelope import (
+    Candidate,
+    parse_order_webhook,
+    parse_shipment_webhook,
+    plain_text,
+)
 from tcbridge.errors import InvalidEvent, KeySetUnavailable, StoreUnavailable, TokenRejected
 from tcbridge.metrics import Metrics
 from tcbridge.oauth2 import TokenVerifier
@@ -48,6 +53,27 @@ class InFlight:
         if self.count == 0:
             self.idle.set()
 
+
+class ParseBudget:
+    """Bytes of request bodies being read and parsed at once: parsing a body of tiny JSON
+    objects costs about 27 times its size, so eight 10 MiB bodies at once took 2.2 GB."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.used_bytes = 0
+
+    def take(self, size: int) -> bool:
+        """Reserve ``size`` bytes; False (nothing reserved) when that would pass the limit."""
+        if self.used_bytes + size > self.limit_bytes:
+            return False
+        self.used_bytes += size
+        return True
+
+    def give(self, size: int) -> None:
+        """Return bytes reserved by :meth:`take`."""
+        self.used_bytes -= size
+
+
 STORE_KEY = web.AppKey("store", Store)
 WAKE_KEY = web.AppKey("wake", asyncio.Event)
 FETCH_WAKE_KEY = web.AppKey("fetch_wake", asyncio.Event)
@@ -57,6 +83,10 @@ METRICS_KEY = web.AppKey("metrics", Metrics)
 DRAINING_KEY = web.AppKey("draining", asyncio.Event)
 IN_FLIGHT_KEY = web.AppKey("in_flight", InFlight)
 VERIFIER_KEY = web.AppKey("oauth2_verifier", TokenVerifier)
+BUDGET_KEY = web.AppKey("parse_budget", ParseBudget)
+BUSY_KEY: web.AppKey[set[object]] = web.AppKey("busy_connections")
+# Bodies larger than this are parsed in a worker thread, so the loop keeps answering.
+PARSE_INLINE_BYTES = 256 * 1024
 PARSERS = {"order": parse_order_webhook, "shipment": parse_shipment_webhook}
 ID_PARAMS = {"order": "orderId", "shipment": "shipmentId"}
 KEPT_HEADERS = ("content-type", "content-length", "user-agent", "x-forwarded-for", "authorization")
@@ -92,6 +122,8 @@ def build_app(
     if verifier is not None:
         app[VERIFIER_KEY] = verifier
         app.on_cleanup.append(lambda _: verifier.close())
+    app[BUDGET_KEY] = ParseBudget(settings.max_parse_bytes)
+    app[BUSY_KEY] = set()
     for kind in ("order", "shipment"):
         app.router.add_post(f"/webhook/{kind}", _post_handler(kind))
         app.router.add_get(f"/webhook/{kind}", _get_handler(kind), allow_head=False)
@@ -133,6 +165,9 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """While a request is inside, its connection counts as busy (see limit_connections)."""
+    busy = request.app[BUSY_KEY]
+    busy.add(request.protocol)
     try:
         return await handler(request)
     except web.HTTPException:
@@ -143,6 +178,47 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception:
         log.exception("webhook.internal_error", path=request.path)
         return unavailable(request, "internal error; please retry")
+    finally:
+        busy.discard(request.protocol)
+
+
+def limit_connections(server: web.Server, app: web.Application, max_connections: int) -> None:
+    """Keep at most ``max_connections`` connections open (each costs a file descriptor; at
+    the process limit accept() fails and every real webhook waits). Past the limit, the
+    oldest connection with no request in a handler (idle keep-alive, or still sending its
+    head) is closed to make room, as nginx reuses idle connections; if every one is busy,
+    the new one gets a 503 and is closed. Both are counted in tcbridge_webhook_shed_total.
+
+    A connection whose handler has just returned may lose its answer this way; the event
+    is committed already, and the sender's retry is answered "duplicate"."""
+    made = server.connection_made
+    busy = app[BUSY_KEY]
+    shed = app[METRICS_KEY].shed
+    refusal = _refusal(app[RETRY_AFTER_KEY])
+
+    def connection_made(handler: Any, transport: Any) -> None:
+        made(handler, transport)
+        live = [h for h in server.connections if h.transport is not None]
+        if len(live) <= max_connections:
+            return
+        victim = next((h for h in live if h is not handler and h not in busy), None)
+        if victim is not None:
+            victim.force_close()
+            shed.labels("idle_evicted").inc()
+            return
+        transport.write(refusal)
+        handler.force_close()
+        shed.labels("connection_limit").inc()
+
+    server.connection_made = connection_made  # type: ignore[method-assign]
+
+
+def _refusal(retry_after_s: int) -> bytes:
+    body = b'{"error":"unavailable","message":"too many connections; please retry"}'
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nRetry-After: {retry_after_s}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n")
+    return head.encode() + body
 
 
 async def drain(runner: web.AppRunner, app: web.Application, timeout_s: float) -> int:
@@ -176,7 +252,9 @@ def _admit(settings: WebhookSettings) -> Callable[..., Awaitable[web.StreamRespo
             # Requests already in a handler finish and get their answer; new ones retry.
             return unavailable(request, "shutting down; please retry")
         if allowed:
-            ip = auth.client_ip(request.remote, request.headers.get("X-Forwarded-For"), proxies)
+            ip = auth.client_ip(
+                request.remote, request.headers.getall("X-Forwarded-For", []), proxies
+            )
             if not auth.ip_allowed(ip, allowed):
                 log.warning("webhook.ip_refused", remote=ip, path=request.path)
                 return _json(403, {"error": "forbidden", "message": "source address not allowed"})
@@ -232,27 +310,50 @@ def _post_handler(kind: Literal["order", "shipment"]) -> Handler:
     parse = PARSERS[kind]
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        store = request.app[STORE_KEY]
-        body = await _read_body(request)
-        if isinstance(body, web.Response):
-            return body
-        if is_xml(body, request.headers.get("Content-Type", "")):
-            return await _reject(request, body, XML_MESSAGE, status=415,
-                                 error="unsupported_media_type")
+        # Reserved before the body is read (by its announced size), so bodies still arriving
+        # count too; no more than max_body_bytes, so that a too large one still gets its 413.
+        limit = request.app[SETTINGS_KEY].max_body_bytes
+        size = limit if request.content_length is None else min(request.content_length, limit)
+        budget = request.app[BUDGET_KEY]
+        if not budget.take(size):
+            request.app[METRICS_KEY].shed.labels("parse_budget").inc()
+            return unavailable(request, "too many large bodies at once; please retry")
         try:
-            candidate = parse(decode_body(body))
-        except InvalidEvent as e:
-            return await _reject(request, body, str(e))
-        result = await store.ingest(candidate)
-        request.app[METRICS_KEY].count_ingest(result.status, candidate.source, candidate.kind)
-        log.info(f"webhook.{result.status}", event_id=result.event_id,
-                 entity_id=candidate.entity_id, kind=candidate.kind, source=candidate.source,
-                 event_name=candidate.event_name, late=result.late)
-        if result.status == "stored":
-            request.app[WAKE_KEY].set()
-        return _json(200, {"status": result.status, "eventId": result.event_id})
+            return await _ingest(request, parse)
+        finally:
+            budget.give(size)
 
     return handle
+
+
+async def _parse(body: bytes, parse: Callable[[object], Candidate]) -> Candidate:
+    if len(body) <= PARSE_INLINE_BYTES:
+        return parse(decode_body(body))
+    # orjson holds the GIL while it parses, but the rest (normalising, the storability
+    # probe) lets the loop run between; and the parse budget bounds how many run at once.
+    return await asyncio.to_thread(lambda: parse(decode_body(body)))
+
+
+async def _ingest(request: web.Request, parse: Callable[[object], Candidate]) -> web.Response:
+    store = request.app[STORE_KEY]
+    body = await _read_body(request)
+    if isinstance(body, web.Response):
+        return body
+    if is_xml(body, request.headers.get("Content-Type", "")):
+        return await _reject(request, body, XML_MESSAGE, status=415,
+                             error="unsupported_media_type")
+    try:
+        candidate = await _parse(body, parse)
+    except InvalidEvent as e:
+        return await _reject(request, body, str(e))
+    result = await store.ingest(candidate)
+    request.app[METRICS_KEY].count_ingest(result.status, candidate.source, candidate.kind)
+    log.info(f"webhook.{result.status}", event_id=result.event_id,
+             entity_id=candidate.entity_id, kind=candidate.kind, source=candidate.source,
+             event_name=candidate.event_name, late=result.late)
+    if result.status == "stored":
+        request.app[WAKE_KEY].set()
+    return _json(200, {"status": result.status, "eventId": result.event_id})
 
 
 def _get_handler(kind: Literal["order", "shipment"]) -> Handler:
@@ -271,8 +372,18 @@ def _get_handler(kind: Literal["order", "shipment"]) -> Handler:
 
 
 async def _read_body(request: web.Request) -> bytes | web.Response:
+    timeout_s = request.app[SETTINGS_KEY].body_timeout_s
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError:
+        # Slow, not wrong: a 503 makes a real sender retry; the connection is closed.
+        request.app[METRICS_KEY].shed.labels("body_timeout").inc()
+        log.warning("webhook.body_timeout", remote=request.remote, path=request.path,
+                    timeout_s=timeout_s)
+        response = unavailable(request, f"body not received within {timeout_s:g} s")
+        response.force_close()
+        return response
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[SETTINGS_KEY].max_body_bytes
         await _keep(request, b"", f"body larger than max_body_bytes ({limit})")

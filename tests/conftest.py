@@ -225,7 +225,7 @@ async def daemon_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Daemon]]
             "store": {"path": str(tmp_path / f"{name}.db"), "busy_timeout_s": 0.5,
                       "retry_after_s": 1},
             "webhook": {"host": "127.0.0.1", "port": port, "auth": "bearer",
-                        "bearer_token": "hook-token-1"},
+                        "bearer_token": "hook-token-1-for-tests-0123456789ab"},
             "admin": {"host": "127.0.0.1", "port": free_port()},
             "log": {"level": "debug"},
         }

@@ -23,7 +23,8 @@ def settings(tmp_path: Path, **overrides: Any) -> Settings:
         "store": {"path": tmp_path / "db.sqlite"},
         "tradecloud": {"base_url": "http://127.0.0.1:9", "username": "u", "password": "p",
                        "max_retries": 0},
-        "webhook": {"host": "127.0.0.1", "port": free_port(), "auth": "none"},
+        "webhook": {"host": "127.0.0.1", "port": free_port(), "auth": "none",
+                    "allow_unauthenticated": True},
         "poll": {"interval_s": 60},
         "admin": {"host": "127.0.0.1", "port": free_port()},
     }

@@ -10,14 +10,16 @@ from tcbridge.cli import main
 from tcbridge.config import load_settings
 from tcbridge.errors import ConfigError
 
-MINIMAL = """
+TOKEN = "tok-9f3a-0123456789abcdef0123456789"
+TOKEN_LINE = f'bearer_token = "{TOKEN}"'
+MINIMAL = f"""
 mode = "hybrid"
 [tradecloud]
 username = "integration@example.com"
 password = "pw"
 [webhook]
 auth = "bearer"
-bearer_token = "tok-9f3a"
+{TOKEN_LINE}
 """
 
 
@@ -27,10 +29,62 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_example_config_is_valid() -> None:
-    settings = load_settings(Path(__file__).parent.parent / "config.example.toml")
+EXAMPLE = Path(__file__).parent.parent / "config.example.toml"
+
+
+def test_example_config_is_valid_once_its_placeholders_are_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TCBRIDGE_WEBHOOK__BEARER_TOKEN", TOKEN)
+    settings = load_settings(EXAMPLE)
     assert settings.mode == "hybrid"
     assert settings.webhook.port == 8080
+
+
+def test_example_config_as_shipped_is_refused() -> None:
+    # `make run` on the example must not listen on 0.0.0.0 with a published token.
+    with pytest.raises(ConfigError, match=r"placeholder.*secrets\.token_urlsafe"):
+        load_settings(EXAMPLE)
+
+
+@pytest.mark.parametrize(
+    ("webhook", "message"),
+    [
+        ("", "set \\[webhook\\] auth"),  # no section at all: no open default any more
+        ('host = "0.0.0.0"', "set \\[webhook\\] auth"),
+        ('auth = "none"', "allow_unauthenticated = true"),
+        ('auth = "bearer"\nbearer_token = "short-token"', "shorter than 32.*token_urlsafe"),
+        ('auth = "bearer"\nbearer_token = "change-me-to-a-long-random-token-0123456789"',
+         "placeholder"),
+        ('auth = "basic"\nbasic_username = "tc"\nbasic_password = "change-me"', "placeholder"),
+    ],
+)
+def test_webhook_authentication_must_be_chosen(
+    tmp_path: Path, webhook: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = f'mode = "webhook"\n[webhook]\n{webhook}\n' if webhook else 'mode = "webhook"\n'
+    with pytest.raises(ConfigError, match=message):
+        load_settings(write(tmp_path, text))
+    assert main(["check-config", "--config", str(tmp_path / "tcbridge.toml")]) == 2
+
+
+def test_unauthenticated_webhook_when_asked_for_and_poll_mode_without_webhook(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = 'mode = "webhook"\n[webhook]\nauth = "none"\nallow_unauthenticated = true\n'
+    assert load_settings(write(tmp_path, text)).webhook.auth == "none"
+    assert main(["check-config", "--config", str(tmp_path / "tcbridge.toml")]) == 0
+    assert "warning: webhook.auth = 'none'" in capsys.readouterr().err
+    poll = 'mode = "poll"\n[tradecloud]\nusername = "u"\npassword = "p"\n'
+    assert load_settings(write(tmp_path, poll)).webhook.auth is None
+
+
+def test_parse_budget_follows_the_body_limit_unless_set(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, MINIMAL)).webhook.max_parse_bytes == 20 * 1024 * 1024
+    raised = load_settings(write(tmp_path, MINIMAL + "max_body_bytes = 50000000\n")).webhook
+    assert raised.max_parse_bytes == 100_000_000
+    with pytest.raises(ConfigError, match="max_parse_bytes must be at least max_body_bytes"):
+        load_settings(write(tmp_path, MINIMAL + "max_parse_bytes = 5000\n"))
 
 
 def test_defaults_and_values(tmp_path: Path) -> None:
@@ -40,8 +94,8 @@ def test_defaults_and_values(tmp_path: Path) -> None:
     assert settings.poll.kinds == ["order", "shipment"]
     assert settings.poll.interval_s == 300
     assert settings.webhook.bearer_token is not None
-    assert settings.webhook.bearer_token.get_secret_value() == "tok-9f3a"
-    assert "tok-9f3a" not in repr(settings)
+    assert settings.webhook.bearer_token.get_secret_value() == TOKEN
+    assert TOKEN not in repr(settings)
 
 
 def test_environment_overrides_nested_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -55,23 +109,24 @@ def test_environment_overrides_nested_keys(tmp_path: Path, monkeypatch: pytest.M
 
 def test_secret_files(tmp_path: Path) -> None:
     (tmp_path / "password").write_text("from-file\n")
-    (tmp_path / "token").write_text("token-file")
+    (tmp_path / "token").write_text("token-file-0123456789abcdef0123456789")
     text = MINIMAL.replace('password = "pw"', f'password_file = "{tmp_path / "password"}"')
-    text = text.replace('bearer_token = "tok-9f3a"', f'bearer_token_file = "{tmp_path / "token"}"')
+    text = text.replace(TOKEN_LINE, f'bearer_token_file = "{tmp_path / "token"}"')
     settings = load_settings(write(tmp_path, text))
     assert settings.tradecloud.password is not None
     assert settings.tradecloud.password.get_secret_value() == "from-file"
     assert settings.webhook.bearer_token is not None
-    assert settings.webhook.bearer_token.get_secret_value() == "token-file"
+    assert settings.webhook.bearer_token.get_secret_value() == \
+        "token-file-0123456789abcdef0123456789"
 
 
 @pytest.mark.parametrize(
     ("change", "key", "message"),
     [
         (('mode = "hybrid"', 'mode = "push"'), "mode", "'webhook', 'poll' or 'hybrid'"),
-        (('bearer_token = "tok-9f3a"', 'bearer_token = "tok-9f3a"\nport = "x"'), "webhook.port",
+        ((TOKEN_LINE, TOKEN_LINE + '\nport = "x"'), "webhook.port",
          "valid integer"),
-        (('bearer_token = "tok-9f3a"', ""), "webhook", "needs bearer_token"),
+        ((TOKEN_LINE, ""), "webhook", "needs bearer_token"),
         (('password = "pw"', 'password_file = "/nonexistent"'), "tradecloud",
          "cannot read secret file"),
         (('password = "pw"', 'password = "pw"\npassword_file = "/etc/hostname"'), "tradecloud",
@@ -81,7 +136,7 @@ def test_secret_files(tmp_path: Path) -> None:
          "less than or equal to 100"),
         (('mode = "hybrid"', 'mode = "hybrid"\n[poll]\nstart_from = "yesterday"'),
          "poll.start_from", "not an ISO 8601"),
-        (('bearer_token = "tok-9f3a"', 'bearer_token = "tok-9f3a"\nallowed_ips = ["nope"]'),
+        ((TOKEN_LINE, TOKEN_LINE + '\nallowed_ips = ["nope"]'),
          "webhook.allowed_ips", "not an IP address"),
         (('username = "integration@example.com"', 'username = ""'), "(top level)",
          "set tradecloud.username"),

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import DAEMON_ENV, Daemon, Receiver, order_event_body, until
 
-TOKEN = {"Authorization": "Bearer hook-token-1"}
+TOKEN = {"Authorization": "Bearer hook-token-1-for-tests-0123456789ab"}
 
 
 async def post_events(daemon: Daemon, bodies: list[dict[str, Any]]) -> list[str]:

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import Daemon, until
 
-TOKEN = {"Authorization": "Bearer hook-token-1"}
+TOKEN = {"Authorization": "Bearer hook-token-1-for-tests-0123456789ab"}
 ERP_USER = "3a0fe3d9-0bba-4b5c-a1a4-a0e0e5a3f7b1"
 SUPPLIER_USER = "e2a7c0b4-1111-4a5d-9c2e-2b3c4d5e6f70"
 
@@ -131,7 +131,7 @@ async def test_documents_downloaded_next_to_the_envelope(
          "documents_max_bytes": 100_000},
     ]})
     sim, url = await simulator_factory(webhook_url=f"{daemon.url}/webhook",
-                                       webhook_auth=("bearer", "hook-token-1"))
+                                       webhook_auth=("bearer", "hook-token-1-for-tests-0123456789ab"))
     daemon.config_path.write_text(daemon.config_path.read_text() + "[tradecloud]\n" + "".join(
         f"{k} = {json.dumps(v)}\n" for k, v in tradecloud_config(url).items()))
     await daemon.start()

@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import Daemon, order_event_body
 
-TOKEN = {"Authorization": "Bearer hook-token-1"}
+TOKEN = {"Authorization": "Bearer hook-token-1-for-tests-0123456789ab"}
 ANSWER_WITHIN_S = 10.0  # a hang fails the test; no timing is asserted
 EVENT_BYTES = 150_000
 

@@ -16,7 +16,7 @@ import aiohttp
 
 from tests.conftest import DAEMON_ENV, Daemon, order_event_body, tradecloud_config, until
 
-TOKEN = {"Authorization": "Bearer hook-token-1"}
+TOKEN = {"Authorization": "Bearer hook-token-1-for-tests-0123456789ab"}
 START = "2020-01-01T00:00:00.000Z"
 
 
@@ -114,7 +114,8 @@ async def test_sigterm_in_the_middle_of_a_request_still_answers_and_stores(
     body = json.dumps(order_event_body("o-term")).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
     writer.write(
-        b"POST /webhook/order HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer hook-token-1\r\n"
+        b"POST /webhook/order HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer hook-token-1-for-tests-0123456789ab\r\n"
         b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode()
         + b"\r\n\r\n" + body[:20])
     await writer.drain()
@@ -136,8 +137,9 @@ async def test_recovered_events_counted_warned_and_shown(
 ) -> None:
     daemon = daemon_factory({
         "mode": "hybrid", "poll": {"kinds": ["order"], "interval_s": 0.3, "start_from": START}})
-    sim, url = await simulator_factory(webhook_url=f"{daemon.url}/webhook",
-                                       webhook_auth=("bearer", "hook-token-1"))
+    sim, url = await simulator_factory(
+        webhook_url=f"{daemon.url}/webhook",
+        webhook_auth=("bearer", "hook-token-1-for-tests-0123456789ab"))
     config = daemon.config_path.read_text().replace(
         "[tradecloud]\n", "").replace('mode = "hybrid"', 'mode = "hybrid"')
     daemon.config_path.write_text(config + _toml_section("tradecloud", tradecloud_config(url)))
@@ -192,7 +194,8 @@ async def test_status_backfill_and_purge_commands(
 async def test_secrets_never_appear_in_logs(
     daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any]
 ) -> None:
-    secrets = {"tradecloud": "tc-pass-Zq81", "hook": "hook-token-1", "erp": "erp-token-Xy7"}
+    secrets = {"tradecloud": "tc-pass-Zq81", "hook": "hook-token-1-for-tests-0123456789ab",
+               "erp": "erp-token-Xy7"}
     sim, url = await simulator_factory(password=secrets["tradecloud"])
     (order,) = sim.add_orders(1)
     daemon = daemon_factory({

@@ -13,7 +13,7 @@ import aiohttp
 from tcbridge.timefmt import instant_us
 from tests.conftest import Daemon, tradecloud_config, until
 
-TOKEN = {"Authorization": "Bearer hook-token-1"}
+TOKEN = {"Authorization": "Bearer hook-token-1-for-tests-0123456789ab"}
 START = "2020-01-01T00:00:00.000Z"
 
 

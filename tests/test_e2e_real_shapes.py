@@ -14,7 +14,7 @@ import aiohttp
 
 from tests.conftest import Daemon, tradecloud_config, until
 
-TOKEN = {"Authorization": "Bearer hook-token-1"}
+TOKEN = {"Authorization": "Bearer hook-token-1-for-tests-0123456789ab"}
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
@@ -99,7 +99,7 @@ async def test_simulator_webhooks_in_the_real_shapes(
     daemon = daemon_factory({})
     await daemon.start()
     sim, _ = await simulator_factory(webhook_url=f"{daemon.url}/webhook",
-                                     webhook_auth=("bearer", "hook-token-1"))
+                                     webhook_auth=("bearer", "hook-token-1-for-tests-0123456789ab"))
     order = sim.add_orders(1, lines=4)[0]
     shipment = sim.add_shipments(1, order_ids=[order["id"]])[0]
     sim.update_shipment(shipment["id"], event_name="ShipmentReissuedBySupplier")

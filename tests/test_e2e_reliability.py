@@ -364,7 +364,8 @@ async def bridge_factory(
         daemon = daemon_factory(config)
         sim = Simulator(
             username=SIM_USER, password=SIM_PASSWORD, seed=seed,
-            webhook_url=f"{daemon.url}/webhook", webhook_auth=("bearer", "hook-token-1"),
+            webhook_url=f"{daemon.url}/webhook",
+            webhook_auth=("bearer", "hook-token-1-for-tests-0123456789ab"),
             webhook_mode=webhook_mode, webhook_backoff_initial_s=0.05,
             webhook_backoff_max_s=0.3, **(simulator or {}),
         )

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import Daemon, order_event_body
 
-TOKEN = {"Authorization": "Bearer hook-token-1"}
+TOKEN = {"Authorization": "Bearer hook-token-1-for-tests-0123456789ab"}
 
 
 def query(daemon: Daemon, sql: str) -> list[tuple[object, ...]]:

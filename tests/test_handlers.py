@@ -310,7 +310,8 @@ sys.stderr.buffer.write(b"to stderr \\xff")
     work = tmp_path / "work"
     work.mkdir()
     settings = CommandHandlerSettings(
-        name="c", type="command", command=command, cwd=work, env={"ERP_DB": "test"}
+        name="c", type="command", command=command, cwd=work, env={"ERP_DB": "test"},
+        inherit_env=["HOME_MARK"],
     )
     os.environ["HOME_MARK"] = "inherited"
     try:

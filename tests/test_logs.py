@@ -18,7 +18,7 @@ import structlog
 from tcbridge.logs import SafeStream, Throttle
 from tests.conftest import DAEMON_ENV, Daemon, order_event_body
 
-TOKEN = {"Authorization": "Bearer hook-token-1"}
+TOKEN = {"Authorization": "Bearer hook-token-1-for-tests-0123456789ab"}
 
 
 def broken_pipe() -> Any:

@@ -38,7 +38,7 @@ from tests.test_handlers import encode, make_envelope
 
 RABBIT_HOST, RABBIT_PORT = "127.0.0.1", 5672
 NATS_URL = "nats://127.0.0.1:4222"
-TOKEN = {"Authorization": "Bearer hook-token-1"}
+TOKEN = {"Authorization": "Bearer hook-token-1-for-tests-0123456789ab"}
 
 
 def reachable(port: int) -> bool:

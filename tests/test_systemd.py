@@ -413,7 +413,7 @@ def test_unit_exposure_score() -> None:
 def credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Stand-ins for the credential files, through the environment overrides."""
     (tmp_path / "tradecloud-password").write_text("s3cret\n")
-    (tmp_path / "webhook-token").write_text("tok-7c1e")
+    (tmp_path / "webhook-token").write_text("tok-7c1e-0123456789abcdef0123456789")
     monkeypatch.setenv("TCBRIDGE_TRADECLOUD__PASSWORD_FILE", str(tmp_path / "tradecloud-password"))
     monkeypatch.setenv("TCBRIDGE_WEBHOOK__BEARER_TOKEN_FILE", str(tmp_path / "webhook-token"))
     return tmp_path
@@ -434,7 +434,7 @@ def test_example_config_lives_in_the_state_directory(credentials: Path) -> None:
     assert settings.tradecloud.password is not None
     assert settings.tradecloud.password.get_secret_value() == "s3cret"
     assert settings.webhook.bearer_token is not None
-    assert settings.webhook.bearer_token.get_secret_value() == "tok-7c1e"
+    assert settings.webhook.bearer_token.get_secret_value() == "tok-7c1e-0123456789abcdef0123456789"
     assert settings.shutdown_timeout_s < seconds(unit_settings()["TimeoutStopSec"][-1])
 
 

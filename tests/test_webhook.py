@@ -16,7 +16,8 @@ from tcbridge.store import Store
 from tcbridge.webhook import build_app
 from tests.conftest import basic_header, order_event_body, shipment_obj
 
-TOKEN = {"Authorization": "Bearer hook-token-1"}
+TOKEN_VALUE = "hook-token-1-for-tests-0123456789ab"
+TOKEN = {"Authorization": f"Bearer {TOKEN_VALUE}"}
 Client = Callable[..., Awaitable[tuple[TestClient[Any, Any], asyncio.Event, asyncio.Event]]]
 
 
@@ -25,7 +26,7 @@ async def client_factory(store: Store) -> AsyncIterator[Client]:
     clients: list[TestClient[Any, Any]] = []
 
     async def make(**overrides: Any) -> tuple[TestClient[Any, Any], asyncio.Event, asyncio.Event]:
-        settings = WebhookSettings(**({"auth": "bearer", "bearer_token": "hook-token-1"}
+        settings = WebhookSettings(**({"auth": "bearer", "bearer_token": TOKEN_VALUE}
                                       | overrides))
         wake, fetch_wake = asyncio.Event(), asyncio.Event()
         client = TestClient(TestServer(build_app(settings, store, wake, fetch_wake,
@@ -96,7 +97,7 @@ async def test_bad_bodies_get_400_and_are_kept(
     limit = StoreSettings().rejected_body_max_bytes
     assert body == raw[:limit]  # a body beyond the cap is kept cut (the reason says so)
     assert (len(raw) > limit) == ("cut to" in reason)
-    assert "hook-token-1" not in headers
+    assert "hook-token-1-for-tests-0123456789ab" not in headers
     assert (await store.counts())["events"] == 0 and not wake.is_set()
 
 
