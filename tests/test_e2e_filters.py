@@ -130,8 +130,9 @@ async def test_documents_downloaded_next_to_the_envelope(
          "documents": "download", "documents_allowed_hosts": ["127.0.0.1"],
          "documents_max_bytes": 100_000},
     ]})
-    sim, url = await simulator_factory(webhook_url=f"{daemon.url}/webhook",
-                                       webhook_auth=("bearer", "hook-token-1-for-tests-0123456789ab"))
+    sim, url = await simulator_factory(
+        webhook_url=f"{daemon.url}/webhook",
+        webhook_auth=("bearer", "hook-token-1-for-tests-0123456789ab"))
     daemon.config_path.write_text(daemon.config_path.read_text() + "[tradecloud]\n" + "".join(
         f"{k} = {json.dumps(v)}\n" for k, v in tradecloud_config(url).items()))
     await daemon.start()
