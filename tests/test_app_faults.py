@@ -30,7 +30,8 @@ def settings(tmp_path: Path, **overrides: Any) -> Settings:
         "mode": "webhook",
         "shutdown_timeout_s": 100,
         "store": {"path": tmp_path / "db.sqlite"},
-        "webhook": {"host": "127.0.0.1", "port": free_port(), "auth": "none"},
+        "webhook": {"host": "127.0.0.1", "port": free_port(), "auth": "none",
+                    "allow_unauthenticated": True},
         "admin": {"host": "127.0.0.1", "port": free_port()},
     }
     return Settings(**(values | overrides))
