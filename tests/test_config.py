@@ -227,7 +227,7 @@ def test_check_config_refuses_single_delivery_with_search(
     assert "single_delivery" in capsys.readouterr().err
     ok = text.replace('api = "search"', 'api = "poll"')
     assert main(["check-config", "--config", str(write(tmp_path, ok))]) == 0
-OAUTH2 = MINIMAL.replace('auth = "bearer"\nbearer_token = "tok-9f3a"', """auth = "oauth2"
+OAUTH2 = MINIMAL.replace('auth = "bearer"\n' + TOKEN_LINE, """auth = "oauth2"
 oauth2_issuer = "https://login.microsoftonline.com/tenant-1/v2.0"
 oauth2_audience = "api://tcbridge"
 oauth2_required_claims = { appid = "tc-client" }""")

@@ -572,13 +572,16 @@ async def test_a_ledger_that_cannot_be_written_keeps_the_delivery_done(
     assert await deliver(handler, envelope) == Outcome("done")
 
 
+WEBHOOK = {"auth": "bearer", "bearer_token": "t" * 32}
+
+
 def test_handlers_do_not_share_a_documents_dir(tmp_path: Path) -> None:
     handler = {"type": "command", "command": ["true"], "documents": "download",
                "documents_dir": str(tmp_path / "docs")}
     with pytest.raises(ValueError, match="must not share a documents_dir"):
-        Settings(mode="webhook", tradecloud={"username": "u"},
+        Settings(mode="webhook", tradecloud={"username": "u"}, webhook=WEBHOOK,
                  handlers=[handler | {"name": "a"}, handler | {"name": "b"}])
-    Settings(mode="webhook", tradecloud={"username": "u"},
+    Settings(mode="webhook", tradecloud={"username": "u"}, webhook=WEBHOOK,
              handlers=[handler | {"name": "a"}, handler | {"name": "b", "documents": "none"}])
 
 

@@ -254,7 +254,8 @@ def test_nats_settings_take_one_kind_of_credentials(tmp_path: Path) -> None:
 
 
 def test_the_handler_union_takes_both_types() -> None:
-    settings = Settings(mode="webhook", handlers=[
+    settings = Settings(mode="webhook", webhook={"auth": "bearer", "bearer_token": "t" * 32},
+                        handlers=[
         {"name": "r", "type": "amqp", "url": "amqp://127.0.0.1/", "exchange": "x"},
         {"name": "n", "type": "nats", "stream": "S"},
     ])
