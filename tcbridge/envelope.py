@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, TypeGuard
 
+import orjson
+
 from tcbridge.config import EventKind, PollKind, Source
 from tcbridge.errors import InvalidEvent
 from tcbridge.timefmt import instant_us
@@ -24,6 +26,7 @@ ORDER_EVENT_KEYS: dict[str, EventKind] = {
     "orderDocumentsEvent": "order_documents",
 }
 SHIPMENT_EVENT_KEYS = ("shipment", "shipmentEvent")
+ORDER_ID_KEYS = ("orderId", "id")  # events say orderId, snapshots id; both must agree
 MAX_ID_LENGTH = 200
 
 
@@ -75,7 +78,7 @@ def parse_order_webhook(body: object) -> Candidate:
         )
     key = present[0]
     event = _require_object(data[key], key)
-    entity = _entity_id(event, ("orderId", "id"), key)
+    entity = _entity_id(event, ORDER_ID_KEYS, key)
     stamp, version, instant = _version(event, key, meta=event.get("meta"))
     return Candidate(
         kind=ORDER_EVENT_KEYS[key],
@@ -111,9 +114,10 @@ def parse_shipment_webhook(body: object) -> Candidate:
 def parse_snapshot(kind: PollKind, obj: object, source: Source) -> Candidate:
     """Normalise a whole order or shipment from a poll page or a fetch by id."""
     data = _require_object(obj, kind)
+    require_storable(data, kind)
     if kind == "shipment":
         return _shipment(data, source, kind)
-    entity = _entity_id(data, ("id", "orderId"), kind)
+    entity = _entity_id(data, ORDER_ID_KEYS, kind)
     stamp, version, instant = _version(data, kind, meta=None)
     lines = _lines(data, "lastUpdatedAt")
     return Candidate(
@@ -200,14 +204,30 @@ def plain_text(value: object) -> TypeGuard[str]:
     return True
 
 
+def require_storable(data: Mapping[str, Any], where: str) -> None:
+    """Refuse an object orjson (the parser of the store and the dispatcher) cannot write:
+    a lone surrogate, a NaN, an integer beyond 64 bits, nesting beyond its limit. Webhook
+    bodies are read by orjson already; objects from the API client are checked here, once."""
+    try:
+        orjson.dumps(data)
+    except orjson.JSONEncodeError as e:
+        raise InvalidEvent(f"{where} cannot be stored as JSON: {e}") from e
+
+
 def _entity_id(data: Mapping[str, Any], keys: tuple[str, ...], where: str) -> str:
+    found: str | None = None
     for key in keys:
         value = data.get(key)
-        if plain_text(value):
-            return value
-        if value is not None:
+        if value is None:
+            continue
+        if not plain_text(value):
             raise InvalidEvent(f"{where}.{key} must be a non-empty string")
-    raise InvalidEvent(f"{where} has no {' or '.join(keys)}")
+        if found is not None and value != found:
+            raise InvalidEvent(f"{where}: {' and '.join(keys)} differ")
+        found = value
+    if found is None:
+        raise InvalidEvent(f"{where} has no {' or '.join(keys)}")
+    return found
 
 
 def _version(

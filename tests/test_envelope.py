@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tcbridge.envelope import (
@@ -117,3 +119,21 @@ def test_event_id_is_stable_and_distinct() -> None:
     assert event_id("order", "o1", "t:1") == event_id("order", "o1", "t:1")
     assert event_id("order", "o1", "t:1") != event_id("shipment", "o1", "t:1")
     assert len(event_id("order", "o1", "t:1")) == 32
+
+
+@pytest.mark.parametrize("source", ["webhook", "poll"])
+def test_one_order_id_rule_for_events_and_snapshots(source: str) -> None:
+    # Events took orderId first, snapshots id first: the same object could get two ids.
+    def parse(obj: dict[str, Any]) -> str:
+        if source == "webhook":
+            return parse_order_webhook({"eventName": "X", "orderEvent": obj}).entity_id
+        return parse_snapshot("order", obj, "poll").entity_id
+
+    stamp = {"lastUpdatedAt": "2024-05-01T10:00:00.000Z"}
+    assert parse({"id": "o1"} | stamp) == "o1"
+    assert parse({"orderId": "o1"} | stamp) == "o1"
+    assert parse({"id": "o1", "orderId": "o1"} | stamp) == "o1"
+    with pytest.raises(InvalidEvent, match="orderId and id differ"):
+        parse({"id": "o1", "orderId": "o2"} | stamp)
+    with pytest.raises(InvalidEvent, match="non-empty string"):
+        parse({"orderId": "o1", "id": 7} | stamp)
