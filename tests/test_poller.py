@@ -1,17 +1,32 @@
-"""The poller's paging rules (pure) and its cycles against the simulator over HTTP."""
+"""The poller's paging rules (pure) and its cycles against a scripted API, in process."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tcbridge import backfill as backfill_module
+from tcbridge.cli import main as cli_main
 from tcbridge.config import PollSettings, StoreSettings
-from tcbridge.poller import CycleStats, Poller, Position, next_position, page_cursor
+from tcbridge.errors import ApiPermanentError, ApiTransientError
+from tcbridge.poller import (
+    MAX_SHIFTS_PER_CYCLE,
+    CycleStats,
+    Poller,
+    Position,
+    ahead,
+    lookback_start,
+    next_position,
+    page_cursor,
+)
 from tcbridge.store import Store
 from tcbridge.tradecloud import PollPage
+from tests.fake_api import FakeApi, Version, stamp_of
+from tests.support import write_config
 
 T1, T2, T3 = "2024-05-01T00:00:01.000Z", "2024-05-01T00:00:02.000Z", "2024-05-01T00:00:03.000Z"
 START = "2024-01-01T00:00:00.000Z"
@@ -84,3 +99,305 @@ def test_failed_cycle_backs_off_within_the_interval() -> None:
     poller = _poller(error_backoff_max_s=8)
     poller._failures = 10
     assert all(4 <= poller._next_delay([None]) <= 8 for _ in range(20))
+
+
+# -- Poller.run_once against a scripted API (tests/fake_api.py), in process --------------
+
+
+def _scripted(store: Store, api: FakeApi, **poll: Any) -> Poller:
+    settings = PollSettings(**({"kinds": ["order"], "page_size": 2, "lookback_s": 0,
+                                "start_from": START} | poll))
+    return Poller(settings, api, store, asyncio.Event(), api="search" if api.api == "search"
+                  else "poll")
+
+
+def stored_versions(store: Store) -> set[tuple[str, int]]:
+    with sqlite3.connect(store.path) as conn:
+        rows = conn.execute("SELECT entity_id, instant_us FROM events").fetchall()
+    return {(entity, int(us)) for entity, us in rows}
+
+
+def rejected_reasons(store: Store) -> list[str]:
+    with sqlite3.connect(store.path) as conn:
+        return [row[0] for row in conn.execute("SELECT reason FROM rejected ORDER BY id")]
+
+
+def version_key(version: Version) -> tuple[str, int]:
+    return version.entity_id, version.ms * 1000
+
+
+async def test_update_of_the_newest_item_between_pages_is_stored_poll_api(store: Store) -> None:
+    # Bug 1: page 1 is [a, b]; b is updated before page 2, which asks for b again and gets
+    # b's new version first. Comparing ids only dropped it, and the top-level lastUpdatedAt
+    # of that page moved the cursor past it.
+    api = FakeApi("poll")
+    api.change("a")
+    api.advance(1)
+    api.change("b")
+    api.advance(1)
+    updates: list[Version] = []
+    api.before_answer = lambda n: updates.append(api.change("b")) if n == 1 else None
+    stats = await _scripted(store, api).run_once("order")
+    assert version_key(updates[0]) in stored_versions(store)
+    assert await store.get_cursor("order") == updates[0].stamp
+    assert stats.complete
+
+
+async def test_update_of_the_overlap_item_before_a_full_page_is_stored_search_api(
+    store: Store,
+) -> None:
+    # The search API's case: the page after the update is full, so the poller pages on
+    # from the page's last stamp, past the updated item it took for the old one.
+    api = FakeApi("search")
+    api.change("a")
+    api.advance(1)
+    api.change("b")
+    updates: list[Version] = []
+
+    def update_then_add(n: int) -> None:
+        if n == 1:
+            api.advance(1)
+            updates.append(api.change("b"))
+            api.advance(1)
+            api.change("c")
+            api.advance(1)
+            api.change("d")
+
+    api.before_answer = update_then_add
+    await _scripted(store, api).run_once("order")
+    assert version_key(updates[0]) in stored_versions(store)
+    assert {entity for entity, _ in stored_versions(store)} == {"a", "b", "c", "d"}
+
+
+async def test_same_millisecond_change_shown_late_is_seen_within_the_lookback(
+    store: Store,
+) -> None:
+    api = FakeApi("poll")
+    api.change("a")
+    late = api.change("b", same_ms=True, delay_s=1.0)
+    poller = _scripted(store, api, lookback_s=120)
+    await poller.run_once("order")
+    assert version_key(late) not in stored_versions(store)  # not visible yet
+    api.advance(2)
+    await poller.run_once("order")
+    assert version_key(late) in stored_versions(store)
+
+
+async def test_without_lookback_a_same_millisecond_change_shown_late_is_missed(
+    store: Store,
+) -> None:
+    # What lookback_s = 0 gives up (documented): the exclusive cursor is already on b's ms.
+    api = FakeApi("poll")
+    api.change("a")
+    late = api.change("b", same_ms=True, delay_s=1.0)
+    poller = _scripted(store, api, lookback_s=0)
+    await poller.run_once("order")
+    api.advance(2)
+    await poller.run_once("order")
+    assert version_key(late) not in stored_versions(store)
+
+
+@pytest.mark.parametrize("kind", ["poll", "search"])
+async def test_item_indexed_after_a_newer_one_is_seen_within_the_lookback(
+    store: Store, kind: str
+) -> None:
+    api = FakeApi(kind)
+    slow = api.change("a", delay_s=30)
+    api.advance(1)
+    fast = api.change("b")
+    api.advance(1)
+    poller = _scripted(store, api, lookback_s=120)
+    await poller.run_once("order")
+    assert stored_versions(store) == {version_key(fast)}
+    cursor = await store.get_cursor("order")
+    api.advance(40)
+    first = len(api.requests)
+    await poller.run_once("order")
+    assert version_key(slow) in stored_versions(store)
+    # The stored cursor is the exact string received and did not move back to a's stamp.
+    assert await store.get_cursor("order") == cursor == fast.stamp
+    assert api.requests[first]["cursor"] == stamp_of(fast.ms - 120_000)
+
+
+async def test_lookback_query_starts_before_the_cursor_and_pages_still_commit_forwards(
+    store: Store,
+) -> None:
+    api = FakeApi("poll")
+    for entity in "abcdefg":
+        api.change(entity)
+        api.advance(1)
+    poller = _scripted(store, api, lookback_s=4)
+    await poller.run_once("order")
+    newest = api.versions[-1]
+    assert await store.get_cursor("order") == newest.stamp
+    api.requests.clear()
+    changed = api.change("a")
+    await poller.run_once("order")
+    assert api.requests[0]["cursor"] == stamp_of(newest.ms - 4000)
+    assert version_key(changed) in stored_versions(store)
+    assert await store.get_cursor("order") == changed.stamp
+    assert len(stored_versions(store)) == 8
+
+
+def test_lookback_start_rounds_down_to_the_millisecond_and_handles_the_edges() -> None:
+    assert lookback_start("2024-05-01T00:02:00.000Z", 120) == "2024-05-01T00:00:00.000Z"
+    assert lookback_start("2024-05-01T02:02:00.500+02:00", 0.0004) == "2024-05-01T00:02:00.499Z"
+    assert lookback_start("2024-05-01T00:02:00.000Z", 0) == "2024-05-01T00:02:00.000Z"
+    assert lookback_start("0001-01-01T00:00:00.000Z", 120) == "0001-01-01T00:00:00.000Z"
+
+
+def test_ahead_offers_only_later_cursors() -> None:
+    assert ahead(T2, T1) == T2
+    assert ahead(T1, T2) is None
+    assert ahead(T2, "2024-05-01T02:00:02.000+02:00") is None
+    assert ahead(None, T1) is None
+
+
+async def test_a_failing_page_leaves_the_cursor_where_the_last_good_page_put_it(
+    store: Store,
+) -> None:
+    api = FakeApi("poll")
+    for entity in "abcde":
+        api.change(entity)
+        api.advance(1)
+    api.failures[1] = ApiTransientError("HTTP 503", status=503)
+    poller = _scripted(store, api)
+    with pytest.raises(ApiTransientError):
+        await poller.run_once("order")
+    # page 1 = [a, b] made a's stamp safe; page 2 failed: nothing of it, no cursor beyond a
+    assert await store.get_cursor("order") == api.versions[0].stamp
+    assert {e for e, _ in stored_versions(store)} == {"a", "b"}
+    api.failures.clear()
+    await poller.run_once("order")
+    assert {e for e, _ in stored_versions(store)} == set("abcde")
+
+
+async def test_a_failing_first_page_moves_nothing(store: Store) -> None:
+    api = FakeApi("poll")
+    api.change("a")
+    api.failures[0] = ApiPermanentError("answer is nested too deeply")
+    with pytest.raises(ApiPermanentError):
+        await _scripted(store, api).run_once("order")
+    assert await store.get_cursor("order") is None
+    assert stored_versions(store) == set()
+
+
+async def test_failed_cycle_is_counted_and_backed_off_not_raised(store: Store) -> None:
+    api = FakeApi("poll")
+    api.change("a")
+    api.failures[0] = ApiPermanentError("answer is nested too deeply")
+    poller = _scripted(store, api)
+    assert await poller._cycle("order", 0.0) is None
+    assert poller._failures == 1
+    assert await store.get_cursor("order") is None
+
+
+async def test_a_stop_during_page_one_makes_one_request_only(store: Store) -> None:
+    api = FakeApi("poll")
+    for entity in "abcde":
+        api.change(entity)
+        api.advance(1)
+    stop = asyncio.Event()
+    api.before_answer = lambda n: stop.set()
+    await asyncio.wait_for(_scripted(store, api).run(stop), timeout=10)
+    assert len(api.requests) == 1
+    assert {e for e, _ in stored_versions(store)} == {"a", "b"}  # page 1 is committed
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("id", "o-\ud800"), ("note", "lone \udc00 surrogate"), ("note", 2**70)],
+)
+async def test_a_polled_item_that_cannot_be_stored_is_rejected_and_the_cursor_moves_on(
+    store: Store, field: str, value: object
+) -> None:
+    api = FakeApi("poll")
+    api.change("a")
+    api.advance(1)
+    bad = api.change("bad")
+    bad.obj[field] = value
+    api.advance(1)
+    last = api.change("c")
+    stats = await _scripted(store, api, page_size=10).run_once("order")
+    assert {e for e, _ in stored_versions(store)} == {"a", "c"}
+    assert stats.rejected == 1
+    assert len(rejected_reasons(store)) == 1
+    assert await store.get_cursor("order") == last.stamp
+
+
+async def test_a_bad_item_on_a_full_page_fails_neither_the_page_nor_the_run(store: Store) -> None:
+    api = FakeApi("poll")
+    for entity in "abcdef":
+        version = api.change(entity)
+        if entity == "b":
+            version.obj["note"] = "\ud800"
+        api.advance(1)
+    stats = await _scripted(store, api).run_once("order")
+    assert {e for e, _ in stored_versions(store)} == set("acdef")
+    assert stats.rejected == 1 and stats.complete
+    assert await store.get_cursor("order") == api.versions[-1].stamp
+
+
+async def test_entries_that_are_not_objects_count_towards_a_full_page(store: Store) -> None:
+    # A run of one timestamp, a junk entry inside it: dropping the junk made page 1 look
+    # not full, and the cursor moved past the rest of the run.
+    api = FakeApi("poll")
+    api.change("a")
+    for entity in "bcd":
+        api.change(entity, same_ms=True)
+    api.extra = [(1, "junk")]
+    stats = await _scripted(store, api).run_once("order")
+    assert {e for e, _ in stored_versions(store)} == set("abcd")
+    assert stats.rejected >= 1
+    assert "order: order must be a JSON object" in rejected_reasons(store)
+
+
+async def test_a_run_that_keeps_shifting_ends_the_cycle_as_incomplete(store: Store) -> None:
+    api = FakeApi("poll")
+    for entity in "abcdef":
+        api.change(entity)
+        api.advance(1)
+
+    def update_the_first(n: int) -> None:
+        if n:  # every later page: the oldest item moves to the end, the offsets shift
+            api.advance(1)
+            oldest = min(api.visible(), key=lambda v: v.ms)
+            api.change(oldest.entity_id)
+
+    api.before_answer = update_the_first
+    stats = await _scripted(store, api).run_once("order")
+    assert not stats.complete
+    assert len(api.requests) < 4 * (MAX_SHIFTS_PER_CYCLE + 2)  # it gave up, it did not spin
+
+
+def _shifting_api() -> FakeApi:
+    """An API whose oldest item is updated before every page after the first."""
+    api = FakeApi("poll")
+    for entity in "abcdef":
+        api.change(entity)
+        api.advance(1)
+
+    def update_the_first(n: int) -> None:
+        if n:
+            api.advance(1)
+            api.change(min(api.visible(), key=lambda v: v.ms).entity_id)
+
+    api.before_answer = update_the_first
+    return api
+
+
+def test_backfill_cut_short_says_incomplete_and_exits_non_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path / "tcbridge.toml", {
+        "mode": "poll",
+        "store": {"path": str(tmp_path / "tcbridge.db")},
+        "tradecloud": {"username": "u@example.com", "password": "pw"},
+        "poll": {"kinds": ["order"], "page_size": 2},
+    })
+    monkeypatch.setattr(backfill_module, "TradecloudClient", lambda *a, **k: _shifting_api())
+    assert cli_main(["backfill", "--config", str(config), "--since", START]) == 1
+    captured = capsys.readouterr()
+    assert "INCOMPLETE" in captured.out and "backfill incomplete for order" in captured.err
+    monkeypatch.setattr(backfill_module, "TradecloudClient", lambda *a, **k: FakeApi("poll"))
+    assert cli_main(["backfill", "--config", str(config), "--since", START]) == 0
