@@ -66,6 +66,8 @@ class FakeApi:
         change), visible after the index delay (or ``delay_s``)."""
         now_ms = int(self.now_s * 1000)
         ms = self._last_ms if same_ms and self._last_ms else max(now_ms, self._last_ms + 1)
+        if any(v.entity_id == entity_id and v.ms == ms for v in self.versions):
+            ms += 1  # one object has one version per millisecond (its dedup key)
         self._last_ms = max(self._last_ms, ms)
         obj = {"id": entity_id, "lastUpdatedAt": stamp_of(ms),
                "lines": [{"id": f"{entity_id}-l1", "lastUpdatedAt": stamp_of(ms)}], **fields}

@@ -156,6 +156,8 @@ class Api:
                 return json_error(401, "invalid credentials")
             try:
                 body = json.loads(await request.text() or "{}")
+                if self._sim.before_query is not None:
+                    self._sim.before_query(request.path, body)
                 page = run_query(self._sim.world.indexed(kind), body, inclusive=inclusive,
                                  filter_paths=paths)
             except (ValueError, QueryError) as e:

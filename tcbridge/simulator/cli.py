@@ -68,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--refresh-ttl-s", type=float, default=86400.0,
         help="refresh token lifetime (default 86400)")
     add("--seed", type=int, default=0, help="seed of the random data and faults (default 0)")
+    add("--index-delay-s", type=seconds, default=0.0,
+        help="changes show in poll/search results only this long after they are made")
 
 
 def build_simulator(args: argparse.Namespace) -> Simulator:
@@ -76,7 +78,7 @@ def build_simulator(args: argparse.Namespace) -> Simulator:
         username=args.username, password=args.password, access_token_ttl_s=args.token_ttl_s,
         refresh_token_ttl_s=args.refresh_ttl_s, rate_limit_per_s=args.rate_limit or None,
         seed=args.seed, webhook_url=args.webhook_url, webhook_auth=args.webhook_auth,
-        webhook_mode=args.webhook_mode)
+        webhook_mode=args.webhook_mode, index_delay_s=args.index_delay_s)
     sim.faults.update({
         "webhook_drop_rate": args.drop_rate, "webhook_duplicate_rate": args.duplicate_rate,
         "webhook_reorder": args.reorder, "webhook_delay_s": args.delay_s,
