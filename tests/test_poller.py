@@ -396,6 +396,8 @@ def test_backfill_cut_short_says_incomplete_and_exits_non_zero(
         "poll": {"kinds": ["order"], "page_size": 2},
     })
     monkeypatch.setattr(backfill_module, "TradecloudClient", lambda *a, **k: _shifting_api())
+    # the command configures logging onto this test's captured stderr, cached for good
+    monkeypatch.setattr("tcbridge.cli.logs.configure", lambda *a, **k: None)
     assert cli_main(["backfill", "--config", str(config), "--since", START]) == 1
     captured = capsys.readouterr()
     assert "INCOMPLETE" in captured.out and "backfill incomplete for order" in captured.err

@@ -12,6 +12,7 @@ and never moves backwards.
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,7 +136,12 @@ SAME_MS_LATE = [("change", "o0", False, 0.0), ("change", "o1", True, 0.4), ("cyc
                 ("advance", 1.0)]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Under mutation testing (mutmut sets MUTANT_UNDER_TEST) fewer random examples: the
+# explicit ones always run.
+EXAMPLES = 15 if os.environ.get("MUTANT_UNDER_TEST") else 60
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @example(script=NEWEST_UPDATED, kind="poll", page_size=2, lookback_s=0.0)
 @example(script=[*NEWEST_UPDATED[:4], ("change", "o2", False, 0.0), ("advance", 1.0),
                  ("cycle", [("change", "o1", False, 0.0), ("change", "o3", False, 0.0),
