@@ -396,6 +396,9 @@ _STAT = {"stored": "stored", "duplicate": "duplicates", "stale": "stale"}
 def _rejected_item(kind: str, item: object, reason: str) -> Rejected:
     try:
         body = json.dumps(item).encode()
-    except (TypeError, ValueError):
-        body = repr(item).encode()
+    except (TypeError, ValueError, RecursionError):
+        try:
+            body = repr(item).encode(errors="backslashreplace")
+        except RecursionError:  # nested too deeply even for repr: keep the reason only
+            body = b"<nested too deeply to keep>"
     return Rejected(source="poll", reason=f"{kind}: {reason}", body=body)

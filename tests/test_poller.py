@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tcbridge import backfill as backfill_module
+from tcbridge import tradecloud
 from tcbridge.cli import main as cli_main
 from tcbridge.config import PollSettings, StoreSettings
 from tcbridge.errors import ApiPermanentError, ApiTransientError
@@ -403,3 +404,21 @@ def test_backfill_cut_short_says_incomplete_and_exits_non_zero(
     assert "INCOMPLETE" in captured.out and "backfill incomplete for order" in captured.err
     monkeypatch.setattr(backfill_module, "TradecloudClient", lambda *a, **k: FakeApi("poll"))
     assert cli_main(["backfill", "--config", str(config), "--since", START]) == 0
+
+
+async def test_items_nested_too_deeply_or_with_nan_are_rejected_and_kept(store: Store) -> None:
+    deep: Any = []
+    for _ in range(900):  # within Python's parser, beyond orjson's depth limit
+        deep = [deep]
+    api = FakeApi("poll")
+    api.change("a")
+    api.advance(1)
+    api.change("deep").obj["x"] = deep
+    api.advance(1)
+    api.change("nan").obj["x"] = tradecloud._Unencodable("NaN")  # how the client reads NaN
+    api.advance(1)
+    last = api.change("c")
+    stats = await _scripted(store, api, page_size=10).run_once("order")
+    assert {e for e, _ in stored_versions(store)} == {"a", "c"}
+    assert stats.rejected == 2 and len(rejected_reasons(store)) == 2
+    assert await store.get_cursor("order") == last.stamp
