@@ -27,7 +27,7 @@ import json
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, timedelta
+from datetime import timedelta
 from typing import Any, Literal, Protocol
 
 import structlog
@@ -106,16 +106,16 @@ def page_cursor(page: PollPage, stamps: Sequence[str | None], *, api: str) -> st
 
 
 def lookback_start(cursor: str, lookback_s: float) -> str:
-    """Where a cycle's query starts: ``lookback_s`` before the committed cursor (to the
-    millisecond, rounded down: the API's format); the cursor itself when 0 or out of range."""
+    """Where a cycle's query starts: ``lookback_s`` before the committed cursor, in the
+    API's format (UTC, milliseconds, rounded down by isoformat); the cursor itself when 0
+    or out of range."""
     if lookback_s <= 0:
         return cursor
     try:
-        moment = parse_instant(cursor) - timedelta(seconds=lookback_s)
+        moment = parse_instant(cursor) - timedelta(seconds=lookback_s)  # parse_instant: UTC
     except (InvalidEvent, OverflowError):
         return cursor
-    moment = moment.replace(microsecond=moment.microsecond // 1000 * 1000)
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def ahead(offered: str | None, committed: str) -> str | None:

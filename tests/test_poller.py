@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from tcbridge import backfill as backfill_module
+from tcbridge import poller as poller_module
 from tcbridge import tradecloud
 from tcbridge.cli import main as cli_main
 from tcbridge.config import PollSettings, StoreSettings
-from tcbridge.errors import ApiPermanentError, ApiTransientError
+from tcbridge.errors import ApiPermanentError, ApiTransientError, StoreError
 from tcbridge.poller import (
     MAX_SHIFTS_PER_CYCLE,
     CycleStats,
@@ -25,6 +26,7 @@ from tcbridge.poller import (
     page_cursor,
 )
 from tcbridge.store import Store
+from tcbridge.timefmt import instant_us
 from tcbridge.tradecloud import PollPage
 from tests.fake_api import FakeApi, Version, stamp_of
 from tests.support import write_config
@@ -85,7 +87,7 @@ def _poller(**poll: Any) -> Poller:
 def test_interval_shortens_while_recovering_and_relaxes_back() -> None:
     poller = _poller(hybrid_interval_s=120)
     assert poller.base_interval_s == 120
-    busy, quiet = CycleStats(recovered=2), CycleStats()
+    busy, quiet = CycleStats(recovered=1), CycleStats()
     assert [poller._next_delay([busy]) for _ in range(4)] == [60, 30, 30, 30]
     assert [poller._next_delay([quiet]) for _ in range(4)] == [60, 120, 120, 120]
 
@@ -100,6 +102,30 @@ def test_failed_cycle_backs_off_within_the_interval() -> None:
     poller = _poller(error_backoff_max_s=8)
     poller._failures = 10
     assert all(4 <= poller._next_delay([None]) <= 8 for _ in range(20))
+
+
+def test_backoff_doubles_with_each_failure_up_to_two_to_the_sixteen() -> None:
+    poller = _poller(error_backoff_max_s=300)
+    poller._failures = 3
+    assert all(4 <= poller._next_delay([None]) <= 8 for _ in range(50))
+    huge = _poller(interval_s=1e6, error_backoff_max_s=1e6)
+    huge._failures = 20
+    assert all(2**15 <= huge._next_delay([None]) <= 2**16 for _ in range(50))
+
+
+async def test_run_polls_every_kind_again_after_the_interval_until_stopped(
+    store: Store,
+) -> None:
+    api = FakeApi("poll")
+    api.change("a")
+    stop = asyncio.Event()
+    api.before_answer = lambda n: stop.set() if n == 3 else None
+    poller = _scripted(store, api, kinds=["order", "shipment"], interval_s=0.01,
+                       min_interval_s=0.01)
+    await asyncio.wait_for(poller.run(stop), timeout=30)
+    assert [r["kind"] for r in api.requests] == ["order", "shipment", "order", "shipment"]
+    assert set(poller.last_success) == {"order", "shipment"}
+    assert all(isinstance(t, float) for t in poller.last_success.values())
 
 
 # -- Poller.run_once against a scripted API (tests/fake_api.py), in process --------------
@@ -244,6 +270,9 @@ def test_lookback_start_rounds_down_to_the_millisecond_and_handles_the_edges() -
     assert lookback_start("2024-05-01T00:02:00.000Z", 120) == "2024-05-01T00:00:00.000Z"
     assert lookback_start("2024-05-01T02:02:00.500+02:00", 0.0004) == "2024-05-01T00:02:00.499Z"
     assert lookback_start("2024-05-01T00:02:00.000Z", 0) == "2024-05-01T00:02:00.000Z"
+    # off means the exact stored string, whatever its format
+    assert lookback_start("2024-05-01T02:02:00.5+02:00", 0) == "2024-05-01T02:02:00.5+02:00"
+    assert lookback_start("2024-05-01T00:00:00.9996Z", 0.0001) == "2024-05-01T00:00:00.999Z"
     assert lookback_start("0001-01-01T00:00:00.000Z", 120) == "0001-01-01T00:00:00.000Z"
 
 
@@ -422,3 +451,117 @@ async def test_items_nested_too_deeply_or_with_nan_are_rejected_and_kept(store: 
     assert {e for e, _ in stored_versions(store)} == {"a", "c"}
     assert stats.rejected == 2 and len(rejected_reasons(store)) == 2
     assert await store.get_cursor("order") == last.stamp
+
+
+def poll_state(store: Store) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(store.path) as conn:
+        return conn.execute(
+            "SELECT kind, last_error, last_items, last_stored, last_success_at IS NOT NULL"
+            " FROM poll_state").fetchall()
+
+
+def sample(poller: Poller, name: str, **labels: str) -> float | None:
+    return poller._metrics.registry.get_sample_value(name, labels)
+
+
+async def test_a_cycle_records_success_and_failure_and_counts_them(store: Store) -> None:
+    api = FakeApi("poll")
+    for entity in "abc":
+        api.change(entity)
+        api.advance(1)
+    poller = _scripted(store, api)
+    poller._failures = 3
+    stats = await poller._cycle("order", 12.5)
+    assert stats is not None and (stats.items, stats.stored, stats.pages) == (3, 3, 3)
+    assert poller._failures == 0 and poller.last_success == {"order": 12.5}
+    assert poll_state(store) == [("order", None, 3, 3, 1)]
+    assert sample(poller, "tcbridge_poll_requests_total", kind="order") == 3
+    assert sample(poller, "tcbridge_events_total", source="poll", kind="order") == 3
+    api.failures[len(api.requests)] = ApiTransientError("HTTP 503 after 4 attempts",
+                                                         status=503)
+    assert await poller._cycle("order", 20.0) is None
+    assert poller._failures == 1 and poller.last_success == {"order": 12.5}
+    assert poll_state(store) == [("order", "HTTP 503 after 4 attempts", 3, 3, 1)]
+    assert sample(poller, "tcbridge_poll_errors_total", kind="order") == 1
+    assert await poller._cycle("order", 21.0) is not None  # nothing new: a success again
+    assert poll_state(store) == [("order", None, 0, 0, 1)]
+
+
+async def test_a_store_error_while_recording_is_logged_not_raised(store: Store) -> None:
+    api = FakeApi("poll")
+    poller = _scripted(store, api)
+
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise StoreError("disk full")
+
+    store.record_poll = broken  # type: ignore[method-assign]
+    assert await poller._cycle("order", 1.0) is not None
+
+
+async def test_stats_count_duplicates_stale_and_rejected_and_set_the_lag_cursor(
+    store: Store,
+) -> None:
+    api = FakeApi("poll")
+    old = api.change("a")
+    api.advance(1)
+    api.change("b")
+    poller = _scripted(store, api, page_size=10, lookback_s=120)
+    await poller.run_once("order")
+    api.versions.append(Version("a", old.ms - 1, api.now_s, {**old.obj, "lastUpdatedAt":
+                                                            stamp_of(old.ms - 1)}))
+    api.versions.remove(old)  # an older version of a shows now: stale
+    api.extra = [(0, 7)]
+    stats = await poller.run_once("order")
+    assert (stats.items, stats.stored, stats.duplicates, stats.stale, stats.rejected) == (
+        3, 0, 1, 1, 1)
+    assert stats.cursor == api.versions[0].stamp
+    assert poller._metrics._lag.cursors_us == {"order": api.versions[0].ms * 1000}
+    assert sample(poller, "tcbridge_rejected_total", source="poll") == 1
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("SELECT body FROM rejected").fetchall() == [(b"7",)]
+
+
+async def test_a_backfill_poller_keeps_its_own_cursor_and_leaves_the_lag_gauge(
+    store: Store,
+) -> None:
+    api = FakeApi("poll")
+    api.change("a")
+    settings = PollSettings(kinds=["order"], page_size=2, lookback_s=0, start_from=START)
+    seen: list[tuple[str, int, int | None]] = []
+    poller = Poller(settings, api, store, asyncio.Event(), api="poll", cursor_prefix="backfill:",
+                    progress=lambda kind, stats, total: seen.append((kind, stats.items, total)))
+    await poller.run_once("order")
+    assert await store.get_cursor("backfill:order") == api.versions[0].stamp
+    assert await store.get_cursor("order") is None
+    assert poller._metrics._lag.cursors_us == {}
+    assert seen == [("order", 1, 1)]
+
+
+async def test_hybrid_poller_marks_what_it_finds_first_after_a_completed_cycle(
+    store: Store,
+) -> None:
+    api = FakeApi("poll")
+    api.change("a")
+    settings = PollSettings(kinds=["order"], page_size=2, lookback_s=0, start_from=START)
+    poller = Poller(settings, api, store, asyncio.Event(), api="poll", hybrid=True)
+    first = await poller._cycle("order", 0.0)
+    assert first is not None and first.recovered == 0  # catching up on history
+    api.advance(1)
+    api.change("b")
+    second = await poller._cycle("order", 1.0)
+    assert second is not None and second.recovered == 1
+    assert sample(poller, "tcbridge_recovered_events_total", kind="order") == 1
+
+
+async def test_overlap_of_shipments_uses_meta_last_updated_at(store: Store) -> None:
+    # Shipments carry their stamp in meta: an updated shipment asked for again must be
+    # told apart by it too.
+    first = {"id": "s1", "meta": {"lastUpdatedAt": T1}}
+    assert poller_module._identity(first) == ("s1", instant_us(T1))
+    assert poller_module._identity({"id": "s1", "meta": {"lastUpdatedAt": T2}}) != (
+        poller_module._identity(first))
+    assert poller_module._identity({"id": "o1", "lastUpdatedAt": T1,
+                                    "meta": {"lastUpdatedAt": T2}}) == ("o1", instant_us(T1))
+    assert poller_module._identity({"id": "o1", "lastUpdatedAt": "bad"}) == ("o1", "bad")
+    assert poller_module._identity({"id": "o1", "meta": "x"}) == ("o1", None)
+    assert poller_module._identity(7) == (None, 7)
