@@ -191,7 +191,9 @@ class Poller:
         cursor, offset, overlap, shifts = query_cursor, 0, None, 0
         stats = CycleStats(cursor=committed)
         while True:
-            raw = await self._fetch(kind, cursor, offset - 1 if overlap else offset)
+            # The item asked for again takes a place on the page; a page of one needs two.
+            limit = max(self._settings.page_size, 2) if overlap else self._settings.page_size
+            raw = await self._fetch(kind, cursor, offset - 1 if overlap else offset, limit)
             page = _after_overlap(raw, overlap)
             if page is None:
                 # An item before ``offset`` was updated since the last page (it moved to the
@@ -208,7 +210,7 @@ class Poller:
                 offset, overlap = 0, None
                 continue
             candidates, rejects, stamps = self._normalise(kind, page)
-            full = len(raw.items) >= self._settings.page_size
+            full = len(raw.items) >= limit
             if full:
                 position = next_position(stamps, cursor, offset, inclusive=self._api == "search")
                 commit = position.safe_cursor
@@ -223,14 +225,13 @@ class Poller:
                 return stats
             cursor, offset = position.cursor, position.offset
             # Ask for the last item again: if it does not come first, the offsets shifted.
-            overlap = (_Overlap(_identity(page.items[-1])) if offset and page.items
-                       and self._settings.page_size > 1 else None)
+            overlap = _Overlap(_identity(page.items[-1])) if offset and page.items else None
 
-    async def _fetch(self, kind: PollKind, cursor: str, offset: int) -> PollPage:
+    async def _fetch(self, kind: PollKind, cursor: str, offset: int, limit: int) -> PollPage:
         self._metrics.poll_requests.labels(kind).inc()
         with self._metrics.poll_latency.labels(kind).time():
             return await self._client.poll(
-                kind, cursor, offset=offset, limit=self._settings.page_size,
+                kind, cursor, offset=offset, limit=limit,
                 filters=self._filters(kind),
             )
 
