@@ -99,7 +99,8 @@ class FakeApi:
         filters: Mapping[str, Any] | None = None,
     ) -> PollPage:
         number = len(self.requests)
-        self.requests.append({"kind": kind, "cursor": cursor, "offset": offset, "limit": limit})
+        self.requests.append({"kind": kind, "cursor": cursor, "offset": offset, "limit": limit,
+                              "filters": filters})
         if self.before_answer is not None:
             self.before_answer(number)
         if number in self.failures:

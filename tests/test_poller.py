@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -583,3 +584,62 @@ async def test_pages_of_one_item_also_ask_for_the_last_item_again(store: Store) 
     assert version_key(updates[0]) in stored_versions(store)
     assert [r["limit"] for r in api.requests[:2]] == [1, 2]
     assert await store.get_cursor("order") == updates[0].stamp
+
+
+def test_inclusive_restart_keeps_the_offset_only_inside_the_same_timestamp() -> None:
+    assert next_position([T1, T2, T3, T3], START, 5, inclusive=True) == Position(T3, 2, T3)
+
+
+async def test_details_of_a_cycle_source_filters_metrics_and_rejected_rows(
+    store: Store,
+) -> None:
+    api = FakeApi("poll")
+    api.change("a")
+    api.advance(1)
+    api.change("nan").obj["x"] = tradecloud._Unencodable("NaN")
+    api.advance(1)
+    last = api.change("c")
+    poller = _scripted(store, api, page_size=10, order_filters={"status": {"x": ["A"]}},
+                       shipment_filters={"buyerShipment": {"companyId": "b"}})
+    stats = await poller.run_once("order")
+    await poller.run_once("shipment")
+    assert [r["filters"] for r in api.requests] == [
+        {"status": {"x": ["A"]}}, {"buyerShipment": {"companyId": "b"}}]
+    assert stats.cursor == last.stamp and not poller._hybrid
+    assert sample(poller, "tcbridge_poll_request_seconds_count", kind="order") == 1
+    assert sample(poller, "tcbridge_poll_requests_total", kind="shipment") == 1
+    with sqlite3.connect(store.path) as conn:
+        assert {row[0] for row in conn.execute("SELECT source FROM events")} == {"poll"}
+        ((source, body),) = conn.execute("SELECT source, body FROM rejected").fetchall()[:1]
+    assert source == "poll"
+    assert b"'id': 'nan'" in body and b"NaN" in body  # kept as repr: json.dumps refuses it
+
+
+async def test_consecutive_failures_count_up(store: Store) -> None:
+    api = FakeApi("poll")
+    api.failures = {0: ApiTransientError("HTTP 503"), 1: ApiTransientError("HTTP 503")}
+    poller = _scripted(store, api)
+    await poller._cycle("order", 0.0)
+    await poller._cycle("order", 1.0)
+    assert poller._failures == 2
+
+
+class LogRecorder:
+    """Stands in for the poller's logger: records event names."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def __getattr__(self, level: str) -> Callable[..., None]:
+        return lambda event, **fields: self.events.append(event)
+
+
+async def test_a_run_is_re_read_five_times_and_the_sixth_shift_ends_the_cycle(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = LogRecorder()
+    monkeypatch.setattr(poller_module, "log", recorder)
+    stats = await _scripted(store, _shifting_api()).run_once("order")
+    assert not stats.complete
+    assert recorder.events.count("poll.run_shifted") == MAX_SHIFTS_PER_CYCLE + 1
+    assert recorder.events.count("poll.cycle_cut_short") == 1
