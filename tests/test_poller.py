@@ -549,9 +549,10 @@ async def test_hybrid_poller_marks_what_it_finds_first_after_a_completed_cycle(
     assert first is not None and first.recovered == 0  # catching up on history
     api.advance(1)
     api.change("b")
+    api.change("c")
     second = await poller._cycle("order", 1.0)
-    assert second is not None and second.recovered == 1
-    assert sample(poller, "tcbridge_recovered_events_total", kind="order") == 1
+    assert second is not None and second.recovered == 2
+    assert sample(poller, "tcbridge_recovered_events_total", kind="order") == 2
 
 
 async def test_overlap_of_shipments_uses_meta_last_updated_at(store: Store) -> None:
@@ -598,6 +599,8 @@ async def test_details_of_a_cycle_source_filters_metrics_and_rejected_rows(
     api.advance(1)
     api.change("nan").obj["x"] = tradecloud._Unencodable("NaN")
     api.advance(1)
+    api.change("both").obj["x"] = [tradecloud._Unencodable("NaN"), "\ud800"]
+    api.advance(1)
     last = api.change("c")
     poller = _scripted(store, api, page_size=10, order_filters={"status": {"x": ["A"]}},
                        shipment_filters={"buyerShipment": {"companyId": "b"}})
@@ -610,9 +613,11 @@ async def test_details_of_a_cycle_source_filters_metrics_and_rejected_rows(
     assert sample(poller, "tcbridge_poll_requests_total", kind="shipment") == 1
     with sqlite3.connect(store.path) as conn:
         assert {row[0] for row in conn.execute("SELECT source FROM events")} == {"poll"}
-        ((source, body),) = conn.execute("SELECT source, body FROM rejected").fetchall()[:1]
+        ((source, body), (_, both)) = conn.execute(
+            "SELECT source, body FROM rejected ORDER BY id").fetchall()[:2]
     assert source == "poll"
     assert b"'id': 'nan'" in body and b"NaN" in body  # kept as repr: json.dumps refuses it
+    assert b"NaN, '\\ud800'" in both  # a lone surrogate in that repr is escaped
 
 
 async def test_consecutive_failures_count_up(store: Store) -> None:
@@ -640,6 +645,6 @@ async def test_a_run_is_re_read_five_times_and_the_sixth_shift_ends_the_cycle(
     recorder = LogRecorder()
     monkeypatch.setattr(poller_module, "log", recorder)
     stats = await _scripted(store, _shifting_api()).run_once("order")
-    assert not stats.complete
+    assert stats.complete is False
     assert recorder.events.count("poll.run_shifted") == MAX_SHIFTS_PER_CYCLE + 1
     assert recorder.events.count("poll.cycle_cut_short") == 1
