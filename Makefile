@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo run test lint bench clean
+.PHONY: demo run test lint bench clean mutation
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,3 +48,14 @@ bench: $(STAMP)
 bench-smoke: $(STAMP)
 	@sh bench/ensure_wrk.sh
 	$(BIN)/python -m bench --smoke
+
+## mutation testing (mutmut 3) of the core modules with the in-process tests, one module
+## at a time: `make mutation MUTATE=poller`; results in mutants/, `mutmut browse` to read
+MUTATE ?= envelope poller store dispatch
+MUTATION_CHILDREN ?= 1
+mutation: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,mutation]'
+	@for module in $(MUTATE); do \
+		$(BIN)/mutmut run --max-children $(MUTATION_CHILDREN) "tcbridge.$$module.*" || exit 1; \
+	done
+	$(BIN)/mutmut results

@@ -276,9 +276,19 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     _timestamp(args.since, "--since")
     kinds = args.kinds or settings.poll.kinds
     totals = asyncio.run(_backfill(settings, args.since, kinds))
+    incomplete = []
     for kind, stats in totals.items():
         print(f"{kind}: {stats.items} fetched in {stats.pages} pages, {stats.stored} new, "
-              f"{stats.duplicates} duplicates, {stats.stale} stale, {stats.rejected} rejected")
+              f"{stats.duplicates} duplicates, {stats.stale} stale, {stats.rejected} rejected"
+              + ("" if stats.complete else f"; INCOMPLETE, stopped at {stats.cursor}"))
+        if not stats.complete:
+            incomplete.append(kind)
+    if incomplete:
+        # The result set kept shifting under the pages: run it again (it resumes from its
+        # own cursor, duplicates are harmless) rather than take this for a full catch-up.
+        print(f"tcbridge: backfill incomplete for {', '.join(incomplete)}: run it again",
+              file=sys.stderr)
+        return 1
     return 0
 
 

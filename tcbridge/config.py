@@ -271,6 +271,9 @@ class PollSettings(_Section):
     error_backoff_max_s: float = Field(default=300.0, gt=0)
     order_filters: dict[str, Any] = Field(default_factory=dict)
     shipment_filters: dict[str, Any] = Field(default_factory=dict)
+    # Each cycle queries from the cursor minus this (0: off), for changes a search index
+    # shows late; deduplication absorbs what is seen again.
+    lookback_s: float = Field(default=120.0, ge=0, le=86_400)
 
     @field_validator("order_filters", "shipment_filters")
     @classmethod

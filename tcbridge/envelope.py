@@ -29,6 +29,7 @@ ORDER_EVENT_KEYS: dict[str, EventKind] = {
     "orderDocumentsEvent": "order_documents",
 }
 SHIPMENT_EVENT_KEYS = ("shipment", "shipmentEvent")
+ORDER_ID_KEYS = ("orderId", "id")  # events say orderId, snapshots id; both must agree
 MAX_ID_LENGTH = 200
 Layout = Literal["delivery-schedule", "single-delivery"]
 # The order line layout each webhook body field carries (docs api/delivery-schedule.md).
@@ -124,8 +125,8 @@ def parse_order_webhook(body: object) -> Candidate:
     key = present[0]
     event = _require_object(data[key], key)
     kind = ORDER_EVENT_KEYS[key]
-    entity = _entity_id(event, ("orderId", "id"), key)
-    _check_storable(event, key)
+    entity = _entity_id(event, ORDER_ID_KEYS, key)
+    require_storable(event, key)
     meta = _message_meta(data, event)
     message_id = _message_id(meta)
     name = _event_name(data)
@@ -192,8 +193,8 @@ def parse_snapshot(
     since_us = _line_instant(since) if since is not None else None
     if kind == "shipment":
         return replace(_shipment(data, source, kind), since_us=since_us)
-    entity = _entity_id(data, ("id", "orderId"), kind)
-    _check_storable(data, kind)
+    entity = _entity_id(data, ORDER_ID_KEYS, kind)
+    require_storable(data, kind)
     stamp, version, instant = _version(data, kind, meta=None)
     lines = _lines(data, "lastUpdatedAt")
     return Candidate(
@@ -252,7 +253,7 @@ def envelope_dict(
 
 def _shipment(data: Mapping[str, Any], source: Source, where: str) -> Candidate:
     entity = _entity_id(data, ("id", "shipmentId"), where)
-    _check_storable(data, where)
+    require_storable(data, where)
     meta = data.get("meta")
     stamp_holder = meta if isinstance(meta, Mapping) and "lastUpdatedAt" in meta else data
     stamp, version, instant = _version(stamp_holder, where, meta=meta)
@@ -321,18 +322,21 @@ def plain_text(value: object) -> TypeGuard[str]:
     return True
 
 
-def _check_storable(payload: Mapping[str, Any], where: str) -> None:
-    """Refuse a payload its envelope could never be stored with (too deeply nested): a 4xx
-    now instead of a 503 for ever. orjson is the probe: in C, and fast when it succeeds."""
+def require_storable(payload: Mapping[str, Any], where: str) -> None:
+    """Refuse a payload whose envelope orjson (the parser of the store and the dispatcher)
+    could never write: a lone surrogate, a NaN, an integer beyond 64 bits, nesting beyond
+    its limit. A 4xx (or a rejected poll item) now, instead of a 503 or a stuck delivery for
+    ever. Webhook bodies are read by orjson already; objects from the API client are checked
+    here, once. orjson is the probe: in C, and fast when it succeeds."""
     try:
         orjson.dumps({"payload": payload})  # as deep as the envelope
-    except orjson.JSONEncodeError:
-        # Also raised for a lone surrogate, which the store can still keep: only depth counts.
+    except orjson.JSONEncodeError as e:
         if _deeper_than({"payload": payload}, MAX_ENVELOPE_DEPTH):
             raise InvalidEvent(
                 f"{where} is nested deeper than {MAX_ENVELOPE_DEPTH - 1} levels and cannot "
                 "be stored"
             ) from None
+        raise InvalidEvent(f"{where} cannot be stored as JSON: {e}") from e
 
 
 def _deeper_than(value: object, limit: int) -> bool:
@@ -349,13 +353,19 @@ def _deeper_than(value: object, limit: int) -> bool:
 
 
 def _entity_id(data: Mapping[str, Any], keys: tuple[str, ...], where: str) -> str:
+    found: str | None = None
     for key in keys:
         value = data.get(key)
-        if plain_text(value):
-            return value
-        if value is not None:
+        if value is None:
+            continue
+        if not plain_text(value):
             raise InvalidEvent(f"{where}.{key} must be a non-empty string")
-    raise InvalidEvent(f"{where} has no {' or '.join(keys)}")
+        if found is not None and value != found:
+            raise InvalidEvent(f"{where}: {' and '.join(keys)} differ")
+        found = value
+    if found is None:
+        raise InvalidEvent(f"{where} has no {' or '.join(keys)}")
+    return found
 
 
 def _version(

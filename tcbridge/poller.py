@@ -8,6 +8,15 @@ offset is updated between two pages it moves to the end and every later item mov
 one. So each offset query asks for the previous page's last item again; if that item
 does not come back first, the run shifted and the poller re-reads it from the query's
 start. Each page's items and the cursor it makes safe are committed in one transaction.
+
+The item asked for again must come back with the same id *and* the same ``lastUpdatedAt``:
+an item updated between two pages moves to the end, and when it is the newest item it
+still comes first, with a new stamp; taking it for the old one would skip its new version.
+
+A search index is eventually consistent, and a second change in the millisecond of the
+cursor can become visible after the poll. So each cycle queries from the committed cursor
+minus ``lookback_s`` and relies on deduplication for what it sees again; the committed
+cursor is still the exact string received, and it never moves backwards.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import json
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Any, Literal, Protocol
 
 import structlog
@@ -27,7 +37,7 @@ from tcbridge.envelope import Candidate, parse_snapshot
 from tcbridge.errors import ApiAuthError, ApiError, InvalidEvent, StoreError
 from tcbridge.metrics import Metrics
 from tcbridge.store import IngestResult, Rejected, Store
-from tcbridge.timefmt import instant_us
+from tcbridge.timefmt import instant_us, parse_instant
 from tcbridge.tradecloud import PollPage
 
 log = structlog.get_logger(__name__)
@@ -55,6 +65,7 @@ class CycleStats:
     recovered: int = 0
     total: int | None = None
     cursor: str | None = None
+    complete: bool = True  # False: cut short by a result set that kept shifting
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +103,27 @@ def page_cursor(page: PollPage, stamps: Sequence[str | None], *, api: str) -> st
         return page.last_updated_at
     readable = [s for s in stamps if s is not None]
     return readable[-1] if readable else None
+
+
+def lookback_start(cursor: str, lookback_s: float) -> str:
+    """Where a cycle's query starts: ``lookback_s`` before the committed cursor, in the
+    API's format (UTC, milliseconds, rounded down by isoformat); the cursor itself when 0
+    or out of range."""
+    if lookback_s <= 0:
+        return cursor
+    try:
+        moment = parse_instant(cursor) - timedelta(seconds=lookback_s)  # parse_instant: UTC
+    except (InvalidEvent, OverflowError):
+        return cursor
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def ahead(offered: str | None, committed: str) -> str | None:
+    """``offered`` if it is later than the committed cursor, else None: a look-back page
+    makes cursors safe that lie behind the committed one, and those are not progress."""
+    if offered is None or instant_us(offered) <= instant_us(committed):
+        return None
+    return offered
 
 
 def _readable(stamp: str) -> bool:
@@ -152,15 +184,21 @@ class Poller:
         """One cycle of one kind: page until a page is not full. Raises on API or store errors."""
         name = self._cursor_prefix + kind
         stored = await self._store.get_cursor(name)
-        start = stored or self._settings.start_from
+        # Two cursors: ``committed`` is the exact string received (stored, only forwards);
+        # ``query_cursor`` is where this cycle's query starts, a look-back before it.
+        committed = stored or self._settings.start_from
+        query_cursor = (lookback_start(stored, self._settings.lookback_s)
+                        if stored is not None else committed)
         # Until a first cycle has completed, the poller catches up on history (from
         # start_from); after that, what it sees first is what the webhook missed.
         recover = (self._hybrid and not self._cursor_prefix
                    and await self._store.poll_succeeded(name))
-        cursor, offset, overlap, shifts = start, 0, None, 0
-        stats = CycleStats(cursor=start)
+        cursor, offset, overlap, shifts = query_cursor, 0, None, 0
+        stats = CycleStats(cursor=committed)
         while True:
-            raw = await self._fetch(kind, cursor, offset - 1 if overlap else offset)
+            # The item asked for again takes a place on the page; a page of one needs two.
+            limit = max(self._settings.page_size, 2) if overlap else self._settings.page_size
+            raw = await self._fetch(kind, cursor, offset - 1 if overlap else offset, limit)
             page = _after_overlap(raw, overlap)
             if page is None:
                 # An item before ``offset`` was updated since the last page (it moved to the
@@ -172,31 +210,33 @@ class Poller:
                          shifts=shifts)
                 if shifts > MAX_SHIFTS_PER_CYCLE:
                     log.warning("poll.cycle_cut_short", kind=kind, cursor=cursor)
+                    stats.complete = False
                     return stats
                 offset, overlap = 0, None
                 continue
             candidates, rejects, stamps = self._normalise(kind, page, cursor)
-            full = len(raw.items) >= self._settings.page_size
+            full = len(raw.items) >= limit
             if full:
                 position = next_position(stamps, cursor, offset, inclusive=self._inclusive)
                 commit = position.safe_cursor
             else:
                 commit = page_cursor(page, stamps, api=self._api)
+            commit = ahead(commit, committed)
             results = await self._store.ingest_page(
                 name, candidates, rejects, commit, recovered=recover)
+            committed = commit or committed
             self._account(kind, stats, page, candidates, results, rejects, commit)
             if not full or self._stop.is_set():  # on shutdown, stop between pages
                 return stats
             cursor, offset = position.cursor, position.offset
             # Ask for the last item again: if it does not come first, the offsets shifted.
-            overlap = (_item_id(page.items[-1]) if offset and page.items
-                       and self._settings.page_size > 1 else None)
+            overlap = _Overlap(_identity(page.items[-1])) if offset and page.items else None
 
-    async def _fetch(self, kind: PollKind, cursor: str, offset: int) -> PollPage:
+    async def _fetch(self, kind: PollKind, cursor: str, offset: int, limit: int) -> PollPage:
         self._metrics.poll_requests.labels(kind).inc()
         with self._metrics.poll_latency.labels(kind).time():
             return await self._client.poll(
-                kind, cursor, offset=offset, limit=self._settings.page_size,
+                kind, cursor, offset=offset, limit=limit,
                 filters=self._filters(kind),
             )
 
@@ -335,16 +375,34 @@ class Poller:
             log.debug("poll.stored", **fields)
 
 
-def _item_id(item: Mapping[str, Any]) -> str | None:
-    value = item.get("id")
-    return value if isinstance(value, str) else None
+@dataclass(frozen=True, slots=True)
+class _Overlap:
+    """The previous page's last item, as it must come back when asked for again."""
+
+    identity: tuple[object, object]
 
 
-def _after_overlap(page: PollPage, overlap: str | None) -> PollPage | None:
-    """The page without the item asked for again; None if that item is not the expected one."""
+def _identity(item: object) -> tuple[object, object]:
+    """An item's id and the instant of its ``lastUpdatedAt`` (a shipment's is in ``meta``);
+    the raw value when either is unreadable, the item itself when it is no object."""
+    if not isinstance(item, Mapping):
+        return None, item
+    meta = item.get("meta")
+    stamp = item.get("lastUpdatedAt")
+    if stamp is None and isinstance(meta, Mapping):
+        stamp = meta.get("lastUpdatedAt")
+    try:
+        return item.get("id"), instant_us(stamp)
+    except InvalidEvent:
+        return item.get("id"), stamp
+
+
+def _after_overlap(page: PollPage, overlap: _Overlap | None) -> PollPage | None:
+    """The page without the item asked for again; None if that item did not come back
+    first unchanged (same id, same instant): the run shifted, or the item was updated."""
     if overlap is None:
         return page
-    if not page.items or _item_id(page.items[0]) != overlap:
+    if not page.items or _identity(page.items[0]) != overlap.identity:
         return None
     return replace(page, items=page.items[1:])
 
@@ -355,6 +413,9 @@ _STAT = {"stored": "stored", "duplicate": "duplicates", "stale": "stale"}
 def _rejected_item(kind: str, item: object, reason: str) -> Rejected:
     try:
         body = json.dumps(item).encode()
-    except (TypeError, ValueError):
-        body = repr(item).encode()
+    except (TypeError, ValueError, RecursionError):
+        try:
+            body = repr(item).encode(errors="backslashreplace")
+        except RecursionError:  # nested too deeply even for repr: keep the reason only
+            body = b"<nested too deeply to keep>"
     return Rejected(source="poll", reason=f"{kind}: {reason}", body=body)

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import orjson
 import structlog
 
 from tcbridge.config import PollKind, TradecloudSettings
@@ -53,7 +54,7 @@ _TRANSIENT_ERRORS = (TimeoutError, aiohttp.ClientConnectionError, aiohttp.Client
 class PollPage:
     """One page of a poll/search answer."""
 
-    items: list[dict[str, Any]]
+    items: list[Any]  # objects, and any non-object entry (the poller rejects those)
     total: int | None
     last_updated_at: str | None
     layout: Layout | None = None  # of orders: which line layout the endpoint gives
@@ -359,13 +360,21 @@ def _check(response: _Response, path: str) -> None:
     raise ApiPermanentError(f"tradecloud {path}: HTTP {status}", status=status)
 
 
+class _Unencodable:
+    """A NaN or Infinity in an answer: Python's parser accepts it, orjson (the store's and
+    the dispatcher's parser) cannot write it, so the item holding it is rejected at ingest."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
 def _json_object(response: _Response, path: str) -> dict[str, Any]:
-    try:
-        value = json.loads(response.body)
-    except ValueError as e:  # includes UnicodeDecodeError
-        raise ApiPermanentError(
-            f"tradecloud {path}: answer is not JSON", status=response.status
-        ) from e
+    value = _loads(response.body, path, response.status)
     if not isinstance(value, dict):
         raise ApiPermanentError(
             f"tradecloud {path}: answer is not a JSON object", status=response.status
@@ -373,17 +382,38 @@ def _json_object(response: _Response, path: str) -> dict[str, Any]:
     return value
 
 
+def _loads(body: bytes, path: str, status: int) -> Any:
+    """orjson first, the parser of the store and the dispatcher; an answer it refuses is
+    read again by Python's parser, which keeps the rest of a page when one item holds a
+    lone surrogate or a NaN (that item is then rejected at ingest, see envelope.py)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(body, parse_constant=_Unencodable)
+    except ValueError as e:  # includes UnicodeDecodeError
+        raise ApiPermanentError(f"tradecloud {path}: answer is not JSON", status=status) from e
+    except RecursionError as e:
+        # A crash here would restart the daemon onto the same page for ever.
+        raise ApiPermanentError(
+            f"tradecloud {path}: answer is nested too deeply", status=status
+        ) from e
+
+
 def _parse_page(value: dict[str, Any], path: str) -> PollPage:
     data = value.get("data")
     if not isinstance(data, list):
         raise ApiPermanentError(f"tradecloud {path}: answer has no 'data' list")
-    items = [item for item in data if isinstance(item, dict)]
-    if len(items) != len(data):
-        log.warning("tradecloud.non_object_items", path=path, dropped=len(data) - len(items))
+    # Entries that are not objects stay in the page: they count towards a full page (or the
+    # rest of a same-timestamp run is skipped) and the poller keeps them in ``rejected``.
+    odd = sum(1 for item in data if not isinstance(item, dict))
+    if odd:
+        log.warning("tradecloud.non_object_items", path=path, count=odd)
     total = value.get("total")
     last = value.get("lastUpdatedAt")
     return PollPage(
-        items=items,
+        items=data,
         total=total if isinstance(total, int) and not isinstance(total, bool) else None,
         last_updated_at=last if isinstance(last, str) else None,
     )

@@ -232,3 +232,19 @@ def test_without_a_top_level_meta_the_events_own_meta_is_kept() -> None:
     order = fixture("order_event.json")
     del order["meta"]
     assert parse_order_webhook(order).meta is None
+@pytest.mark.parametrize("source", ["webhook", "poll"])
+def test_one_order_id_rule_for_events_and_snapshots(source: str) -> None:
+    # Events took orderId first, snapshots id first: the same object could get two ids.
+    def parse(obj: dict[str, Any]) -> str:
+        if source == "webhook":
+            return parse_order_webhook({"eventName": "X", "orderEvent": obj}).entity_id
+        return parse_snapshot("order", obj, "poll").entity_id
+
+    stamp = {"lastUpdatedAt": "2024-05-01T10:00:00.000Z"}
+    assert parse({"id": "o1"} | stamp) == "o1"
+    assert parse({"orderId": "o1"} | stamp) == "o1"
+    assert parse({"id": "o1", "orderId": "o1"} | stamp) == "o1"
+    with pytest.raises(InvalidEvent, match="orderId and id differ"):
+        parse({"id": "o1", "orderId": "o2"} | stamp)
+    with pytest.raises(InvalidEvent, match="non-empty string"):
+        parse({"orderId": "o1", "id": 7} | stamp)

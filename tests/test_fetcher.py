@@ -137,3 +137,24 @@ def test_retry_delay_grows_and_respects_retry_after() -> None:
     assert 1 <= retry_delay_s(settings, 1, None) <= 2
     assert 5 <= retry_delay_s(settings, 10, None) <= 10
     assert retry_delay_s(settings, 1, 30.0) == 30.0
+
+
+class SurrogateClient:
+    """Answers with an object holding a lone surrogate, as Python's JSON parser reads one."""
+
+    async def get_object(self, kind: str, entity_id: str) -> dict[str, Any]:
+        return {"id": entity_id, "lastUpdatedAt": "2024-05-01T10:00:00.000Z", "note": "\ud800"}
+
+
+async def test_fetched_object_that_cannot_be_stored_as_json_is_rejected_and_kept(
+    store: Store,
+) -> None:
+    # Stored escaped, it was refused later by the dispatcher's parser and wedged the entity.
+    fetcher = Fetcher(FetchSettings(), SurrogateClient(), store, asyncio.Event(), asyncio.Event())
+    await store.request_fetch("order", "o1")
+    await fetcher.run_once()
+    assert fetch_rows(store)[0][1] == "failed"
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)
+        ((source, reason),) = conn.execute("SELECT source, reason FROM rejected").fetchall()
+    assert source == "webhook_get" and "cannot be stored as JSON" in reason

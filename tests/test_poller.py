@@ -1,17 +1,36 @@
-"""The poller's paging rules (pure) and its cycles against the simulator over HTTP."""
+"""The poller's paging rules (pure) and its cycles against a scripted API, in process."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tcbridge import backfill as backfill_module
+from tcbridge import poller as poller_module
+from tcbridge import tradecloud
+from tcbridge.cli import main as cli_main
 from tcbridge.config import PollSettings, StoreSettings
-from tcbridge.poller import CycleStats, Poller, Position, next_position, page_cursor
+from tcbridge.errors import ApiPermanentError, ApiTransientError, StoreError
+from tcbridge.poller import (
+    MAX_SHIFTS_PER_CYCLE,
+    CycleStats,
+    Poller,
+    Position,
+    ahead,
+    lookback_start,
+    next_position,
+    page_cursor,
+)
 from tcbridge.store import Store
+from tcbridge.timefmt import instant_us
 from tcbridge.tradecloud import PollPage
+from tests.fake_api import FakeApi, Version, stamp_of
+from tests.support import write_config
 
 T1, T2, T3 = "2024-05-01T00:00:01.000Z", "2024-05-01T00:00:02.000Z", "2024-05-01T00:00:03.000Z"
 START = "2024-01-01T00:00:00.000Z"
@@ -69,7 +88,7 @@ def _poller(**poll: Any) -> Poller:
 def test_interval_shortens_while_recovering_and_relaxes_back() -> None:
     poller = _poller(hybrid_interval_s=120)
     assert poller.base_interval_s == 120
-    busy, quiet = CycleStats(recovered=2), CycleStats()
+    busy, quiet = CycleStats(recovered=1), CycleStats()
     assert [poller._next_delay([busy]) for _ in range(4)] == [60, 30, 30, 30]
     assert [poller._next_delay([quiet]) for _ in range(4)] == [60, 120, 120, 120]
 
@@ -114,3 +133,546 @@ async def test_first_sighting_changes_only_lines_after_the_query_cursor(
         "SELECT envelope FROM events").fetchone()[0])
     assert '"changedLineIds":["new"]' in envelope and '"layout":"single-delivery"' in envelope
     assert row["entityId"] == "o1"
+def test_backoff_doubles_with_each_failure_up_to_two_to_the_sixteen() -> None:
+    poller = _poller(error_backoff_max_s=300)
+    poller._failures = 3
+    assert all(4 <= poller._next_delay([None]) <= 8 for _ in range(50))
+    huge = _poller(interval_s=1e6, error_backoff_max_s=1e6)
+    huge._failures = 20
+    assert all(2**15 <= huge._next_delay([None]) <= 2**16 for _ in range(50))
+
+
+async def test_run_polls_every_kind_again_after_the_interval_until_stopped(
+    store: Store,
+) -> None:
+    api = FakeApi("poll")
+    api.change("a")
+    stop = asyncio.Event()
+    api.before_answer = lambda n: stop.set() if n == 3 else None
+    poller = _scripted(store, api, kinds=["order", "shipment"], interval_s=0.01,
+                       min_interval_s=0.01)
+    await asyncio.wait_for(poller.run(stop), timeout=30)
+    assert [r["kind"] for r in api.requests] == ["order", "shipment", "order", "shipment"]
+    assert set(poller.last_success) == {"order", "shipment"}
+    assert all(isinstance(t, float) for t in poller.last_success.values())
+
+
+# -- Poller.run_once against a scripted API (tests/fake_api.py), in process --------------
+
+
+def _scripted(store: Store, api: FakeApi, **poll: Any) -> Poller:
+    settings = PollSettings(**({"kinds": ["order"], "page_size": 2, "lookback_s": 0,
+                                "start_from": START} | poll))
+    return Poller(settings, api, store, asyncio.Event(), api="search" if api.api == "search"
+                  else "poll")
+
+
+def stored_versions(store: Store) -> set[tuple[str, int]]:
+    with sqlite3.connect(store.path) as conn:
+        rows = conn.execute("SELECT entity_id, instant_us FROM events").fetchall()
+    return {(entity, int(us)) for entity, us in rows}
+
+
+def rejected_reasons(store: Store) -> list[str]:
+    with sqlite3.connect(store.path) as conn:
+        return [row[0] for row in conn.execute("SELECT reason FROM rejected ORDER BY id")]
+
+
+def version_key(version: Version) -> tuple[str, int]:
+    return version.entity_id, version.ms * 1000
+
+
+async def test_update_of_the_newest_item_between_pages_is_stored_poll_api(store: Store) -> None:
+    # Bug 1: page 1 is [a, b]; b is updated before page 2, which asks for b again and gets
+    # b's new version first. Comparing ids only dropped it, and the top-level lastUpdatedAt
+    # of that page moved the cursor past it.
+    api = FakeApi("poll")
+    api.change("a")
+    api.advance(1)
+    api.change("b")
+    api.advance(1)
+    updates: list[Version] = []
+    api.before_answer = lambda n: updates.append(api.change("b")) if n == 1 else None
+    stats = await _scripted(store, api).run_once("order")
+    assert version_key(updates[0]) in stored_versions(store)
+    assert await store.get_cursor("order") == updates[0].stamp
+    assert stats.complete
+
+
+async def test_update_of_the_overlap_item_before_a_full_page_is_stored_search_api(
+    store: Store,
+) -> None:
+    # The search API's case: the page after the update is full, so the poller pages on
+    # from the page's last stamp, past the updated item it took for the old one.
+    api = FakeApi("search")
+    api.change("a")
+    api.advance(1)
+    api.change("b")
+    updates: list[Version] = []
+
+    def update_then_add(n: int) -> None:
+        if n == 1:
+            api.advance(1)
+            updates.append(api.change("b"))
+            api.advance(1)
+            api.change("c")
+            api.advance(1)
+            api.change("d")
+
+    api.before_answer = update_then_add
+    await _scripted(store, api).run_once("order")
+    assert version_key(updates[0]) in stored_versions(store)
+    assert {entity for entity, _ in stored_versions(store)} == {"a", "b", "c", "d"}
+
+
+async def test_same_millisecond_change_shown_late_is_seen_within_the_lookback(
+    store: Store,
+) -> None:
+    api = FakeApi("poll")
+    api.change("a")
+    late = api.change("b", same_ms=True, delay_s=1.0)
+    poller = _scripted(store, api, lookback_s=120)
+    await poller.run_once("order")
+    assert version_key(late) not in stored_versions(store)  # not visible yet
+    api.advance(2)
+    await poller.run_once("order")
+    assert version_key(late) in stored_versions(store)
+
+
+async def test_without_lookback_a_same_millisecond_change_shown_late_is_missed(
+    store: Store,
+) -> None:
+    # What lookback_s = 0 gives up (documented): the exclusive cursor is already on b's ms.
+    api = FakeApi("poll")
+    api.change("a")
+    late = api.change("b", same_ms=True, delay_s=1.0)
+    poller = _scripted(store, api, lookback_s=0)
+    await poller.run_once("order")
+    api.advance(2)
+    await poller.run_once("order")
+    assert version_key(late) not in stored_versions(store)
+
+
+@pytest.mark.parametrize("kind", ["poll", "search"])
+async def test_item_indexed_after_a_newer_one_is_seen_within_the_lookback(
+    store: Store, kind: str
+) -> None:
+    api = FakeApi(kind)
+    slow = api.change("a", delay_s=30)
+    api.advance(1)
+    fast = api.change("b")
+    api.advance(1)
+    poller = _scripted(store, api, lookback_s=120)
+    await poller.run_once("order")
+    assert stored_versions(store) == {version_key(fast)}
+    cursor = await store.get_cursor("order")
+    api.advance(40)
+    first = len(api.requests)
+    await poller.run_once("order")
+    assert version_key(slow) in stored_versions(store)
+    # The stored cursor is the exact string received and did not move back to a's stamp.
+    assert await store.get_cursor("order") == cursor == fast.stamp
+    assert api.requests[first]["cursor"] == stamp_of(fast.ms - 120_000)
+
+
+async def test_lookback_query_starts_before_the_cursor_and_pages_still_commit_forwards(
+    store: Store,
+) -> None:
+    api = FakeApi("poll")
+    for entity in "abcdefg":
+        api.change(entity)
+        api.advance(1)
+    poller = _scripted(store, api, lookback_s=4)
+    await poller.run_once("order")
+    newest = api.versions[-1]
+    assert await store.get_cursor("order") == newest.stamp
+    api.requests.clear()
+    changed = api.change("a")
+    await poller.run_once("order")
+    assert api.requests[0]["cursor"] == stamp_of(newest.ms - 4000)
+    assert version_key(changed) in stored_versions(store)
+    assert await store.get_cursor("order") == changed.stamp
+    assert len(stored_versions(store)) == 8
+
+
+def test_lookback_start_rounds_down_to_the_millisecond_and_handles_the_edges() -> None:
+    assert lookback_start("2024-05-01T00:02:00.000Z", 120) == "2024-05-01T00:00:00.000Z"
+    assert lookback_start("2024-05-01T02:02:00.500+02:00", 0.0004) == "2024-05-01T00:02:00.499Z"
+    assert lookback_start("2024-05-01T00:02:00.000Z", 0) == "2024-05-01T00:02:00.000Z"
+    # off means the exact stored string, whatever its format
+    assert lookback_start("2024-05-01T02:02:00.5+02:00", 0) == "2024-05-01T02:02:00.5+02:00"
+    assert lookback_start("2024-05-01T00:00:00.9996Z", 0.0001) == "2024-05-01T00:00:00.999Z"
+    assert lookback_start("0001-01-01T00:00:00.000Z", 120) == "0001-01-01T00:00:00.000Z"
+
+
+def test_ahead_offers_only_later_cursors() -> None:
+    assert ahead(T2, T1) == T2
+    assert ahead(T1, T2) is None
+    assert ahead(T2, "2024-05-01T02:00:02.000+02:00") is None
+    assert ahead(None, T1) is None
+
+
+async def test_a_failing_page_leaves_the_cursor_where_the_last_good_page_put_it(
+    store: Store,
+) -> None:
+    api = FakeApi("poll")
+    for entity in "abcde":
+        api.change(entity)
+        api.advance(1)
+    api.failures[1] = ApiTransientError("HTTP 503", status=503)
+    poller = _scripted(store, api)
+    with pytest.raises(ApiTransientError):
+        await poller.run_once("order")
+    # page 1 = [a, b] made a's stamp safe; page 2 failed: nothing of it, no cursor beyond a
+    assert await store.get_cursor("order") == api.versions[0].stamp
+    assert {e for e, _ in stored_versions(store)} == {"a", "b"}
+    api.failures.clear()
+    await poller.run_once("order")
+    assert {e for e, _ in stored_versions(store)} == set("abcde")
+
+
+async def test_a_failing_first_page_moves_nothing(store: Store) -> None:
+    api = FakeApi("poll")
+    api.change("a")
+    api.failures[0] = ApiPermanentError("answer is nested too deeply")
+    with pytest.raises(ApiPermanentError):
+        await _scripted(store, api).run_once("order")
+    assert await store.get_cursor("order") is None
+    assert stored_versions(store) == set()
+
+
+async def test_failed_cycle_is_counted_and_backed_off_not_raised(store: Store) -> None:
+    api = FakeApi("poll")
+    api.change("a")
+    api.failures[0] = ApiPermanentError("answer is nested too deeply")
+    poller = _scripted(store, api)
+    assert await poller._cycle("order", 0.0) is None
+    assert poller._failures == 1
+    assert await store.get_cursor("order") is None
+
+
+async def test_a_stop_during_page_one_makes_one_request_only(store: Store) -> None:
+    api = FakeApi("poll")
+    for entity in "abcde":
+        api.change(entity)
+        api.advance(1)
+    stop = asyncio.Event()
+    api.before_answer = lambda n: stop.set()
+    await asyncio.wait_for(_scripted(store, api).run(stop), timeout=10)
+    assert len(api.requests) == 1
+    assert {e for e, _ in stored_versions(store)} == {"a", "b"}  # page 1 is committed
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("id", "o-\ud800"), ("note", "lone \udc00 surrogate"), ("note", 2**70)],
+)
+async def test_a_polled_item_that_cannot_be_stored_is_rejected_and_the_cursor_moves_on(
+    store: Store, field: str, value: object
+) -> None:
+    api = FakeApi("poll")
+    api.change("a")
+    api.advance(1)
+    bad = api.change("bad")
+    bad.obj[field] = value
+    api.advance(1)
+    last = api.change("c")
+    stats = await _scripted(store, api, page_size=10).run_once("order")
+    assert {e for e, _ in stored_versions(store)} == {"a", "c"}
+    assert stats.rejected == 1
+    assert len(rejected_reasons(store)) == 1
+    assert await store.get_cursor("order") == last.stamp
+
+
+async def test_a_bad_item_on_a_full_page_fails_neither_the_page_nor_the_run(store: Store) -> None:
+    api = FakeApi("poll")
+    for entity in "abcdef":
+        version = api.change(entity)
+        if entity == "b":
+            version.obj["note"] = "\ud800"
+        api.advance(1)
+    stats = await _scripted(store, api).run_once("order")
+    assert {e for e, _ in stored_versions(store)} == set("acdef")
+    assert stats.rejected == 1 and stats.complete
+    assert await store.get_cursor("order") == api.versions[-1].stamp
+
+
+async def test_entries_that_are_not_objects_count_towards_a_full_page(store: Store) -> None:
+    # A run of one timestamp, a junk entry inside it: dropping the junk made page 1 look
+    # not full, and the cursor moved past the rest of the run.
+    api = FakeApi("poll")
+    api.change("a")
+    for entity in "bcd":
+        api.change(entity, same_ms=True)
+    api.extra = [(1, "junk")]
+    stats = await _scripted(store, api).run_once("order")
+    assert {e for e, _ in stored_versions(store)} == set("abcd")
+    assert stats.rejected >= 1
+    assert "order: order must be a JSON object" in rejected_reasons(store)
+
+
+async def test_a_run_that_keeps_shifting_ends_the_cycle_as_incomplete(store: Store) -> None:
+    api = FakeApi("poll")
+    for entity in "abcdef":
+        api.change(entity)
+        api.advance(1)
+
+    def update_the_first(n: int) -> None:
+        if n:  # every later page: the oldest item moves to the end, the offsets shift
+            api.advance(1)
+            oldest = min(api.visible(), key=lambda v: v.ms)
+            api.change(oldest.entity_id)
+
+    api.before_answer = update_the_first
+    stats = await _scripted(store, api).run_once("order")
+    assert not stats.complete
+    assert len(api.requests) < 4 * (MAX_SHIFTS_PER_CYCLE + 2)  # it gave up, it did not spin
+
+
+def _shifting_api() -> FakeApi:
+    """An API whose oldest item is updated before every page after the first."""
+    api = FakeApi("poll")
+    for entity in "abcdef":
+        api.change(entity)
+        api.advance(1)
+
+    def update_the_first(n: int) -> None:
+        if n:
+            api.advance(1)
+            api.change(min(api.visible(), key=lambda v: v.ms).entity_id)
+
+    api.before_answer = update_the_first
+    return api
+
+
+def test_backfill_cut_short_says_incomplete_and_exits_non_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path / "tcbridge.toml", {
+        "mode": "poll",
+        "store": {"path": str(tmp_path / "tcbridge.db")},
+        "tradecloud": {"username": "u@example.com", "password": "pw"},
+        "poll": {"kinds": ["order"], "page_size": 2},
+    })
+    monkeypatch.setattr(backfill_module, "TradecloudClient", lambda *a, **k: _shifting_api())
+    # the command configures logging onto this test's captured stderr, cached for good
+    monkeypatch.setattr("tcbridge.cli.logs.configure", lambda *a, **k: None)
+    assert cli_main(["backfill", "--config", str(config), "--since", START]) == 1
+    captured = capsys.readouterr()
+    assert "INCOMPLETE" in captured.out and "backfill incomplete for order" in captured.err
+    monkeypatch.setattr(backfill_module, "TradecloudClient", lambda *a, **k: FakeApi("poll"))
+    assert cli_main(["backfill", "--config", str(config), "--since", START]) == 0
+
+
+async def test_items_nested_too_deeply_or_with_nan_are_rejected_and_kept(store: Store) -> None:
+    deep: Any = []
+    for _ in range(900):  # within Python's parser, beyond orjson's depth limit
+        deep = [deep]
+    api = FakeApi("poll")
+    api.change("a")
+    api.advance(1)
+    api.change("deep").obj["x"] = deep
+    api.advance(1)
+    api.change("nan").obj["x"] = tradecloud._Unencodable("NaN")  # how the client reads NaN
+    api.advance(1)
+    last = api.change("c")
+    stats = await _scripted(store, api, page_size=10).run_once("order")
+    assert {e for e, _ in stored_versions(store)} == {"a", "c"}
+    assert stats.rejected == 2 and len(rejected_reasons(store)) == 2
+    assert await store.get_cursor("order") == last.stamp
+
+
+def poll_state(store: Store) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(store.path) as conn:
+        return conn.execute(
+            "SELECT kind, last_error, last_items, last_stored, last_success_at IS NOT NULL"
+            " FROM poll_state").fetchall()
+
+
+def sample(poller: Poller, name: str, **labels: str) -> float | None:
+    return poller._metrics.registry.get_sample_value(name, labels)
+
+
+async def test_a_cycle_records_success_and_failure_and_counts_them(store: Store) -> None:
+    api = FakeApi("poll")
+    for entity in "abc":
+        api.change(entity)
+        api.advance(1)
+    poller = _scripted(store, api)
+    poller._failures = 3
+    stats = await poller._cycle("order", 12.5)
+    assert stats is not None and (stats.items, stats.stored, stats.pages) == (3, 3, 3)
+    assert poller._failures == 0 and poller.last_success == {"order": 12.5}
+    assert poll_state(store) == [("order", None, 3, 3, 1)]
+    assert sample(poller, "tcbridge_poll_requests_total", kind="order") == 3
+    assert sample(poller, "tcbridge_events_total", source="poll", kind="order") == 3
+    api.failures[len(api.requests)] = ApiTransientError("HTTP 503 after 4 attempts",
+                                                         status=503)
+    assert await poller._cycle("order", 20.0) is None
+    assert poller._failures == 1 and poller.last_success == {"order": 12.5}
+    assert poll_state(store) == [("order", "HTTP 503 after 4 attempts", 3, 3, 1)]
+    assert sample(poller, "tcbridge_poll_errors_total", kind="order") == 1
+    assert await poller._cycle("order", 21.0) is not None  # nothing new: a success again
+    assert poll_state(store) == [("order", None, 0, 0, 1)]
+
+
+async def test_a_store_error_while_recording_is_logged_not_raised(store: Store) -> None:
+    api = FakeApi("poll")
+    poller = _scripted(store, api)
+
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise StoreError("disk full")
+
+    store.record_poll = broken  # type: ignore[method-assign]
+    assert await poller._cycle("order", 1.0) is not None
+
+
+async def test_stats_count_duplicates_stale_and_rejected_and_set_the_lag_cursor(
+    store: Store,
+) -> None:
+    api = FakeApi("poll")
+    old = api.change("a")
+    api.advance(1)
+    api.change("b")
+    poller = _scripted(store, api, page_size=10, lookback_s=120)
+    await poller.run_once("order")
+    api.versions.append(Version("a", old.ms - 1, api.now_s, {**old.obj, "lastUpdatedAt":
+                                                            stamp_of(old.ms - 1)}))
+    api.versions.remove(old)  # an older version of a shows now: stale
+    api.extra = [(0, 7)]
+    stats = await poller.run_once("order")
+    assert (stats.items, stats.stored, stats.duplicates, stats.stale, stats.rejected) == (
+        3, 0, 1, 1, 1)
+    assert stats.cursor == api.versions[0].stamp
+    assert poller._metrics._lag.cursors_us == {"order": api.versions[0].ms * 1000}
+    assert sample(poller, "tcbridge_rejected_total", source="poll") == 1
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("SELECT body FROM rejected").fetchall() == [(b"7",)]
+
+
+async def test_a_backfill_poller_keeps_its_own_cursor_and_leaves_the_lag_gauge(
+    store: Store,
+) -> None:
+    api = FakeApi("poll")
+    api.change("a")
+    settings = PollSettings(kinds=["order"], page_size=2, lookback_s=0, start_from=START)
+    seen: list[tuple[str, int, int | None]] = []
+    poller = Poller(settings, api, store, asyncio.Event(), api="poll", cursor_prefix="backfill:",
+                    progress=lambda kind, stats, total: seen.append((kind, stats.items, total)))
+    await poller.run_once("order")
+    assert await store.get_cursor("backfill:order") == api.versions[0].stamp
+    assert await store.get_cursor("order") is None
+    assert poller._metrics._lag.cursors_us == {}
+    assert seen == [("order", 1, 1)]
+
+
+async def test_hybrid_poller_marks_what_it_finds_first_after_a_completed_cycle(
+    store: Store,
+) -> None:
+    api = FakeApi("poll")
+    api.change("a")
+    settings = PollSettings(kinds=["order"], page_size=2, lookback_s=0, start_from=START)
+    poller = Poller(settings, api, store, asyncio.Event(), api="poll", hybrid=True)
+    first = await poller._cycle("order", 0.0)
+    assert first is not None and first.recovered == 0  # catching up on history
+    api.advance(1)
+    api.change("b")
+    api.change("c")
+    second = await poller._cycle("order", 1.0)
+    assert second is not None and second.recovered == 2
+    assert sample(poller, "tcbridge_recovered_events_total", kind="order") == 2
+
+
+async def test_overlap_of_shipments_uses_meta_last_updated_at(store: Store) -> None:
+    # Shipments carry their stamp in meta: an updated shipment asked for again must be
+    # told apart by it too.
+    first = {"id": "s1", "meta": {"lastUpdatedAt": T1}}
+    assert poller_module._identity(first) == ("s1", instant_us(T1))
+    assert poller_module._identity({"id": "s1", "meta": {"lastUpdatedAt": T2}}) != (
+        poller_module._identity(first))
+    assert poller_module._identity({"id": "o1", "lastUpdatedAt": T1,
+                                    "meta": {"lastUpdatedAt": T2}}) == ("o1", instant_us(T1))
+    assert poller_module._identity({"id": "o1", "lastUpdatedAt": "bad"}) == ("o1", "bad")
+    assert poller_module._identity({"id": "o1", "meta": "x"}) == ("o1", None)
+    assert poller_module._identity(7) == (None, 7)
+
+
+async def test_pages_of_one_item_also_ask_for_the_last_item_again(store: Store) -> None:
+    # page_size = 1 had no overlap check (the page would hold only the item asked again):
+    # an update between pages shifted the run and the next item was skipped. The overlap
+    # request now asks for two.
+    api = FakeApi("poll")
+    for entity in "abc":
+        api.change(entity)
+        api.advance(1)
+    updates: list[Version] = []
+    api.before_answer = lambda n: updates.append(api.change("a")) if n == 1 else None
+    stats = await _scripted(store, api, page_size=1).run_once("order")
+    assert stats.complete
+    assert {e for e, _ in stored_versions(store)} == {"a", "b", "c"}
+    assert version_key(updates[0]) in stored_versions(store)
+    assert [r["limit"] for r in api.requests[:2]] == [1, 2]
+    assert await store.get_cursor("order") == updates[0].stamp
+
+
+def test_inclusive_restart_keeps_the_offset_only_inside_the_same_timestamp() -> None:
+    assert next_position([T1, T2, T3, T3], START, 5, inclusive=True) == Position(T3, 2, T3)
+
+
+async def test_details_of_a_cycle_source_filters_metrics_and_rejected_rows(
+    store: Store,
+) -> None:
+    api = FakeApi("poll")
+    api.change("a")
+    api.advance(1)
+    api.change("nan").obj["x"] = tradecloud._Unencodable("NaN")
+    api.advance(1)
+    api.change("both").obj["x"] = [tradecloud._Unencodable("NaN"), "\ud800"]
+    api.advance(1)
+    last = api.change("c")
+    poller = _scripted(store, api, page_size=10, order_filters={"status": {"x": ["A"]}},
+                       shipment_filters={"buyerShipment": {"companyId": "b"}})
+    stats = await poller.run_once("order")
+    await poller.run_once("shipment")
+    assert [r["filters"] for r in api.requests] == [
+        {"status": {"x": ["A"]}}, {"buyerShipment": {"companyId": "b"}}]
+    assert stats.cursor == last.stamp and not poller._hybrid
+    assert sample(poller, "tcbridge_poll_request_seconds_count", kind="order") == 1
+    assert sample(poller, "tcbridge_poll_requests_total", kind="shipment") == 1
+    with sqlite3.connect(store.path) as conn:
+        assert {row[0] for row in conn.execute("SELECT source FROM events")} == {"poll"}
+        ((source, body), (_, both)) = conn.execute(
+            "SELECT source, body FROM rejected ORDER BY id").fetchall()[:2]
+    assert source == "poll"
+    assert b"'id': 'nan'" in body and b"NaN" in body  # kept as repr: json.dumps refuses it
+    assert b"NaN, '\\ud800'" in both  # a lone surrogate in that repr is escaped
+
+
+async def test_consecutive_failures_count_up(store: Store) -> None:
+    api = FakeApi("poll")
+    api.failures = {0: ApiTransientError("HTTP 503"), 1: ApiTransientError("HTTP 503")}
+    poller = _scripted(store, api)
+    await poller._cycle("order", 0.0)
+    await poller._cycle("order", 1.0)
+    assert poller._failures == 2
+
+
+class LogRecorder:
+    """Stands in for the poller's logger: records event names."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def __getattr__(self, level: str) -> Callable[..., None]:
+        return lambda event, **fields: self.events.append(event)
+
+
+async def test_a_run_is_re_read_five_times_and_the_sixth_shift_ends_the_cycle(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = LogRecorder()
+    monkeypatch.setattr(poller_module, "log", recorder)
+    stats = await _scripted(store, _shifting_api()).run_once("order")
+    assert stats.complete is False
+    assert recorder.events.count("poll.run_shifted") == MAX_SHIFTS_PER_CYCLE + 1
+    assert recorder.events.count("poll.cycle_cut_short") == 1

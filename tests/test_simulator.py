@@ -825,3 +825,33 @@ async def fetch_raise(http: aiohttp.ClientSession, port: int) -> None:
 def test_options_are_validated(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         parse(argv)
+
+
+async def test_index_delay_shows_changes_late_and_never_an_older_version() -> None:
+    now = [1_700_000_000.0]
+    sim = Simulator(clock=lambda: now[0], index_delay_s=5, rate_limit_per_s=None)
+    (order,) = sim.add_orders(1)
+    assert sim.world.indexed("order") == []
+    now[0] += 5
+    assert [e.stamp for e in sim.world.indexed("order")] == [order["lastUpdatedAt"]]
+    now[0] += 1
+    updated = sim.update_order(order["id"])
+    # the index still shows the version it has, as it was (a copy, not the live object)
+    (shown,) = sim.world.indexed("order")
+    assert shown.stamp == shown.obj["lastUpdatedAt"] == order["lastUpdatedAt"]
+    sim.world.index_delay_s = 0
+    now[0] += 1
+    newest = sim.update_order(order["id"])
+    assert [e.stamp for e in sim.world.indexed("order")] == [newest["lastUpdatedAt"]]
+    now[0] += 10  # the delayed, older version is due now: it does not replace the newer one
+    assert [e.stamp for e in sim.world.indexed("order")] == [newest["lastUpdatedAt"]]
+    assert updated["lastUpdatedAt"] < newest["lastUpdatedAt"]
+
+
+async def test_an_update_can_share_the_millisecond_of_the_previous_change() -> None:
+    sim = Simulator(rate_limit_per_s=None)
+    a, b = sim.add_orders(2)
+    a2 = sim.update_order(a["id"])
+    b2 = sim.update_order(b["id"], same_timestamp=True)
+    assert b2["lastUpdatedAt"] == a2["lastUpdatedAt"]
+    assert sim.update_order(a["id"])["lastUpdatedAt"] > a2["lastUpdatedAt"]

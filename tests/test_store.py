@@ -6,6 +6,7 @@ import asyncio
 import json
 import sqlite3
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -210,8 +211,11 @@ async def test_failed_fetch_is_rescheduled_or_given_up(store: Store) -> None:
 
 async def test_payload_text_with_a_lone_surrogate_is_stored_escaped(store: Store) -> None:
     order = order_obj("o-s", "2024-05-01T10:00:00.000Z")
-    order["note"] = "\udfff"  # only the poller can bring one: the webhook refuses it
-    result = await store.ingest(parse_snapshot("order", order, "poll"))
+    order["note"] = "\udfff"
+    # parse_snapshot refuses one since issue 9 (one parser: orjson's rules, at ingest); the
+    # store still writes one escaped rather than fail a whole batch.
+    candidate = replace(parse_snapshot("order", order_obj("o-s"), "poll"), payload=order)
+    result = await store.ingest(candidate)
     assert result.status == "stored"
     (envelope,) = rows(store.path, "SELECT envelope FROM events")[0]
     assert "\\udfff" in str(envelope)

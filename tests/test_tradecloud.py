@@ -22,7 +22,8 @@ from structlog.testing import capture_logs
 from yarl import URL
 
 from tcbridge.config import PollKind, TradecloudSettings
-from tcbridge.errors import ApiAuthError, ApiPermanentError, ApiTransientError
+from tcbridge.envelope import parse_snapshot
+from tcbridge.errors import ApiAuthError, ApiPermanentError, ApiTransientError, InvalidEvent
 from tcbridge.tradecloud import PollPage, TradecloudClient
 
 BASE = "https://tc.example"
@@ -283,15 +284,58 @@ async def test_poll_passes_paging_through(client: TradecloudClient, mock: aiores
     assert call.kwargs["json"] == {"filters": {"lastUpdatedAfter": "c"}, "offset": 200, "limit": 50}
 
 
-async def test_poll_missing_fields_become_none_and_non_objects_are_dropped(
+async def test_poll_missing_fields_become_none_and_non_objects_are_kept(
     client: TradecloudClient, mock: aioresponses
 ) -> None:
+    # Non-objects stay in the page: they count towards a full page and the poller rejects
+    # them (dropping them made a full page look short, and the run after it was skipped).
     mock.post(BASE + ORDER_POLL, payload={"data": [{"id": "a"}, 7, "x", {"id": "b"}]})
 
     page = await client.poll("order", "c", offset=0, limit=100)
 
-    assert page == PollPage(items=[{"id": "a"}, {"id": "b"}], total=None, last_updated_at=None,
-                            layout="delivery-schedule")
+    assert page == PollPage(items=[{"id": "a"}, 7, "x", {"id": "b"}], total=None,
+                            last_updated_at=None, layout="delivery-schedule")
+
+
+@pytest.mark.parametrize("depth", [2_000, 20_000])
+async def test_poll_answer_nested_too_deeply_is_an_api_error(
+    client: TradecloudClient, mock: aioresponses, depth: int
+) -> None:
+    # RecursionError escaped the poller: the daemon exited 1 and restarted onto the same
+    # page for ever. Now it is an API error (the poller counts it and backs off).
+    body = b'{"data": [' + b"[" * depth + b"]" * depth + b"]}"
+    mock.post(BASE + ORDER_POLL, body=body)
+
+    with pytest.raises(ApiPermanentError, match="nested too deeply"):
+        await client.poll("order", "c", offset=0, limit=100)
+
+
+async def test_poll_item_that_orjson_refuses_keeps_the_rest_of_the_page(
+    client: TradecloudClient, mock: aioresponses
+) -> None:
+    body = (b'{"data": [{"id": "a", "lastUpdatedAt": "2024-05-01T00:00:00.000Z"},'
+            b' {"id": "b", "lastUpdatedAt": "2024-05-01T00:00:01.000Z", "note": "\\ud800"},'
+            b' {"id": "c", "lastUpdatedAt": "2024-05-01T00:00:02.000Z", "qty": NaN}],'
+            b' "total": 3}')
+    mock.post(BASE + ORDER_POLL, body=body)
+
+    page = await client.poll("order", "c", offset=0, limit=100)
+
+    assert [item["id"] for item in page.items] == ["a", "b", "c"]
+    assert parse_snapshot("order", page.items[0], "poll").entity_id == "a"
+    for item in page.items[1:]:  # one parser everywhere: what orjson cannot write is refused
+        with pytest.raises(InvalidEvent, match="cannot be stored as JSON"):
+            parse_snapshot("order", item, "poll")
+
+
+async def test_object_nested_too_deeply_is_an_api_error(
+    client: TradecloudClient, mock: aioresponses
+) -> None:
+    mock.get(BASE + LOGIN, headers=token_headers(jwt(WALL_START + 3600, "a"), "r"))
+    mock.get(BASE + "/v2/order/o1", body=b"[" * 20_000 + b"]" * 20_000)
+
+    with pytest.raises(ApiPermanentError, match="nested too deeply"):
+        await client.get_object("order", "o1")
 
 
 @pytest.mark.parametrize(

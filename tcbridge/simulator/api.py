@@ -173,6 +173,8 @@ class Api:
                 return json_error(401, "invalid credentials")
             try:
                 body = json.loads(await request.text() or "{}")
+                if self._sim.before_query is not None:
+                    self._sim.before_query(request.path, body)
                 page = run_query(self._sim.world.indexed(kind), body,
                                  inclusive=cursor_key != POLL_CURSOR, filter_paths=paths,
                                  cursor_key=cursor_key)

@@ -81,6 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the search API's cursor filter; lastUpdatedSince plays a pre-2024 server")
     add("--oauth-token-ttl-s", type=float, default=3600.0,
         help="lifetime of the identity provider's access tokens (default 3600)")
+    add("--index-delay-s", type=seconds, default=0.0,
+        help="changes show in poll/search results only this long after they are made")
 
 
 def build_simulator(args: argparse.Namespace) -> Simulator:
@@ -91,7 +93,7 @@ def build_simulator(args: argparse.Namespace) -> Simulator:
         seed=args.seed, webhook_url=args.webhook_url, webhook_auth=args.webhook_auth,
         webhook_mode=args.webhook_mode, single_delivery=args.single_delivery,
         search_cursor_filter=args.search_cursor_filter,
-        oauth_token_ttl_s=args.oauth_token_ttl_s)
+        oauth_token_ttl_s=args.oauth_token_ttl_s, index_delay_s=args.index_delay_s)
     sim.faults.update({
         "webhook_drop_rate": args.drop_rate, "webhook_duplicate_rate": args.duplicate_rate,
         "webhook_reorder": args.reorder, "webhook_delay_s": args.delay_s,

@@ -64,13 +64,15 @@ class Control:
         return web.json_response(created)
 
     async def update_order(self, request: web.Request) -> web.Response:
-        """POST /_sim/orders/{id}/update {"eventName", "lineCount"}: the changed order."""
+        """POST /_sim/orders/{id}/update {"eventName", "lineCount", "sameTimestamp"}: the
+        changed order."""
         body = await _object(request)
         event = _field(body, "eventName", str, "OrderLinesConfirmedBySupplier")
         count = _field(body, "lineCount", int, 1)
+        same = _field(body, "sameTimestamp", bool, False)
         try:
             order = self._sim.update_order(request.match_info["id"], event_name=event,
-                                           line_count=count)
+                                           line_count=count, same_timestamp=same)
         except KeyError as e:
             raise http_error(web.HTTPNotFound, "unknown order") from e
         return web.json_response(order)

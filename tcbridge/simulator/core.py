@@ -49,7 +49,7 @@ class Simulator:
         webhook_backoff_max_s: float = 2.0, webhook_timeout_s: float = 5.0,
         clock: Callable[[], float] = time.time,
         single_delivery: bool = False, search_cursor_filter: str = "lastUpdatedAfter",
-        oauth_token_ttl_s: float = 3600.0,
+        oauth_token_ttl_s: float = 3600.0, index_delay_s: float = 0.0,
     ) -> None:
         self.username = username
         self.password = password
@@ -60,7 +60,11 @@ class Simulator:
         self.requests: list[dict[str, Any]] = []
         self.fault_rng = seeded(seed, "faults")
         self.world = World(seeded(seed, "data"), clock, single_delivery=single_delivery)
+        self.world.index_delay_s = index_delay_s
         self.documents = DocumentStore(clock)
+        # Tests: called with (path, body) before a poll/search query is answered, to change
+        # the data between two pages.
+        self.before_query: Callable[[str, Any], None] | None = None
         self.tokens = TokenStore(clock=clock, access_ttl_s=access_token_ttl_s,
                                  refresh_ttl_s=refresh_token_ttl_s, faults=self.faults)
         self.rate_limiter = RateLimiter(rate_limit_per_s, clock) if rate_limit_per_s else None
@@ -127,9 +131,12 @@ class Simulator:
         return self.world.attach_order_documents(order_id, event_name=event_name)
 
     def update_order(self, order_id: str, *, event_name: str = "OrderLinesConfirmedBySupplier",
-                     line_count: int = 1, line_ids: list[str] | None = None) -> JsonObj:
-        """Apply an order event to ``line_count`` random lines, or to ``line_ids``."""
-        return self.world.update_order(order_id, event_name, line_count, line_ids)
+                     line_count: int = 1, line_ids: list[str] | None = None,
+                     same_timestamp: bool = False) -> JsonObj:
+        """Apply an order event to ``line_count`` random lines, or to ``line_ids``;
+        ``same_timestamp``: in the millisecond of the previous change."""
+        return self.world.update_order(order_id, event_name, line_count, line_ids,
+                                       same_timestamp=same_timestamp)
 
     def add_shipments(self, count: int, *, order_ids: list[str] | None = None) -> list[JsonObj]:
         """Issue ``count`` shipments (ShipmentIssuedBySupplier) for the given or random orders."""

@@ -92,6 +92,10 @@ class SimClock:
         self._last_ms = max(int(self._now_s() * 1000), self._last_ms + 1)
         return self._last_ms
 
+    def same_ms(self) -> int:
+        """The previous stamp again: a second change in the same millisecond."""
+        return self._last_ms or self.next_ms()
+
 
 def roll_up_process(statuses: list[str]) -> str:
     """The order-level process status from its lines' statuses."""

@@ -42,6 +42,12 @@ class World:
         self.factory = model.Factory(rng)
         self.single_delivery = single_delivery  # the company's order webhook layout
         self._clock = model.SimClock(now_s)
+        self._now_s = now_s
+        # A search index is eventually consistent: a change shows in query results only
+        # index_delay_s after it is made (until then the previous version shows).
+        self.index_delay_s = 0.0
+        self._visible: dict[Kind, dict[str, Indexed]] = {"order": {}, "shipment": {}}
+        self._indexing: list[tuple[float, Kind, Indexed]] = []
         self._orders: dict[str, Indexed] = {}
         self._shipments: dict[str, Indexed] = {}
         self.changes: list[Change] = []
@@ -61,22 +67,27 @@ class World:
             number = numbers[i] if i < len(numbers) else None
             order = self.factory.order(model.format_ms(stamp_ms), lines, number)
             self._orders[order["id"]] = self._index(order, order["lastUpdatedAt"])
+            self._publish("order", self._orders[order["id"]])
             self._order_changed(order, model.ORDER_ISSUED, order["lines"])
             created.append(copy.deepcopy(order))
         return created
 
     def update_order(
-        self, order_id: str, event_name: str, line_count: int, line_ids: list[str] | None = None
+        self, order_id: str, event_name: str, line_count: int, line_ids: list[str] | None = None,
+        *, same_timestamp: bool = False,
     ) -> JsonObj:
-        """Apply an order event to some lines; KeyError for an unknown order."""
+        """Apply an order event to some lines; KeyError for an unknown order.
+        ``same_timestamp``: in the millisecond of the previous change (of any object)."""
         order = self._orders[order_id].obj
-        stamp = model.format_ms(self._clock.next_ms())
+        stamp_ms = self._clock.same_ms() if same_timestamp else self._clock.next_ms()
+        stamp = model.format_ms(stamp_ms)
         if event_name == model.LINES_ISSUED:
             line_ids = model.add_order_lines(self.factory, order, line_count, stamp)
         elif line_ids is None:
             line_ids = self.factory.pick_lines(order, line_count)
         changed = model.apply_order_event(self.factory, order, event_name, line_ids, stamp)
         self._orders[order_id] = self._index(order, stamp)
+        self._publish("order", self._orders[order_id])
         self._order_changed(order, event_name, changed)
         return copy.deepcopy(order)
 
@@ -120,6 +131,7 @@ class World:
             "buyerOrder" if by_buyer else "supplierOrder")
         holder = lines[0].setdefault(side, {}) if lines else order.setdefault(side, {})
         holder.setdefault("documents", []).extend(copy.deepcopy(documents))
+        self._publish("order", self._orders[order_id])  # same stamp: the index catches up
         body = model.order_documents_event_body(
             order, documents, event_name, self._meta(stamp, order, event_name), line_id=line_id)
         self._record("order", order_id, event_name, stamp, body)
@@ -158,8 +170,27 @@ class World:
         return list(self._shipments)
 
     def indexed(self, kind: Kind) -> list[Indexed]:
-        """All objects of ``kind`` with their sort keys (the objects are live; copy to expose)."""
-        return list((self._orders if kind == "order" else self._shipments).values())
+        """What queries see of ``kind``, with sort keys: copies taken at each change (the
+        objects change in place), shown ``index_delay_s`` after it; copy to expose."""
+        now = self._now_s()
+        due = sorted((e for e in self._indexing if e[0] <= now), key=lambda e: e[0])
+        if due:
+            self._indexing = [e for e in self._indexing if e[0] > now]
+            for _, due_kind, entry in due:
+                self._show(due_kind, entry)
+        return list(self._visible[kind].values())
+
+    def _publish(self, kind: Kind, entry: Indexed) -> None:
+        frozen = Indexed(entry.instant_us, entry.entity_id, entry.stamp, copy.deepcopy(entry.obj))
+        if self.index_delay_s <= 0:
+            self._show(kind, frozen)
+        else:
+            self._indexing.append((self._now_s() + self.index_delay_s, kind, frozen))
+
+    def _show(self, kind: Kind, entry: Indexed) -> None:
+        shown = self._visible[kind].get(entry.entity_id)
+        if shown is None or entry.instant_us >= shown.instant_us:  # never an older version
+            self._visible[kind][entry.entity_id] = entry
 
     def _shipment_order(self, order_ids: list[str] | None, i: int) -> JsonObj | None:
         if order_ids:
@@ -186,6 +217,7 @@ class World:
     def _shipment_changed(self, shipment: JsonObj, event_name: str) -> None:
         stamp = shipment["meta"]["lastUpdatedAt"]
         self._shipments[shipment["id"]] = self._index(shipment, stamp)
+        self._publish("shipment", self._shipments[shipment["id"]])
         side = "supplierShipment" if event_name.endswith("BySupplier") else "buyerShipment"
         meta = model.message_meta(self.factory.new_id(), self.factory.new_id(), stamp,
                                   shipment[side]["companyId"])
