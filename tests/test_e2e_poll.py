@@ -146,7 +146,7 @@ async def test_search_cursor_filter_keeps_the_old_inclusive_name(
 ) -> None:
     sim, url = await simulator_factory(search_cursor_filter="lastUpdatedSince")
     orders = sim.add_orders(5)
-    config = poll_config(url)
+    config = poll_config(url, lookback_s=0)  # the inclusive cursor alone brings one back
     config["tradecloud"].update(api="search", search_cursor_filter="lastUpdatedSince")
     daemon = daemon_factory(config)
     await daemon.start()
@@ -164,7 +164,7 @@ async def test_the_old_filter_name_on_a_current_server_shows_as_a_stuck_cursor(
 ) -> None:
     sim, url = await simulator_factory()
     sim.add_orders(5)
-    config = poll_config(url)
+    config = poll_config(url, lookback_s=0)  # without a look-back, all again means stuck
     config["tradecloud"].update(api="search", search_cursor_filter="lastUpdatedSince")
     daemon = daemon_factory(config)
     await daemon.start()
