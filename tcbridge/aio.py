@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
+from typing import Any
 
 
-async def wait_any(stop: asyncio.Event, wake: asyncio.Event, delay_s: float | None) -> None:
-    """Wait until ``stop`` or ``wake`` is set, or ``delay_s`` seconds pass."""
+async def wait_any(
+    stop: asyncio.Event, wake: asyncio.Event, delay_s: float | None,
+    *, also: Iterable[asyncio.Future[Any]] = (),
+) -> None:
+    """Wait until ``stop`` or ``wake`` is set, ``delay_s`` seconds pass, or one of ``also``
+    (tasks to watch, left running) is done."""
     waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
     try:
-        await asyncio.wait(waiters, timeout=delay_s, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([*waiters, *also], timeout=delay_s,
+                           return_when=asyncio.FIRST_COMPLETED)
     finally:
         for waiter in waiters:
             waiter.cancel()

@@ -316,3 +316,136 @@ async def test_lane_keeps_running_while_the_store_is_locked(rig: Callable[..., A
         await until(lambda: len(target.DELIVERED) == 1)
     stop.set()
     await runner
+
+
+# -- nothing stuck: any exception inside a delivery is a recorded attempt -------------------
+
+
+@pytest.mark.parametrize("stored", ['{"id":"\\ud800"}', "not json {", "[1, 2]"])
+async def test_an_envelope_the_dispatcher_cannot_read_is_dead_not_stuck(
+    rig: Callable[..., Any], stored: str
+) -> None:
+    store, dispatcher = await rig(python_handler())
+    bad = await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    good = await ingest(store, "o1", "2024-05-01T00:00:01Z")
+    with sqlite3.connect(store.path) as conn:  # as a bug or an old version might have left it
+        conn.execute("UPDATE events SET envelope = ? WHERE id = ?", (stored, bad))
+    with capture_logs():
+        await dispatcher.run_once()
+        await dispatcher.run_once()  # the entity's lane is free: the next event goes
+    assert statuses(store) == [("erp", "o1", "dead", 1), ("erp", "o1", "done", 1)]
+    dead = (await store.deliveries(status="dead"))[0]
+    assert "stored envelope" in dead["lastError"]
+    assert target.DELIVERED == [("o1", good)]
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ is broken too")
+
+
+class OddHandler:
+    """Handler bugs of the unexpected kinds: an exception that cannot be printed, an error
+    text the store cannot bind (a lone surrogate quoted from a payload)."""
+
+    name = "odd"
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    async def deliver(self, envelope: Any, body: bytes, attempt: int) -> Outcome:
+        if self.mode == "unprintable":
+            raise Unprintable
+        return Outcome("retry", error="bad value \ud800 in field", output="out \udcff")
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("mode", ["unprintable", "surrogate"])
+async def test_a_handler_failing_in_an_unexpected_way_is_a_failed_attempt(
+    store: Store, mode: str
+) -> None:
+    settings = python_handler("odd", retry_initial_s=5, retry_max_s=5)
+    store._route = make_route([settings])
+    lane = Lane(settings, OddHandler(mode), store)
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    with capture_logs():
+        assert await lane.run_once() == 1
+    assert statuses(store) == [("odd", "o1", "pending", 1)]
+    (row,) = await store.deliveries()
+    expected = "Unprintable: <unprintable>" if mode == "unprintable" else "bad value \\ud800"
+    assert expected in row["lastError"]
+
+
+async def test_a_delivery_task_that_dies_fails_its_lane(store: Store) -> None:
+    settings = python_handler("odd")
+    lane = Lane(settings, OddHandler("unprintable"), store)
+
+    async def broken(claim: Any) -> None:
+        raise RuntimeError("bug outside every guard")
+
+    lane._deliver = broken  # type: ignore[method-assign]
+    store._route = make_route([settings])
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    dispatcher = Dispatcher([lane], store, asyncio.Event())
+    with capture_logs() as logs, pytest.raises(Exception, match="lane odd") as caught:
+        await asyncio.wait_for(dispatcher.run(asyncio.Event()), timeout=10)
+    assert "bug outside every guard" in str(caught.value)
+    assert any(line["event"] == "dispatch.delivery_task_died" for line in logs)
+
+
+async def test_a_lane_that_dies_fails_the_dispatcher(
+    rig: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, dispatcher = await rig(python_handler())
+
+    async def crash(self: Lane) -> float | None:
+        raise ValueError("not a store error")
+
+    monkeypatch.setattr(Lane, "_fill", crash)
+    with pytest.raises(Exception, match="lane erp died: ValueError: not a store error"):
+        await asyncio.wait_for(dispatcher.run(asyncio.Event()), timeout=10)
+
+
+# -- a clean stop delivers nothing twice ------------------------------------------------------
+
+
+class HeldClaims:
+    """The store, but a claim returns only when the test lets it (the drain race)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.entered = asyncio.Event()
+        self.go = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def claim_and_next_due(self, handler: str, limit: int) -> Any:
+        self.entered.set()
+        await self.go.wait()
+        return await self._store.claim_and_next_due(handler, limit)
+
+
+async def test_drain_waits_for_a_claim_in_flight_and_starts_nothing(
+    rig: Callable[..., Any],
+) -> None:
+    store, dispatcher = await rig(python_handler())
+    (lane,) = dispatcher.lanes
+    held = HeldClaims(store)
+    lane._store = held  # type: ignore[assignment]
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    stop = asyncio.Event()
+    running = asyncio.create_task(dispatcher.run(stop))
+    await held.entered.wait()  # the claim is in flight
+    stop.set()
+    draining = asyncio.create_task(dispatcher.drain(5))
+    await asyncio.sleep(0)  # drain has begun
+    held.go.set()  # now the claim returns, with the delivery marked running
+    assert await draining == 0
+    await running
+    # The claim came back after drain began: released unstarted, nothing runs unwatched.
+    assert statuses(store) == [("erp", "o1", "pending", 0)]
+    await asyncio.sleep(0.05)
+    assert target.STARTED == []
