@@ -398,7 +398,7 @@ async def test_a_delivery_task_that_dies_fails_its_lane(store: Store) -> None:
 async def test_a_lane_that_dies_fails_the_dispatcher(
     rig: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store, dispatcher = await rig(python_handler())
+    _, dispatcher = await rig(python_handler())
 
     async def crash(self: Lane) -> float | None:
         raise ValueError("not a store error")
