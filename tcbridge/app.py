@@ -26,14 +26,15 @@ from tcbridge.handlers import build_handler
 from tcbridge.metrics import Metrics
 from tcbridge.poller import Poller
 from tcbridge.store import Store
+from tcbridge.supervisor import EXIT_FAILED, EXIT_OK, Supervisor
 from tcbridge.systemd import Notifier
 from tcbridge.tradecloud import TradecloudClient
 from tcbridge.webhook import build_app, drain
 
 log = structlog.get_logger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILED = 1
+__all__ = ["EXIT_FAILED", "EXIT_OK", "Parts", "readiness", "run", "serve"]
+
 READY_PING_TIMEOUT_S = 2.0
 STALE_POLL_INTERVALS = 3
 
@@ -43,6 +44,7 @@ class Parts:
     """Everything :func:`serve` builds, so shutdown can stop it in order."""
 
     store: Store
+    supervisor: Supervisor
     metrics: Metrics = field(default_factory=Metrics)
     session: aiohttp.ClientSession | None = None
     client: TradecloudClient | None = None
@@ -51,7 +53,6 @@ class Parts:
     admin: web.AppRunner | None = None
     dispatcher: Dispatcher | None = None
     poller: Poller | None = None
-    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     dispatch_wake: asyncio.Event = field(default_factory=asyncio.Event)
     fetch_wake: asyncio.Event = field(default_factory=asyncio.Event)
     draining: asyncio.Event = field(default_factory=asyncio.Event)
@@ -66,16 +67,20 @@ async def serve(
 ) -> int:
     """Run the daemon until ``stop`` is set or a part crashes; returns the exit code."""
     route = make_route(settings.handlers)
-    parts = Parts(store=Store(settings.store.path, settings.store, route=route))
+    parts = Parts(store=Store(settings.store.path, settings.store, route=route),
+                  supervisor=Supervisor(stop))
     if notifier is not None:
         parts.notifier = notifier
     try:
         await startup(settings, parts, stop)
         parts.notifier.ready(status_line(settings, parts))
-        return await main_loop(parts, stop)
+        await stop.wait()  # a signal, or the supervisor after a part failed
     finally:
+        stop.set()  # start-up may have failed: the loops started so far stop at once
         await shutdown(settings, parts)
         parts.notifier.close()
+    # Read after shutdown: a part that fails while draining also makes the exit non-zero.
+    return parts.supervisor.exit_code
 
 
 async def startup(settings: Settings, parts: Parts, stop: asyncio.Event) -> None:
@@ -169,8 +174,9 @@ def _tls(settings: Settings) -> ssl.SSLContext | None:
 
 
 async def readiness(settings: Settings, parts: Parts) -> list[str]:
-    """Why the daemon is not ready: draining, the store not writable, polls too old."""
-    reasons = []
+    """Why the daemon is not ready: a failed part, draining, the store not writable, polls
+    too old."""
+    reasons = parts.supervisor.reasons()
     if parts.draining.is_set():
         reasons.append("shutting down")
     try:
@@ -194,25 +200,7 @@ async def _refresh_gauges(parts: Parts) -> None:
 
 
 def _spawn(parts: Parts, name: str, coro: Coroutine[Any, Any, None]) -> None:
-    parts.tasks[name] = asyncio.create_task(coro, name=f"tcbridge-{name}")
-
-
-async def main_loop(parts: Parts, stop: asyncio.Event) -> int:
-    """Wait for ``stop``; a background loop that ends early is a crash and stops the daemon."""
-    stopper = asyncio.create_task(stop.wait(), name="tcbridge-stop")
-    try:
-        done, _ = await asyncio.wait(
-            [stopper, *parts.tasks.values()], return_when=asyncio.FIRST_COMPLETED
-        )
-    finally:
-        stopper.cancel()
-    for name, task in parts.tasks.items():
-        if task in done and not stop.is_set():
-            error = task.exception() if not task.cancelled() else None
-            log.error("tcbridge.part_crashed", part=name, error=repr(error), exc_info=error)
-            stop.set()
-            return EXIT_FAILED
-    return EXIT_OK
+    parts.supervisor.spawn(name, coro)
 
 
 async def shutdown(settings: Settings, parts: Parts) -> None:
@@ -231,7 +219,7 @@ async def shutdown(settings: Settings, parts: Parts) -> None:
         cut = await parts.dispatcher.drain(_left(deadline))
         if cut:
             log.warning("dispatch.cut_off", deliveries=cut, message="left pending for next start")
-    await _stop_tasks(parts.tasks.values(), _left(deadline))
+    await _stop_tasks(parts.supervisor.tasks.values(), _left(deadline))
     if parts.dispatcher is not None:
         await parts.dispatcher.close()
     if parts.admin is not None:
@@ -265,9 +253,6 @@ async def _stop_tasks(tasks: Iterable[asyncio.Task[None]], timeout_s: float) -> 
         for task in late:
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
-    for task in tasks:
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            log.error("tcbridge.part_failed", task=task.get_name(), error=repr(task.exception()))
 
 
 def run(settings: Settings) -> int:
