@@ -976,9 +976,14 @@ def replay_event(
     conn: sqlite3.Connection, event_id: str, handlers: Sequence[str] | None
 ) -> int:
     """New deliveries of a stored event, even if it was delivered before."""
-    row = conn.execute("SELECT seq, entity_id FROM events WHERE id = ?", (event_id,)).fetchone()
+    row = conn.execute(
+        "SELECT seq, entity_id, envelope IS NULL FROM events WHERE id = ?", (event_id,)
+    ).fetchone()
     if row is None:
         raise StoreError(f"no event with id {event_id!r}")
+    if row[2]:  # a delivery without its payload could only go dead
+        raise StoreError(f"event {event_id!r} cannot be replayed: its payload was purged by"
+                         " retention ([store] retention_days); only its dedup key is kept")
     if handlers is None:
         handlers = [h for (h,) in conn.execute(
             "SELECT DISTINCT handler FROM deliveries WHERE event_seq = ? ORDER BY handler",
@@ -1139,7 +1144,12 @@ def purge_batch(conn: sqlite3.Connection, policy: Retention, now: float) -> dict
     dedup_cutoff = _cutoff(now, max(policy.dedup_days, policy.payload_days))
     payloads = conn.execute(_PURGE_PAYLOADS_SQL, (payload_cutoff, policy.batch)).rowcount
     old = [row[0] for row in conn.execute(
-        "SELECT seq FROM events WHERE seq <= ? AND envelope IS NULL ORDER BY seq LIMIT ?",
+        "SELECT seq FROM events WHERE seq <= ? AND envelope IS NULL"
+        # a delivery still open or dead (of a replay queued before its payload went) keeps
+        # its row: deleting it would hide that it never got through
+        " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = events.seq"
+        "   AND d.status != 'done')"
+        " ORDER BY seq LIMIT ?",
         (_last_seq_before(conn, dedup_cutoff), policy.batch))]
     conn.executemany(
         "DELETE FROM delivery_attempts WHERE delivery_id IN"
