@@ -197,6 +197,7 @@ async def readiness(settings: Settings, parts: Parts) -> list[str]:
 async def _refresh_gauges(parts: Parts) -> None:
     with contextlib.suppress(StoreError):
         parts.metrics.set_backlog(await parts.store.backlog())
+        parts.metrics.set_fetches(await parts.store.fetch_counts())
 
 
 def _spawn(parts: Parts, name: str, coro: Coroutine[Any, Any, None]) -> None:

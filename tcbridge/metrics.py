@@ -70,6 +70,12 @@ class Metrics:
         self.backlog = Gauge("tcbridge_deliveries_backlog",
                              "Deliveries not done, by handler and status (pending, running, dead)",
                              ["handler", "status"], registry=r)
+        self.fetch_failures = Counter("tcbridge_fetch_failures",
+                                      "Fetch requests (legacy GET webhooks) given up",
+                                      ["kind"], registry=r)
+        self.fetch_requests = Gauge("tcbridge_fetch_requests",
+                                    "Fetch requests by status (pending, failed), from the store",
+                                    ["status"], registry=r)
         self._lag = _CursorLag()
         r.register(self._lag)
 
@@ -91,6 +97,11 @@ class Metrics:
         for handler, by_status in counts.items():
             for status in ("pending", "running", "dead"):
                 self.backlog.labels(handler, status).set(by_status.get(status, 0))
+
+    def set_fetches(self, counts: Mapping[str, int]) -> None:
+        """Set the fetch request gauges from ``status -> count``."""
+        for status in ("pending", "failed"):
+            self.fetch_requests.labels(status).set(counts.get(status, 0))
 
     def render(self) -> bytes:
         """The text exposition format."""

@@ -77,6 +77,7 @@ class FetchRequest:
     entity_id: str
     attempts: int
     requested_at: str
+    generation: int = 0  # bumped by every GET for the object: which request a fetch answers
 
 
 MIGRATIONS: list[list[str]] = [
@@ -204,6 +205,10 @@ MIGRATIONS: list[list[str]] = [
         # The next due time is asked after every claim: O(log n), not a walk over the backlog.
         """CREATE INDEX deliveries_pending_due ON deliveries (handler, next_attempt_at)
             WHERE status = 'pending'""",
+    ],
+    [
+        # Two GETs in one millisecond have the same requested_at: a counter tells them apart.
+        "ALTER TABLE fetch_requests ADD COLUMN generation INTEGER NOT NULL DEFAULT 0",
     ],
 ]
 
@@ -384,6 +389,10 @@ class Store:
         """Record (or refresh) a durable request to fetch a whole object."""
         now = utc_now_iso()
         return await self.run(lambda conn: upsert_fetch(conn, kind, entity_id, now))
+
+    async def fetch_counts(self) -> dict[str, int]:
+        """Fetch requests pending and given up (for ``/metrics``)."""
+        return await self.run(fetch_counts)
 
     async def due_fetches(self, limit: int = 10) -> list[FetchRequest]:
         """Pending fetch requests whose next attempt is due."""
@@ -775,12 +784,13 @@ def advance_cursor(conn: sqlite3.Connection, kind: str, value: str) -> None:
 
 
 def upsert_fetch(conn: sqlite3.Connection, kind: str, entity_id: str, now: str) -> int:
-    """One pending request per object; a new GET refreshes ``requested_at`` so an in-flight
-    fetch that started before it is not taken as its answer."""
+    """One pending request per object; a new GET bumps its ``generation`` (and refreshes
+    ``requested_at``) so an in-flight fetch that started before it is not taken as its
+    answer, even within the same millisecond."""
     conn.execute(
         "INSERT INTO fetch_requests (kind, entity_id, requested_at, next_attempt_at)"
         " VALUES (?,?,?,?) ON CONFLICT (kind, entity_id) WHERE status = 'pending'"
-        " DO UPDATE SET requested_at = excluded.requested_at,"
+        " DO UPDATE SET requested_at = excluded.requested_at, generation = generation + 1,"
         " next_attempt_at = min(next_attempt_at, excluded.next_attempt_at)",
         (kind, entity_id, now, time.time()),
     )
@@ -791,10 +801,17 @@ def upsert_fetch(conn: sqlite3.Connection, kind: str, entity_id: str, now: str) 
     return int(row[0])
 
 
+def fetch_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """status -> count of fetch requests (pending, failed; done ones are not counted)."""
+    rows = conn.execute("SELECT status, count(*) FROM fetch_requests"
+                        " WHERE status != 'done' GROUP BY status")
+    return {"pending": 0, "failed": 0} | {str(status): int(n) for status, n in rows}
+
+
 def select_due_fetches(conn: sqlite3.Connection, now: float, limit: int) -> list[FetchRequest]:
     """Pending fetches due at ``now``, oldest first."""
     rows = conn.execute(
-        "SELECT id, kind, entity_id, attempts, requested_at FROM fetch_requests"
+        "SELECT id, kind, entity_id, attempts, requested_at, generation FROM fetch_requests"
         " WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
         (now, limit),
     ).fetchall()
@@ -804,11 +821,12 @@ def select_due_fetches(conn: sqlite3.Connection, now: float, limit: int) -> list
 def finish_fetch(
     conn: sqlite3.Connection, request: FetchRequest, status: str, error: str | None, now: str
 ) -> None:
-    """Close a fetch request, unless a newer GET for the same object arrived meanwhile."""
+    """Close a fetch request, unless a newer GET for the same object arrived meanwhile
+    (its generation moved on)."""
     conn.execute(
         "UPDATE fetch_requests SET status = ?, last_error = ?, finished_at = ?,"
-        " attempts = attempts + 1 WHERE id = ? AND requested_at = ?",
-        (status, error, now, request.id, request.requested_at),
+        " attempts = attempts + 1 WHERE id = ? AND generation = ?",
+        (status, error, now, request.id, request.generation),
     )
     conn.execute(
         "UPDATE fetch_requests SET attempts = attempts + 1 WHERE id = ? AND status = 'pending'",
@@ -1086,6 +1104,8 @@ def read_status(conn: sqlite3.Connection) -> dict[str, Any]:
             "recovered": int(conn.execute(
                 "SELECT count(*) FROM events WHERE recovered = 1").fetchone()[0]),
             "fetchPending": counts["fetch_pending"],
+            "fetchFailed": int(conn.execute(
+                "SELECT count(*) FROM fetch_requests WHERE status = 'failed'").fetchone()[0]),
         },
         "cursors": {kind: {"value": value, "updatedAt": updated} for kind, value, updated
                     in conn.execute("SELECT kind, value, updated_at FROM cursors")},
