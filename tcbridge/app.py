@@ -37,6 +37,7 @@ __all__ = ["EXIT_FAILED", "EXIT_OK", "Parts", "readiness", "run", "serve"]
 
 READY_PING_TIMEOUT_S = 2.0
 STALE_POLL_INTERVALS = 3
+STORE_CLOSE_MIN_S = 2.0  # queued commits get this long even when the deadline has passed
 
 
 @dataclass(slots=True)
@@ -229,7 +230,7 @@ async def shutdown(settings: Settings, parts: Parts) -> None:
         await parts.client.close()
     if parts.session is not None:
         await parts.session.close()
-    await parts.store.close()
+    await parts.store.close(max(_left(deadline), STORE_CLOSE_MIN_S))
     log.info("tcbridge.stopped")
 
 

@@ -37,6 +37,8 @@ Op = Callable[[sqlite3.Connection], Any]
 Route = Callable[[Mapping[str, Any]], Sequence[str]]
 IngestStatus = Literal["stored", "duplicate", "stale"]
 Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]
+CLOSE_TIMEOUT_S = 10.0
+CLOSE_POLL_S = 0.005
 
 
 def _no_routes(envelope: Mapping[str, Any]) -> Sequence[str]:
@@ -244,13 +246,23 @@ class Store:
             self._closed = True
             raise
 
-    async def close(self) -> None:
-        """Finish queued work, then stop the thread and close the file."""
+    async def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Finish queued work, then stop the thread and close the file; a writer hung (on a
+        dead disk) longer than ``timeout_s`` is abandoned and logged, so shutdown ends."""
         if self._closed or self._thread is None:
             return
         self._closed = True
         self._queue.put(None)
-        await asyncio.to_thread(self._thread.join)
+        # Polled, not joined in a thread: a hung join in the default executor would keep
+        # asyncio.run from returning. The writer is a daemon thread, so the process exits;
+        # what it had not committed is lost exactly as in a crash (nobody was answered).
+        deadline = time.monotonic() + timeout_s
+        while self._thread.is_alive():
+            if time.monotonic() >= deadline:
+                log.error("store.close_abandoned", timeout_s=timeout_s,
+                          queued=self._queue.qsize(), path=str(self.path))
+                return
+            await asyncio.sleep(CLOSE_POLL_S)
 
     async def __aenter__(self) -> Store:
         await self.open()
