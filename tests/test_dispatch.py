@@ -6,6 +6,7 @@ import asyncio
 import json
 import sqlite3
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -449,3 +450,27 @@ async def test_drain_waits_for_a_claim_in_flight_and_starts_nothing(
     assert statuses(store) == [("erp", "o1", "pending", 0)]
     await asyncio.sleep(0.05)
     assert target.STARTED == []
+
+
+class RetryAfterHandler:
+    name = "limited"
+
+    async def deliver(self, envelope: Any, body: bytes, attempt: int) -> Outcome:
+        return Outcome("retry", error="HTTP 429", retry_after_s=30.0)
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_the_dispatcher_honours_retry_after(store: Store) -> None:
+    settings = python_handler("limited", retry_initial_s=0.01, retry_max_s=600)
+    store._route = make_route([settings])
+    lane = Lane(settings, RetryAfterHandler(), store)
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    before = time.time()
+    with capture_logs():
+        assert await lane.run_once() == 1
+    (row,) = await store.deliveries()
+    assert row["status"] == "pending"
+    assert row["nextAttemptAt"] >= before + 30.0  # not the 0.01 s backoff
+    assert await lane.run_once() == 0  # and nothing is claimed before then

@@ -7,6 +7,7 @@ import json
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -225,3 +226,31 @@ def test_a_transaction_left_open_does_not_block_the_next_batch(tmp_path: Path) -
     assert outcome == (future, None, None)  # the stale transaction was rolled back first
     assert not conn.in_transaction
     conn.close()
+
+
+async def test_snapshot_t3_then_late_event_t1_then_snapshot_t2_is_stale(store: Store) -> None:
+    """A late event is stored (it is news) but must not move the entity's newest version
+    back: a snapshot older than the newest stays stale."""
+    t1, t2, t3 = ("2024-05-01T10:00:01.000Z", "2024-05-01T10:00:02.000Z",
+                  "2024-05-01T10:00:03.000Z")
+    first = await store.ingest(parse_snapshot("order", order_obj("o1", t3), "poll"))
+    late = await store.ingest(parse_order_webhook(order_event_body("o1", stamp=t1)))
+    stale = await store.ingest(parse_snapshot("order", order_obj("o1", t2), "poll"))
+    assert (first.status, first.late) == ("stored", False)
+    assert (late.status, late.late) == ("stored", True)
+    assert stale.status == "stale"
+    assert rows(store.path, "SELECT newest_last_updated_at FROM entities") == [(t3,)]
+
+
+async def test_routing_that_fails_leaves_no_event_row(store: Store) -> None:
+    def broken_route(envelope: Any) -> list[str]:
+        raise RuntimeError("routing bug")
+
+    store._route = broken_route
+    with pytest.raises(RuntimeError, match="routing bug"):
+        await store.ingest(parse_order_webhook(order_event_body("o1")))
+    assert (await store.counts())["events"] == 0
+    assert rows(store.path, "SELECT count(*) FROM entities") == [(0,)]
+    assert rows(store.path, "SELECT count(*) FROM deliveries") == [(0,)]
+    store._route = lambda envelope: []
+    assert (await store.ingest(parse_order_webhook(order_event_body("o1")))).status == "stored"

@@ -199,3 +199,18 @@ async def test_allow_list_refuses_other_sources(client_factory: Client) -> None:
     allowed, _, _ = await client_factory(allowed_ips=["127.0.0.0/8", "::1"])
     ok = await allowed.post("/webhook/order", json=order_event_body(), headers=TOKEN)
     assert ok.status == 200
+
+
+async def test_a_shipment_webhook_keeps_its_event_name(
+    client_factory: Client, store: Store
+) -> None:
+    client, _, _ = await client_factory()
+    body = {"eventName": "ShipmentDeliveredByCarrier", "shipmentEvent": shipment_obj("s1")}
+    response = await client.post("/webhook/shipment", json=body, headers=TOKEN)
+    assert response.status == 200
+    (event,) = await store.events()
+    assert (event["kind"], event["entityId"], event["eventName"]) == (
+        "shipment", "s1", "ShipmentDeliveredByCarrier")
+    with sqlite3.connect(store.path) as conn:
+        (envelope,) = conn.execute("SELECT envelope FROM events").fetchone()
+    assert json.loads(envelope)["eventName"] == "ShipmentDeliveredByCarrier"
