@@ -335,7 +335,9 @@ class Dispatcher:
                  for lane in self.lanes}
         try:
             while not stop.is_set():
-                await wait_any(stop, self._wake, None, also=tasks)
+                # A lane that drained (drain without stop) is done: watching it would spin.
+                await wait_any(stop, self._wake, None,
+                               also=[task for task in tasks if not task.done()])
                 self._wake.clear()
                 for lane in self.lanes:
                     lane.wake.set()
