@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tcbridge import logs
 from tcbridge.cli import main
 from tcbridge.config import FileHandlerSettings, StoreSettings
 from tcbridge.dispatch import make_route
@@ -129,8 +130,10 @@ async def test_replaying_a_purged_event_says_why_it_cannot(store: Store) -> None
 
 
 def test_cli_replay_of_a_purged_event_exits_non_zero_with_the_reason(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The CLI would point the logging at this test's captured stderr, closed after it.
+    monkeypatch.setattr(logs, "configure", lambda *args, **kwargs: None)
     db = tmp_path / "db.sqlite"
 
     async def prepare() -> str:
