@@ -342,7 +342,9 @@ class Dispatcher:
                 for lane in self.lanes:
                     lane.wake.set()
                 _check_lanes(tasks, stop)
-            await asyncio.gather(*tasks)
+            if tasks:  # the lanes end on stop; one that died meanwhile still counts
+                await asyncio.wait(tasks)
+                _check_lanes(tasks, stop)
         finally:
             for task in tasks:
                 task.cancel()

@@ -13,12 +13,23 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from tcbridge.config import FileHandlerSettings, HandlerSettings, PythonHandlerSettings
-from tcbridge.dispatch import Dispatcher, Lane, decide, make_route, retry_delay_s
+from tcbridge.dispatch import (
+    Dispatcher,
+    Lane,
+    LaneFailed,
+    _error_text,
+    decide,
+    make_route,
+    retry_delay_s,
+)
 from tcbridge.envelope import parse_order_webhook, parse_snapshot
+from tcbridge.errors import StoreUnavailable
 from tcbridge.handlers import Outcome, build_handler
+from tcbridge.metrics import Metrics
 from tcbridge.store import Store
 from tests.conftest import order_event_body, order_obj, until
 
@@ -247,7 +258,10 @@ async def test_interrupted_deliveries_are_released_at_start(
     await store.close()
     store2, dispatcher = await rig(python_handler())
     assert statuses(store2) == [("erp", "o1", "running", 0)]
-    assert await dispatcher.start() == 1
+    with capture_logs() as logs:
+        assert await dispatcher.start() == 1
+    assert {"event": "dispatch.resumed_interrupted", "deliveries": 1,
+            "log_level": "warning"} in logs
     await dispatcher.run_once()
     assert statuses(store2) == [("erp", "o1", "done", 1)]
     assert target.DELIVERED == [("o1", claim.event_id)]
@@ -321,6 +335,8 @@ async def test_lane_keeps_running_while_the_store_is_locked(rig: Callable[..., A
         await ingest(store, "o1", "2024-05-01T00:00:00Z")
         await until(lambda: len(target.DELIVERED) == 1)
     stop.set()
+    failed = next(e for e in logs if e["event"] == "dispatch.store_failed")
+    assert failed["handler"] == "erp" and "locked" in failed["error"]
     await runner
 
 
@@ -479,3 +495,254 @@ async def test_the_dispatcher_honours_retry_after(store: Store) -> None:
     assert row["status"] == "pending"
     assert row["nextAttemptAt"] >= before + 30.0  # not the 0.01 s backoff
     assert await lane.run_once() == 0  # and nothing is claimed before then
+
+
+# -- what a delivery tells the handler, the logs and the metrics ----------------------------
+
+
+class ScriptedHandler:
+    """Returns the scripted outcomes in turn; records what each call saw."""
+
+    name = "ctx"
+
+    def __init__(self, *outcomes: Outcome) -> None:
+        self.outcomes = list(outcomes)
+        self.seen: list[dict[str, Any]] = []
+
+    async def deliver(self, envelope: Any, body: bytes, attempt: int) -> Outcome:
+        self.seen.append({"attempt": attempt, "id": envelope["id"], "body": body,
+                          "context": structlog.contextvars.get_contextvars()})
+        return self.outcomes.pop(0)
+
+    async def close(self) -> None:
+        return None
+
+
+def samples(metrics: Metrics, name: str) -> dict[tuple[str, ...], float]:
+    return {tuple(sample.labels.values()): sample.value
+            for metric in metrics.registry.collect() for sample in metric.samples
+            if sample.name == name}
+
+
+async def test_a_delivery_binds_its_context_and_is_counted(store: Store) -> None:
+    settings = python_handler("ctx", retry_initial_s=60, retry_max_s=60, max_attempts=5)
+    store._route = make_route([settings])
+    handler = ScriptedHandler(Outcome("retry", error="busy"), Outcome("done"),
+                              Outcome("dead", error="unknown order"))
+    metrics = Metrics()
+    lane = Lane(settings, handler, store, metrics=metrics)
+    event_id = await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    with capture_logs():
+        await lane.run_once()
+        make_due(store)
+        await lane.run_once()
+        await ingest(store, "o2", "2024-05-01T00:00:00Z")
+        await lane.run_once()
+    first, second, _ = handler.seen
+    assert first["context"] == {"event_id": event_id, "entity_id": "o1", "kind": "order",
+                                "source": "webhook", "handler": "ctx", "attempt": 1}
+    assert (first["attempt"], second["attempt"]) == (1, 2)
+    assert json.loads(first["body"])["id"] == event_id
+    assert samples(metrics, "tcbridge_deliveries_total") == {
+        ("ctx", "retry"): 1.0, ("ctx", "done"): 1.0, ("ctx", "dead"): 1.0}
+    assert samples(metrics, "tcbridge_delivery_latency_seconds_count") == {("ctx",): 1.0}
+    (latency_s,) = samples(metrics, "tcbridge_delivery_latency_seconds_sum").values()
+    assert 0.0 <= latency_s < 60.0
+
+
+async def test_a_delivery_without_receipt_time_is_counted_without_latency(store: Store) -> None:
+    settings = python_handler("ctx")
+    store._route = make_route([settings])
+    metrics = Metrics()
+    lane = Lane(settings, ScriptedHandler(Outcome("done")), store, metrics=metrics)
+    event_id = await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    with sqlite3.connect(store.path) as conn:
+        conn.execute("UPDATE events SET envelope = json_remove(envelope, '$.receivedAt')"
+                     " WHERE id = ?", (event_id,))
+    with capture_logs():
+        await lane.run_once()
+    assert samples(metrics, "tcbridge_deliveries_total") == {("ctx", "done"): 1.0}
+    assert samples(metrics, "tcbridge_delivery_latency_seconds_count") == {}
+
+
+async def test_an_attempt_that_fails_outside_the_handler_is_recorded(store: Store) -> None:
+    settings = python_handler("ctx", retry_initial_s=60, retry_max_s=60)
+    store._route = make_route([settings])
+    lane = Lane(settings, ScriptedHandler(), store)
+
+    async def broken(claim: Any, envelope: Any) -> Outcome:
+        raise RuntimeError("between claim and outcome")
+
+    lane._attempt = broken  # type: ignore[method-assign]
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    with capture_logs() as logs:
+        await lane.run_once()
+    assert statuses(store) == [("ctx", "o1", "pending", 1)]
+    (row,) = await store.deliveries()
+    assert row["lastError"] == "RuntimeError: between claim and outcome"
+    assert any(e["event"] == "dispatch.attempt_failed" for e in logs)
+
+
+async def test_a_purged_payload_is_dead_with_the_reason(store: Store) -> None:
+    settings = python_handler("ctx")
+    store._route = make_route([settings])
+    handler = ScriptedHandler(Outcome("done"))
+    lane = Lane(settings, handler, store)
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    with sqlite3.connect(store.path) as conn:  # as an older version's retention left it
+        conn.execute("UPDATE events SET envelope = NULL")
+    with capture_logs():
+        await lane.run_once()
+    assert statuses(store) == [("ctx", "o1", "dead", 1)]
+    (row,) = await store.deliveries()
+    assert row["lastError"] == "the event's payload was purged by retention"
+    assert handler.seen == []
+
+
+async def test_outputs_are_stored_escaped(store: Store) -> None:
+    settings = python_handler("odd", retry_initial_s=5, retry_max_s=5)
+    store._route = make_route([settings])
+    lane = Lane(settings, OddHandler("surrogate"), store)
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    with capture_logs():
+        await lane.run_once()
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("SELECT error, output FROM delivery_attempts").fetchall() == [
+            ("bad value \\ud800 in field", "out \\udcff")]
+
+
+def test_error_text() -> None:
+    assert _error_text(ValueError("bad")) == "ValueError: bad"
+    assert _error_text(ValueError()) == "ValueError"
+    assert _error_text(Unprintable()) == "Unprintable: <unprintable>"
+
+
+# -- drain: running deliveries finish, late ones are cut off and released ---------------------
+
+
+async def start_gated(rig: Callable[..., Any]) -> tuple[Store, Dispatcher, asyncio.Event,
+                                                         asyncio.Task[None]]:
+    store, dispatcher = await rig(python_handler())
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    target.GATES["o1"] = asyncio.Event()
+    stop = asyncio.Event()
+    running = asyncio.create_task(dispatcher.run(stop))
+    await until(lambda: len(target.STARTED) == 1)
+    stop.set()
+    return store, dispatcher, target.GATES["o1"], running
+
+
+async def test_drain_lets_a_running_delivery_finish(rig: Callable[..., Any]) -> None:
+    store, dispatcher, gate, running = await start_gated(rig)
+    with capture_logs() as logs:
+        draining = asyncio.create_task(dispatcher.drain(30))
+        await asyncio.sleep(0)
+        gate.set()
+        assert await draining == 0
+        await running
+    assert statuses(store) == [("erp", "o1", "done", 1)]
+    assert not any(e["event"] == "dispatch.delivery_task_died" for e in logs)
+
+
+async def test_drain_cuts_off_what_runs_past_the_deadline_and_releases_it(
+    rig: Callable[..., Any],
+) -> None:
+    store, dispatcher, _, running = await start_gated(rig)
+    with capture_logs() as logs:
+        assert await dispatcher.drain(0.05) == 1
+        assert statuses(store) == [("erp", "o1", "pending", 0)]  # released before drain returns
+        await running
+    assert not any(e["event"] == "dispatch.delivery_task_died" for e in logs)
+
+
+class FailingRelease(HeldClaims):
+    async def release(self, ids: Any = None) -> int:
+        raise StoreUnavailable("disk gone")
+
+
+async def test_a_failed_release_is_logged_and_left_for_start_up(rig: Callable[..., Any]) -> None:
+    store, dispatcher, _, running = await start_gated(rig)
+    (lane,) = dispatcher.lanes
+    lane._store = FailingRelease(store)  # type: ignore[assignment]
+    with capture_logs() as logs:
+        assert await dispatcher.drain(0.05) == 1
+        await running
+    assert {"event": "dispatch.release_failed", "error": "disk gone",
+            "log_level": "warning"} in logs
+    assert statuses(store) == [("erp", "o1", "running", 0)]
+
+
+@pytest.mark.parametrize("release", ["works", "fails"])
+async def test_drain_does_not_wait_for_ever_for_a_hung_claim(
+    rig: Callable[..., Any], release: str
+) -> None:
+    store, dispatcher = await rig(python_handler())
+    (lane,) = dispatcher.lanes
+    held = HeldClaims(store) if release == "works" else FailingRelease(store)
+    lane._store = held  # type: ignore[assignment]
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    stop = asyncio.Event()
+    running = asyncio.create_task(dispatcher.run(stop))
+    await held.entered.wait()
+    stop.set()
+    with capture_logs() as logs:
+        assert await dispatcher.drain(0.05) == 0  # the claim never came back in time
+        held.go.set()  # it does now: released unstarted (or left for start-up)
+        await running
+    if release == "works":
+        assert statuses(store) == [("erp", "o1", "pending", 0)]
+    else:
+        assert {"event": "dispatch.release_failed", "error": "disk gone",
+                "log_level": "warning"} in logs
+    assert target.STARTED == []
+
+
+# -- a lane that ends early fails the dispatcher, one that ends on stop does not --------------
+
+
+async def lane_outcome(rig: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
+                       how: str) -> BaseException | None:
+    _, dispatcher = await rig(python_handler("a"), python_handler("b"))
+    first, second = dispatcher.lanes
+    stop = asyncio.Event()
+
+    async def ends(self: Lane, stop_: asyncio.Event) -> None:
+        if self is first:
+            await stop_.wait()
+        elif how == "returns":
+            return
+        elif how == "cancelled":
+            raise asyncio.CancelledError
+        elif how == "drained":
+            await self.drain(0.01)
+            await stop_.wait()
+        else:
+            await stop_.wait()
+            raise ValueError("died while stopping")
+
+    monkeypatch.setattr(Lane, "run", ends)
+    running = asyncio.create_task(dispatcher.run(stop))
+    if how in ("drained", "dies_on_stop"):
+        await asyncio.sleep(0.05)
+        stop.set()
+    try:
+        await asyncio.wait_for(running, timeout=10)
+    except Exception as e:
+        return e
+    return None
+
+
+@pytest.mark.parametrize(("how", "message"), [
+    ("returns", "lane b stopped before the daemon did"),
+    ("cancelled", "lane b was cancelled"),
+    ("dies_on_stop", "lane b died: ValueError: died while stopping"),
+    ("drained", None),
+])
+async def test_lanes_are_watched(
+    rig: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, how: str, message: str | None
+) -> None:
+    error = await lane_outcome(rig, monkeypatch, how)
+    if message is None:
+        assert error is None
+    else:
+        assert isinstance(error, LaneFailed) and str(error) == message
