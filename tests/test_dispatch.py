@@ -703,7 +703,7 @@ async def test_drain_does_not_wait_for_ever_for_a_hung_claim(
 async def lane_outcome(rig: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
                        how: str) -> BaseException | None:
     _, dispatcher = await rig(python_handler("a"), python_handler("b"))
-    first, second = dispatcher.lanes
+    first, _second = dispatcher.lanes
     stop = asyncio.Event()
 
     async def ends(self: Lane, stop_: asyncio.Event) -> None:

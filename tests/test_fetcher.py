@@ -65,12 +65,13 @@ async def test_fetch_stores_the_whole_order(
 async def test_unknown_object_is_retried_then_given_up_after_max_attempts(
     fetcher_factory: Callable[..., Any], store: Store
 ) -> None:
-    fetcher, _, _ = await fetcher_factory(max_attempts=2)
+    fetcher, _, _ = await fetcher_factory(max_attempts=2, retry_initial_s=60, retry_max_s=60)
     await store.request_fetch("order", "no-such-order")
     await fetcher.run_once()
     ((_, status, attempts, error),) = fetch_rows(store)
     assert (status, attempts) == ("pending", 1) and "404" in error
-    await asyncio.sleep(0.03)
+    with sqlite3.connect(store.path) as conn:  # the backoff has passed (without waiting)
+        conn.execute("UPDATE fetch_requests SET next_attempt_at = 0")
     await fetcher.run_once()
     assert fetch_rows(store)[0][1:3] == ("failed", 2)
 
