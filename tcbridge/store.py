@@ -838,7 +838,7 @@ def finish_fetch(
     conn.execute(
         "UPDATE fetch_requests SET status = ?, last_error = ?, finished_at = ?,"
         " attempts = attempts + 1 WHERE id = ? AND generation = ?",
-        (status, error, now, request.id, request.generation),
+        (status, None if error is None else error[:2000], now, request.id, request.generation),
     )
     conn.execute(
         "UPDATE fetch_requests SET attempts = attempts + 1 WHERE id = ? AND status = 'pending'",

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from tcbridge.envelope import parse_order_webhook, parse_snapshot
 from tcbridge.errors import StoreError, StoreUnavailable
@@ -254,3 +255,60 @@ async def test_routing_that_fails_leaves_no_event_row(store: Store) -> None:
     assert rows(store.path, "SELECT count(*) FROM deliveries") == [(0,)]
     store._route = lambda envelope: []
     assert (await store.ingest(parse_order_webhook(order_event_body("o1")))).status == "stored"
+
+
+async def test_closed_fetch_requests_carry_their_finish_time(store: Store) -> None:
+    """Retention removes finished requests by finished_at: it must be set on both ends."""
+    await store.request_fetch("order", "o1")
+    await store.request_fetch("order", "o2")
+    done, gone = await store.due_fetches()
+    await store.complete_fetch(done, parse_snapshot("order", order_obj(done.entity_id),
+                                                    "webhook_get"))
+    await store.fail_fetch(gone, "x" * 3000, retry_at=None)
+    assert rows(store.path, "SELECT entity_id, status, finished_at IS NOT NULL,"
+                            " length(last_error), attempts FROM fetch_requests ORDER BY id") == [
+        (done.entity_id, "done", 1, None, 1), (gone.entity_id, "failed", 1, 2000, 1)]
+
+
+async def test_a_rescheduled_fetch_keeps_a_bounded_error(store: Store) -> None:
+    await store.request_fetch("order", "o1")
+    (request,) = await store.due_fetches()
+    await store.fail_fetch(request, "y" * 3000, retry_at=9e12)
+    assert rows(store.path, "SELECT status, length(last_error), attempts, finished_at"
+                            " FROM fetch_requests") == [("pending", 2000, 1, None)]
+
+
+async def test_fetch_counts_count_pending_and_failed_only(store: Store) -> None:
+    assert await store.fetch_counts() == {"pending": 0, "failed": 0}
+    for entity in ("o1", "o2", "o3"):
+        await store.request_fetch("order", entity)
+    first, second, _ = await store.due_fetches()
+    await store.complete_fetch(first, parse_snapshot("order", order_obj("o1"), "webhook_get"))
+    await store.fail_fetch(second, "gone", retry_at=None)
+    assert await store.fetch_counts() == {"pending": 1, "failed": 1}
+
+
+async def test_cursor_moves_to_an_equal_instant_quietly_and_refuses_backwards_loudly(
+    store: Store,
+) -> None:
+    await store.ingest_page("order", [], [], "2024-05-01T10:00:00.000Z")
+    with capture_logs() as logs:
+        await store.ingest_page("order", [], [], "2024-05-01T10:00:00Z")  # same instant
+    assert logs == []
+    assert await store.get_cursor("order") == "2024-05-01T10:00:00Z"  # the string received
+    with capture_logs() as logs:
+        await store.ingest_page("order", [], [], "2024-05-01T09:00:00Z")
+    assert logs == [{"event": "poll.cursor_not_moved_back", "log_level": "warning",
+                     "kind": "order", "stored": "2024-05-01T10:00:00Z",
+                     "offered": "2024-05-01T09:00:00Z"}]
+    assert await store.get_cursor("order") == "2024-05-01T10:00:00Z"
+
+
+async def test_a_replay_is_marked_and_keeps_the_entity(store: Store) -> None:
+    store._route = lambda envelope: ["erp", "audit"]
+    result = await store.ingest(parse_order_webhook(order_event_body("o1")))
+    assert await store.replay(result.event_id, None) == 2
+    replayed = [row for row in await store.deliveries() if row["replay"]]
+    assert sorted((r["handler"], r["entityId"], r["eventId"]) for r in replayed) == [
+        ("audit", "o1", result.event_id), ("erp", "o1", result.event_id)]
+    assert await store.replay(result.event_id, ["erp"]) == 1
