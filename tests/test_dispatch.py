@@ -320,6 +320,8 @@ async def test_outcome_is_recorded_once_the_store_is_writable_again(
         blocker.close()
         await delivering
     assert statuses(store) == [("erp", "o1", "done", 1)]
+    failed = next(e for e in logs if e["event"] == "dispatch.record_failed")
+    assert "locked" in failed["error"]
 
 
 async def test_lane_keeps_running_while_the_store_is_locked(rig: Callable[..., Any]) -> None:
@@ -358,6 +360,8 @@ async def test_an_envelope_the_dispatcher_cannot_read_is_dead_not_stuck(
     assert statuses(store) == [("erp", "o1", "dead", 1), ("erp", "o1", "done", 1)]
     dead = (await store.deliveries(status="dead"))[0]
     assert "stored envelope" in dead["lastError"]
+    if stored == "[1, 2]":
+        assert dead["lastError"] == "the stored envelope is not a JSON object"
     assert target.DELIVERED == [("o1", good)]
 
 
@@ -414,7 +418,9 @@ async def test_a_delivery_task_that_dies_fails_its_lane(store: Store) -> None:
     with capture_logs() as logs, pytest.raises(Exception, match="lane odd") as caught:
         await asyncio.wait_for(dispatcher.run(asyncio.Event()), timeout=10)
     assert "bug outside every guard" in str(caught.value)
-    assert any(line["event"] == "dispatch.delivery_task_died" for line in logs)
+    (died,) = [line for line in logs if line["event"] == "dispatch.delivery_task_died"]
+    assert died["handler"] == "odd" and died["delivery"] == 1
+    assert died["error"] == "RuntimeError('bug outside every guard')"
 
 
 async def test_a_lane_that_dies_fails_the_dispatcher(
@@ -746,3 +752,116 @@ async def test_lanes_are_watched(
         assert error is None
     else:
         assert isinstance(error, LaneFailed) and str(error) == message
+
+
+async def test_each_decision_is_logged_with_what_an_operator_needs(store: Store) -> None:
+    settings = python_handler("ctx", retry_initial_s=60, retry_max_s=60, max_attempts=5)
+    store._route = make_route([settings])
+    handler = ScriptedHandler(Outcome("retry", error="busy"), Outcome("done"),
+                              Outcome("dead", error="unknown", output="ERP said no"))
+    lane = Lane(settings, handler, store)
+    with capture_logs() as logs:
+        await ingest(store, "o1", "2024-05-01T00:00:00Z")
+        await lane.run_once()
+        make_due(store)
+        await lane.run_once()
+        await ingest(store, "o2", "2024-05-01T00:00:00Z")
+        await lane.run_once()
+    decisions = [e for e in logs if e["event"].startswith("delivery.")]
+    retry, done, dead = decisions
+    assert (retry["event"], retry["error"], retry["log_level"]) == (
+        "delivery.retry", "busy", "warning")
+    assert 50 <= retry["delay_s"] <= 60 and retry["delay_s"] == round(retry["delay_s"], 2)
+    assert done == {"event": "delivery.done", "log_level": "info"}
+    assert dead == {"event": "delivery.dead", "error": "unknown", "output": "ERP said no",
+                    "log_level": "error"}
+
+
+class RefusingFinish:
+    """The store, but ``finish`` raises a non-store error the first ``times`` calls."""
+
+    def __init__(self, store: Store, times: int) -> None:
+        self._store = store
+        self.times = times
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def finish(self, claim: Any, status: Any, **kwargs: Any) -> None:
+        if self.times > 0:
+            self.times -= 1
+            raise ValueError("row refused")
+        await self._store.finish(claim, status, **kwargs)
+
+
+async def test_an_outcome_the_store_refuses_is_recorded_without_its_texts(store: Store) -> None:
+    settings = python_handler("ctx", retry_initial_s=60, retry_max_s=60)
+    store._route = make_route([settings])
+    lane = Lane(settings, ScriptedHandler(Outcome("retry", error="e", output="o")),
+                RefusingFinish(store, 1))  # type: ignore[arg-type]
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    with capture_logs() as logs:
+        await lane.run_once()
+    assert statuses(store) == [("ctx", "o1", "pending", 1)]
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("SELECT error, output FROM delivery_attempts").fetchall() == [
+            ("the outcome could not be recorded: ValueError", None)]
+    assert any(e["event"] == "dispatch.record_refused" for e in logs)
+
+
+@pytest.mark.parametrize("texts", [("e", None), (None, "o")])
+async def test_either_text_is_dropped_when_the_store_refuses_it(
+    store: Store, texts: tuple[str | None, str | None]
+) -> None:
+    settings = python_handler("ctx", retry_initial_s=60, retry_max_s=60)
+    store._route = make_route([settings])
+    error, output = texts
+    lane = Lane(settings, ScriptedHandler(Outcome("retry", error=error, output=output)),
+                RefusingFinish(store, 1))  # type: ignore[arg-type]
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    with capture_logs():
+        await lane.run_once()
+    assert statuses(store) == [("ctx", "o1", "pending", 1)]
+
+
+async def test_an_outcome_without_texts_the_store_refuses_is_a_bug_that_stops_the_lane(
+    store: Store,
+) -> None:
+    settings = python_handler("ctx")
+    store._route = make_route([settings])
+    lane = Lane(settings, ScriptedHandler(Outcome("done")), RefusingFinish(store, 99))  # type: ignore[arg-type]
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    with capture_logs(), pytest.raises(ValueError, match="row refused"):
+        await lane.run_once()
+
+
+async def test_a_cut_off_delivery_releases_only_its_own_row(rig: Callable[..., Any]) -> None:
+    store, dispatcher, _, running = await start_gated(rig)
+    with sqlite3.connect(store.path) as conn:  # another process's claim, still running
+        conn.execute("INSERT INTO deliveries (event_seq, event_id, handler, entity_id, status,"
+                     " next_attempt_at, created_at) SELECT event_seq, event_id, 'other',"
+                     " entity_id, 'running', 0, created_at FROM deliveries")
+    with capture_logs():
+        assert await dispatcher.drain(0.05) == 1
+        await running
+    assert statuses(store) == [("erp", "o1", "pending", 0), ("other", "o1", "running", 0)]
+
+
+async def test_a_receipt_time_in_the_future_or_unreadable_gives_no_negative_latency(
+    store: Store,
+) -> None:
+    settings = python_handler("ctx")
+    store._route = make_route([settings])
+    metrics = Metrics()
+    lane = Lane(settings, ScriptedHandler(Outcome("done"), Outcome("done")), store,
+                metrics=metrics)
+    for entity, received in (("o1", "2999-01-01T00:00:00.000Z"), ("o2", "not a time")):
+        event_id = await ingest(store, entity, "2024-05-01T00:00:00Z")
+        with sqlite3.connect(store.path) as conn:
+            conn.execute("UPDATE events SET envelope = json_set(envelope, '$.receivedAt', ?)"
+                         " WHERE id = ?", (received, event_id))
+    with capture_logs():
+        assert await lane.run_once() == 2
+    assert samples(metrics, "tcbridge_deliveries_total") == {("ctx", "done"): 2.0}
+    assert samples(metrics, "tcbridge_delivery_latency_seconds_count") == {("ctx",): 1.0}
+    assert samples(metrics, "tcbridge_delivery_latency_seconds_sum") == {("ctx",): 0.0}
