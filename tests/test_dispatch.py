@@ -8,6 +8,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from structlog.testing import capture_logs
 
 from tcbridge.config import FileHandlerSettings, HandlerSettings, PythonHandlerSettings
 from tcbridge.dispatch import (
+    IDLE_CHECK_S,
     Dispatcher,
     Lane,
     LaneFailed,
@@ -691,12 +693,16 @@ async def test_drain_does_not_wait_for_ever_for_a_hung_claim(
     running = asyncio.create_task(dispatcher.run(stop))
     await held.entered.wait()
     stop.set()
+    with sqlite3.connect(store.path) as conn:  # another process's claim, still running
+        conn.execute("INSERT INTO deliveries (event_seq, event_id, handler, entity_id, status,"
+                     " next_attempt_at, created_at) SELECT event_seq, event_id, 'other',"
+                     " 'o9', 'running', 0, created_at FROM deliveries")
     with capture_logs() as logs:
         assert await dispatcher.drain(0.05) == 0  # the claim never came back in time
         held.go.set()  # it does now: released unstarted (or left for start-up)
         await running
     if release == "works":
-        assert statuses(store) == [("erp", "o1", "pending", 0)]
+        assert statuses(store) == [("erp", "o1", "pending", 0), ("other", "o9", "running", 0)]
     else:
         assert {"event": "dispatch.release_failed", "error": "disk gone",
                 "log_level": "warning"} in logs
@@ -771,7 +777,8 @@ async def test_each_decision_is_logged_with_what_an_operator_needs(store: Store)
     retry, done, dead = decisions
     assert (retry["event"], retry["error"], retry["log_level"]) == (
         "delivery.retry", "busy", "warning")
-    assert 50 <= retry["delay_s"] <= 60 and retry["delay_s"] == round(retry["delay_s"], 2)
+    assert isinstance(retry["delay_s"], float) and 50 <= retry["delay_s"] <= 60
+    assert retry["delay_s"] == round(retry["delay_s"], 2)
     assert done == {"event": "delivery.done", "log_level": "info"}
     assert dead == {"event": "delivery.dead", "error": "unknown", "output": "ERP said no",
                     "log_level": "error"}
@@ -865,3 +872,30 @@ async def test_a_receipt_time_in_the_future_or_unreadable_gives_no_negative_late
     assert samples(metrics, "tcbridge_deliveries_total") == {("ctx", "done"): 2.0}
     assert samples(metrics, "tcbridge_delivery_latency_seconds_count") == {("ctx",): 1.0}
     assert samples(metrics, "tcbridge_delivery_latency_seconds_sum") == {("ctx",): 0.0}
+
+
+async def test_latency_is_counted_from_receipt_in_seconds(store: Store) -> None:
+    settings = python_handler("ctx")
+    store._route = make_route([settings])
+    metrics = Metrics()
+    lane = Lane(settings, ScriptedHandler(Outcome("done")), store, metrics=metrics)
+    event_id = await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    received = datetime.fromtimestamp(time.time() - 10, tz=UTC).isoformat(
+        timespec="milliseconds").replace("+00:00", "Z")
+    with sqlite3.connect(store.path) as conn:
+        conn.execute("UPDATE events SET envelope = json_set(envelope, '$.receivedAt', ?)"
+                     " WHERE id = ?", (received, event_id))
+    with capture_logs():
+        await lane.run_once()
+    (latency_s,) = samples(metrics, "tcbridge_delivery_latency_seconds_sum").values()
+    assert 10.0 <= latency_s < 70.0
+
+
+def test_the_lane_sleeps_until_the_next_due_delivery_at_most_the_idle_check(
+    store: Store,
+) -> None:
+    lane = Lane(python_handler(), ScriptedHandler(), store)
+    assert lane._delay(None) == IDLE_CHECK_S
+    assert lane._delay(time.time() - 100) == 0.0
+    assert 0.0 < lane._delay(time.time() + 0.5) <= 0.5
+    assert lane._delay(time.time() + 1000) == IDLE_CHECK_S
