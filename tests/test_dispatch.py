@@ -899,3 +899,28 @@ def test_the_lane_sleeps_until_the_next_due_delivery_at_most_the_idle_check(
     assert lane._delay(time.time() - 100) == 0.0
     assert 0.0 < lane._delay(time.time() + 0.5) <= 0.5
     assert lane._delay(time.time() + 1000) == IDLE_CHECK_S
+
+
+async def test_each_attempt_is_recorded_with_its_outcome_and_the_end_with_its_time(
+    store: Store,
+) -> None:
+    settings = python_handler("ctx", retry_initial_s=60, retry_max_s=60, max_attempts=5)
+    store._route = make_route([settings])
+    lane = Lane(settings, ScriptedHandler(Outcome("retry", error="busy"), Outcome("done"),
+                                          Outcome("dead", error="unknown")), store)
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    with capture_logs():
+        await lane.run_once()
+        with sqlite3.connect(store.path) as conn:
+            assert conn.execute("SELECT finished_at FROM deliveries").fetchall() == [(None,)]
+        make_due(store)
+        await lane.run_once()
+        await ingest(store, "o2", "2024-05-01T00:00:00Z")
+        await lane.run_once()
+    with sqlite3.connect(store.path) as conn:
+        attempts = conn.execute("SELECT delivery_id, attempt, outcome, error"
+                                " FROM delivery_attempts ORDER BY id").fetchall()
+        ends = conn.execute("SELECT status, finished_at IS NOT NULL FROM deliveries"
+                            " ORDER BY id").fetchall()
+    assert attempts == [(1, 1, "retry", "busy"), (1, 2, "done", None), (2, 1, "dead", "unknown")]
+    assert ends == [("done", 1), ("dead", 1)]
