@@ -312,3 +312,38 @@ async def test_a_replay_is_marked_and_keeps_the_entity(store: Store) -> None:
     assert sorted((r["handler"], r["entityId"], r["eventId"]) for r in replayed) == [
         ("audit", "o1", result.event_id), ("erp", "o1", result.event_id)]
     assert await store.replay(result.event_id, ["erp"]) == 1
+
+
+async def test_ingest_results_say_what_was_stored(store: Store) -> None:
+    store._route = lambda envelope: ["erp", "audit"]
+    stamp = "2024-05-01T10:00:00.000Z"
+    first = await store.ingest(parse_order_webhook(order_event_body("o1", stamp=stamp)))
+    assert (first.status, first.late, first.deliveries) == ("stored", False, 2)
+    assert first.recovered is False
+    body = order_event_body("o2", stamp=stamp)
+    stored = await store.ingest(parse_order_webhook(body))
+    again = await store.ingest(parse_order_webhook(body))
+    assert (again.status, again.event_id) == ("duplicate", stored.event_id)
+    older = parse_snapshot("order", order_obj("o1", "2024-05-01T09:00:00.000Z"), "poll")
+    stale = await store.ingest(older)
+    assert (stale.status, stale.event_id) == ("stale", older.event_id)
+    events = {e["id"]: e for e in await store.events()}
+    assert events[stored.event_id]["duplicates"] == 1  # the sighting names its event
+    assert (await store.status())["counts"]["recovered"] == 0
+    envelope = json.loads(rows(store.path, "SELECT envelope FROM events WHERE id = '"
+                               + first.event_id + "'")[0][0])
+    assert envelope["late"] is False
+    (claim, *_) = await store.claim("erp", 10)
+    assert claim.handler == "erp"
+
+
+async def test_close_stops_the_writer_thread(store_factory: Callable[..., Store]) -> None:
+    never_opened = store_factory("unused.db")
+    await never_opened.close()  # nothing to do, no error
+    store = store_factory()
+    await store.open()
+    thread = store._thread
+    assert thread is not None and thread.is_alive()
+    await store.close()
+    assert not thread.is_alive()
+    await store.close()  # twice is harmless
