@@ -347,3 +347,10 @@ async def test_close_stops_the_writer_thread(store_factory: Callable[..., Store]
     await store.close()
     assert not thread.is_alive()
     await store.close()  # twice is harmless
+
+
+async def test_a_page_ingested_as_recovered_says_so(store: Store) -> None:
+    page = [parse_snapshot("order", order_obj("o1"), "poll")]
+    (result,) = await store.ingest_page("order", page, [], None, recovered=True)
+    assert (result.status, result.recovered) == ("stored", True)
+    assert (await store.status())["counts"]["recovered"] == 1
