@@ -29,14 +29,15 @@ from tcbridge.metrics import Metrics
 from tcbridge.oauth2 import TokenVerifier, build_verifier
 from tcbridge.poller import Poller
 from tcbridge.store import Store
+from tcbridge.supervisor import EXIT_FAILED, EXIT_OK, Supervisor
 from tcbridge.systemd import Notifier
 from tcbridge.tradecloud import TradecloudClient
 from tcbridge.webhook import build_app, drain, limit_connections
 
 log = structlog.get_logger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILED = 1
+__all__ = ["EXIT_FAILED", "EXIT_OK", "Parts", "readiness", "run", "serve"]
+
 READY_PING_TIMEOUT_S = 2.0
 # File descriptors kept for everything but webhook connections: the store, the client's
 # connection pool, handler pipes and sockets, the admin listener.
@@ -47,6 +48,7 @@ STALE_POLL_INTERVALS = 3
 LOOP_STOP_GRACE_S = 0.25
 LOGOUT_TIMEOUT_S = 2.0
 STORE_RETRY_S = 1.0
+STORE_CLOSE_MIN_S = 2.0  # queued commits get this long even when the deadline has passed
 
 
 @dataclass(slots=True)
@@ -54,6 +56,7 @@ class Parts:
     """Everything :func:`serve` builds, so shutdown can stop it in order."""
 
     store: Store
+    supervisor: Supervisor
     metrics: Metrics = field(default_factory=Metrics)
     session: aiohttp.ClientSession | None = None
     client: TradecloudClient | None = None
@@ -62,7 +65,6 @@ class Parts:
     admin: web.AppRunner | None = None
     dispatcher: Dispatcher | None = None
     poller: Poller | None = None
-    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     dispatch_wake: asyncio.Event = field(default_factory=asyncio.Event)
     fetch_wake: asyncio.Event = field(default_factory=asyncio.Event)
     draining: asyncio.Event = field(default_factory=asyncio.Event)
@@ -79,17 +81,19 @@ async def serve(
     metrics = Metrics()
     route = make_route(settings.handlers, on_skip=metrics.count_skip)
     parts = Parts(store=Store(settings.store.path, settings.store, route=route),
-                  metrics=metrics)
+                  supervisor=Supervisor(stop), metrics=metrics)
     if notifier is not None:
         parts.notifier = notifier
     try:
         await startup(settings, parts, stop)
         parts.notifier.ready(status_line(settings, parts))
-        return await main_loop(parts, stop)
+        await stop.wait()  # a signal, or the supervisor after a part failed
     finally:
         stop.set()  # a failed start-up must not wait for loops that were already started
         await shutdown(settings, parts)
         parts.notifier.close()
+    # Read after shutdown: a part that fails while draining also makes the exit non-zero.
+    return parts.supervisor.exit_code
 
 
 async def startup(settings: Settings, parts: Parts, stop: asyncio.Event) -> None:
@@ -270,9 +274,9 @@ def _tls(settings: Settings) -> ssl.SSLContext | None:
 
 
 async def readiness(settings: Settings, parts: Parts) -> list[str]:
-    """Why the daemon is not ready: draining, the store not writable (or its last commit
-    failed), a part down, the poller's credentials refused, polls too old."""
-    reasons = []
+    """Why the daemon is not ready: a failed part, draining, the store not writable (or its
+    last commit failed), the poller's credentials refused, polls too old."""
+    reasons = parts.supervisor.reasons()
     if parts.draining.is_set():
         reasons.append("shutting down")
     try:
@@ -283,7 +287,7 @@ async def readiness(settings: Settings, parts: Parts) -> list[str]:
         error = parts.store.health().last_error
         if error is not None:
             reasons.append(f"last store commit failed: {error}")
-    reasons += [f"{name} is down" for name, task in parts.tasks.items()
+    reasons += [f"{name} is down" for name, task in parts.supervisor.tasks.items()
                 if task.done() and not parts.draining.is_set()]
     if parts.poller is not None and parts.poller.auth_refused is not None:
         reasons.append(f"tradecloud refuses the credentials: {parts.poller.auth_refused}")
@@ -301,28 +305,11 @@ async def readiness(settings: Settings, parts: Parts) -> list[str]:
 async def _refresh_gauges(parts: Parts) -> None:
     with contextlib.suppress(StoreError):
         parts.metrics.set_backlog(await parts.store.backlog())
+        parts.metrics.set_fetches(await parts.store.fetch_counts())
 
 
 def _spawn(parts: Parts, name: str, coro: Coroutine[Any, Any, None]) -> None:
-    parts.tasks[name] = asyncio.create_task(coro, name=f"tcbridge-{name}")
-
-
-async def main_loop(parts: Parts, stop: asyncio.Event) -> int:
-    """Wait for ``stop``; a background loop that ends early is a crash and stops the daemon."""
-    stopper = asyncio.create_task(stop.wait(), name="tcbridge-stop")
-    try:
-        done, _ = await asyncio.wait(
-            [stopper, *parts.tasks.values()], return_when=asyncio.FIRST_COMPLETED
-        )
-    finally:
-        stopper.cancel()
-    for name, task in parts.tasks.items():
-        if task in done and not stop.is_set():
-            error = task.exception() if not task.cancelled() else None
-            log.error("tcbridge.part_crashed", part=name, error=repr(error), exc_info=error)
-            stop.set()
-            return EXIT_FAILED
-    return EXIT_OK
+    parts.supervisor.spawn(name, coro)
 
 
 async def shutdown(settings: Settings, parts: Parts) -> None:
@@ -341,7 +328,7 @@ async def shutdown(settings: Settings, parts: Parts) -> None:
         cut = await parts.dispatcher.drain(_left(deadline))
         if cut:
             log.warning("dispatch.cut_off", deliveries=cut, message="left pending for next start")
-    await _stop_tasks(parts.tasks.values(), min(LOOP_STOP_GRACE_S, _left(deadline)))
+    await _stop_tasks(parts.supervisor.tasks.values(), min(LOOP_STOP_GRACE_S, _left(deadline)))
     if parts.dispatcher is not None:
         await parts.dispatcher.close()
     if parts.admin is not None:
@@ -351,7 +338,7 @@ async def shutdown(settings: Settings, parts: Parts) -> None:
             await asyncio.wait_for(parts.client.close(), timeout=LOGOUT_TIMEOUT_S)
     if parts.session is not None:
         await parts.session.close()
-    await parts.store.close()
+    await parts.store.close(max(_left(deadline), STORE_CLOSE_MIN_S))
     log.info("tcbridge.stopped")
 
 
@@ -376,9 +363,6 @@ async def _stop_tasks(tasks: Iterable[asyncio.Task[None]], timeout_s: float) -> 
         for task in late:
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
-    for task in tasks:
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            log.error("tcbridge.part_failed", task=task.get_name(), error=repr(task.exception()))
 
 
 def run(settings: Settings) -> int:

@@ -240,7 +240,8 @@ def status_text(report: dict[str, Any]) -> str:
     lines += ["", f"events      {counts['events']}  (recovered by the poller: "
               f"{counts['recovered']})",
               f"duplicates  {duplicates}", f"stale       {counts['stale']}",
-              f"rejected    {counts['rejected']}", f"fetches     {counts['fetchPending']} pending",
+              f"rejected    {counts['rejected']}", f"fetches     {counts['fetchPending']} pending, "
+              f"{counts['fetchFailed']} failed",
               "", "deliveries  handler              pending  running  dead"]
     for handler, by_status in sorted(report["backlog"].items()):
         lines.append(f"            {handler:<20} {by_status.get('pending', 0):>7}  "

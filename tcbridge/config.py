@@ -334,6 +334,8 @@ class FetchSettings(_Section):
     retry_initial_s: float = Field(default=2.0, gt=0)
     retry_max_s: float = Field(default=600.0, gt=0)
     max_attempts: int = Field(default=0, ge=0)  # 0: retry until it succeeds
+    # A 404 may be an object not visible yet; after this many attempts it is gone (0: never)
+    not_found_max_attempts: int = Field(default=20, ge=0)
 
 
 class AdminSettings(_Section):

@@ -104,11 +104,20 @@ class Lane:
         self._metrics = metrics or Metrics()
         self.wake = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
+        self._draining = False
+        self._idle = asyncio.Event()  # clear while a claim is in flight
+        self._idle.set()
+        self._crashed: BaseException | None = None  # a delivery task died of a bug
 
     @property
     def name(self) -> str:
         """The handler's name."""
         return self.settings.name
+
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`drain` has begun (nothing new starts)."""
+        return self._draining
 
     async def run_once(self) -> int:
         """Claim what is due and free, run it to the end; returns how many ran."""
@@ -118,8 +127,11 @@ class Lane:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and run deliveries until ``stop`` is set."""
-        while not stop.is_set():
+        while not stop.is_set() and not self._draining:
             self.wake.clear()
+            if self._crashed is not None:  # the supervisor above decides what happens next
+                raise LaneFailed(f"lane {self.name}: a delivery task died: "
+                                 f"{_error_text(self._crashed)}") from self._crashed
             try:
                 due = await self._fill()
             except StoreError as e:
@@ -136,43 +148,66 @@ class Lane:
         """Claim what fits; returns when the next pending delivery is due (None: nothing
         to do until woken, or every slot is busy and a finishing one will wake us)."""
         free = self.settings.concurrency - len(self._running)
-        if free <= 0:
+        if free <= 0 or self._draining:
             return None
-        claims, due = await self._store.claim_and_next_due(self.name, free)
-        for claim in claims:
-            task = asyncio.create_task(self._deliver(claim), name=f"deliver-{claim.id}")
-            self._running[claim.id] = task
-            task.add_done_callback(functools.partial(self._done, claim.id))
+        self._idle.clear()
+        try:
+            claims, due = await self._store.claim_and_next_due(self.name, free)
+            if self._draining:  # drain began while the claim was in flight: start nothing
+                await asyncio.shield(self._release_all(claims))
+                return None
+            for claim in claims:
+                task = asyncio.create_task(self._deliver(claim), name=f"deliver-{claim.id}")
+                self._running[claim.id] = task
+                task.add_done_callback(functools.partial(self._done, claim.id))
+        finally:
+            self._idle.set()
         return due
 
-    def _done(self, claim_id: int, _task: asyncio.Task[None]) -> None:
+    def _done(self, claim_id: int, task: asyncio.Task[None]) -> None:
         # A finished delivery frees a slot and may unblock the next one of its entity.
         self._running.pop(claim_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("dispatch.delivery_task_died", handler=self.name, delivery=claim_id,
+                      error=repr(task.exception()))
+            self._crashed = task.exception()
         self.wake.set()
 
     async def drain(self, timeout_s: float) -> int:
-        """Wait for running deliveries up to ``timeout_s``, then cancel the rest (they stay
-        pending); returns how many were cancelled."""
+        """Start nothing new, wait for a claim in flight, then for running deliveries up to
+        ``timeout_s``, then cancel the rest (they stay pending); returns how many were
+        cancelled. A claim that returns after drain began is released unstarted."""
+        self._draining = True
+        self.wake.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        with contextlib.suppress(TimeoutError):  # a hung store: start-up releases the rows
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
         tasks = list(self._running.values())
         if not tasks:
             return 0
-        _, late = await asyncio.wait(tasks, timeout=timeout_s)
+        _, late = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
         for task in late:
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
         return len(late)
 
     async def _deliver(self, claim: Claim) -> None:
-        envelope: Mapping[str, Any] = orjson.loads(claim.body) if claim.body else {}
+        """One attempt, whatever happens a recorded outcome: an exception anywhere in it is
+        a failed attempt, never a row left ``running`` that blocks its entity's lane."""
+        envelope, unreadable = read_envelope(claim.body)
         with structlog.contextvars.bound_contextvars(
             event_id=claim.event_id, entity_id=claim.entity_id, kind=envelope.get("kind"),
             source=envelope.get("source"), handler=self.name, attempt=claim.attempt,
         ):
             try:
-                outcome = await self._attempt(claim, envelope)
+                outcome = unreadable or await self._attempt(claim, envelope)
             except asyncio.CancelledError:
                 await asyncio.shield(self._release(claim))
                 raise
+            except Exception as e:  # a bug of ours between claim and outcome: still an attempt
+                log.exception("dispatch.attempt_failed")
+                outcome = Outcome("retry", error=_error_text(e))
             decision = decide(self.settings, outcome, claim.attempt, time.time())
             await asyncio.shield(self._record(claim, outcome, decision))
             self._observe(decision, envelope)
@@ -194,20 +229,26 @@ class Lane:
             raise
         except Exception as e:  # a handler bug must not stop the lane: retry it
             log.exception("dispatch.handler_raised")
-            return Outcome("retry", error=f"{type(e).__name__}: {e}")
+            return Outcome("retry", error=_error_text(e))
 
     async def _record(self, claim: Claim, outcome: Outcome, decision: Decision) -> None:
-        """Write the outcome; keep trying while the store is unavailable."""
+        """Write the outcome; keep trying while the store is unavailable. Text the store
+        refuses (a lone surrogate in a handler's error) is escaped; if the store still
+        refuses the row, the attempt is recorded without its texts."""
+        error, output = _storable(outcome.error), _storable(outcome.output)
         while True:
             try:
-                await self._store.finish(
-                    claim, decision.status, error=outcome.error, output=outcome.output,
-                    next_attempt_at=decision.next_attempt_at,
-                )
+                await self._store.finish(claim, decision.status, error=error, output=output,
+                                         next_attempt_at=decision.next_attempt_at)
                 break
             except StoreError as e:
                 log.warning("dispatch.record_failed", error=str(e))
                 await asyncio.sleep(STORE_RETRY_S)
+            except Exception as e:
+                if error is None and output is None:
+                    raise
+                log.exception("dispatch.record_refused")
+                error, output = f"the outcome could not be recorded: {type(e).__name__}", None
         _log_decision(decision, outcome)
 
     async def _release(self, claim: Claim) -> None:
@@ -215,6 +256,65 @@ class Lane:
             await self._store.release([claim.id])
         except StoreError as e:  # start-up releases it anyway
             log.warning("dispatch.release_failed", error=str(e))
+
+    async def _release_all(self, claims: Sequence[Claim]) -> None:
+        if not claims:
+            return
+        try:
+            await self._store.release([claim.id for claim in claims])
+        except StoreError as e:  # start-up releases them anyway
+            log.warning("dispatch.release_failed", error=str(e))
+
+
+class LaneFailed(Exception):
+    """A lane cannot go on (a delivery task died of a bug); its supervisor is told."""
+
+
+def read_envelope(body: str) -> tuple[Mapping[str, Any], Outcome | None]:
+    """The stored envelope, or the dead outcome that says why it cannot be read (no retry
+    makes a stored text readable; a purged payload, ``""``, is the handler path's case)."""
+    if not body:
+        return {}, None
+    try:
+        envelope = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        return {}, Outcome("dead", error=f"the stored envelope cannot be read: {e}")
+    if not isinstance(envelope, dict):
+        return {}, Outcome("dead", error="the stored envelope is not a JSON object")
+    return envelope, None
+
+
+def _check_lanes(tasks: Mapping[asyncio.Task[None], Lane], stop: asyncio.Event) -> None:
+    """A lane that ended before ``stop`` (of a bug, or returning) fails the dispatcher, so
+    the daemon's supervisor sees it: a handler that silently never delivers again is worse
+    than a restart."""
+    for task, lane in tasks.items():
+        if not task.done() or (stop.is_set() and not task.cancelled()
+                               and task.exception() is None):
+            continue
+        if task.cancelled():
+            raise LaneFailed(f"lane {lane.name} was cancelled")
+        error = task.exception()
+        if error is not None:
+            raise LaneFailed(f"lane {lane.name} died: {_error_text(error)}") from error
+        if not lane.draining:
+            raise LaneFailed(f"lane {lane.name} stopped before the daemon did")
+
+
+def _storable(text: str | None) -> str | None:
+    """Text SQLite can bind: lone surrogates (from a payload quoted in an error) escaped."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _error_text(error: BaseException) -> str:
+    """``Type: message``, even for an exception whose ``str()`` itself raises."""
+    try:
+        message = str(error)
+    except Exception:
+        message = "<unprintable>"
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
 def _log_decision(decision: Decision, outcome: Outcome) -> None:
@@ -252,21 +352,27 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run every lane and fan the wake-up out to them until ``stop`` is set."""
-        tasks = [asyncio.create_task(lane.run(stop), name=f"lane-{lane.name}")
-                 for lane in self.lanes]
+        tasks = {asyncio.create_task(lane.run(stop), name=f"lane-{lane.name}"): lane
+                 for lane in self.lanes}
         try:
             while not stop.is_set():
-                await wait_any(stop, self._wake, None)
+                # A lane that drained (drain without stop) is done: watching it would spin.
+                await wait_any(stop, self._wake, None,
+                               also=[task for task in tasks if not task.done()])
                 self._wake.clear()
                 for lane in self.lanes:
                     lane.wake.set()
-            await asyncio.gather(*tasks)
+                _check_lanes(tasks, stop)
+            if tasks:  # the lanes end on stop; one that died meanwhile still counts
+                await asyncio.wait(tasks)
+                _check_lanes(tasks, stop)
         finally:
             for task in tasks:
                 task.cancel()
 
     async def drain(self, timeout_s: float) -> int:
-        """Wait for running deliveries of every lane; returns how many were cut off."""
+        """Start nothing new, wait for running deliveries of every lane; returns how many
+        were cut off."""
         counts = await asyncio.gather(*(lane.drain(timeout_s) for lane in self.lanes))
         return sum(counts)
 

@@ -100,6 +100,10 @@ class Fetcher:
             except ApiError as e:
                 await self._failed(request, e)
                 return
+            except Exception as e:  # a bug of ours (or a parser's) must not stop the worker
+                log.exception("fetch.attempt_raised")
+                await self._failed(request, ApiError(f"{type(e).__name__}: {e}"))
+                return
             result = await self._store.complete_fetch(request, candidate)
             self._metrics.count_ingest(result.status, candidate.source, candidate.kind)
             log.info(f"fetch.{result.status}", event_id=result.event_id,
@@ -109,9 +113,7 @@ class Fetcher:
 
     async def _failed(self, request: FetchRequest, error: ApiError) -> None:
         attempts = request.attempts + 1
-        limit = self._settings.max_attempts
-        permanent = isinstance(error, ApiPermanentError) and error.status != 404
-        if permanent or (limit and attempts >= limit):
+        if self._gives_up(error, attempts):
             await self._give_up(request, str(error), None)
             return
         retry_after = getattr(error, "retry_after_s", None)
@@ -119,8 +121,24 @@ class Fetcher:
         log.warning("fetch.retry", error=str(error), attempts=attempts, delay_s=round(delay, 2))
         await self._store.fail_fetch(request, str(error), retry_at=time.time() + delay)
 
+    def _gives_up(self, error: ApiError, attempts: int) -> bool:
+        """Whether this failed attempt is the last: a client error other than 404 at once;
+        a 404 (maybe not visible yet) after ``not_found_max_attempts``; anything after
+        ``max_attempts``. A 2xx we could not read (a truncated or proxied answer) is retried
+        like a 5xx: the object itself was never seen."""
+        limit = self._settings.max_attempts
+        if limit and attempts >= limit:
+            return True
+        if not isinstance(error, ApiPermanentError) or _unreadable_answer(error):
+            return False
+        if error.status == 404:
+            not_found_limit = self._settings.not_found_max_attempts
+            return bool(not_found_limit) and attempts >= not_found_limit
+        return True
+
     async def _give_up(self, request: FetchRequest, reason: str, obj: object) -> None:
         log.error("fetch.failed", reason=reason)
+        self._metrics.fetch_failures.labels(request.kind).inc()
         if obj is not None:
             self._metrics.rejected.labels("webhook_get").inc()
             await self._store.reject(Rejected(
@@ -129,3 +147,8 @@ class Fetcher:
             ))
         await self._store.fail_fetch(request, reason, retry_at=None)
 
+
+
+def _unreadable_answer(error: ApiError) -> bool:
+    """A success status whose body was not a JSON object (the client says so with the 2xx)."""
+    return error.status is not None and 200 <= error.status < 300

@@ -32,6 +32,7 @@ import structlog
 from multidict import CIMultiDict
 from yarl import URL
 
+from tcbridge.aio import BlockingPool
 from tcbridge.config import (
     AmqpHandlerSettings,
     CommandHandlerSettings,
@@ -54,6 +55,7 @@ OutcomeStatus = Literal["done", "retry", "dead"]
 OUTPUT_TAIL_BYTES = 4096
 MAX_ERROR_CHARS = 500
 REAP_TIMEOUT_S = 5.0
+FILE_CLOSE_TIMEOUT_S = 1.0  # after the drain, a write still running is a hung one
 FILENAME_FIELDS = ("id", "kind", "entityId", "lastUpdatedAt", "eventName")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _LEADING_DOTS = re.compile(r"^\.+")
@@ -150,6 +152,9 @@ class FileHandler:
         if removed:
             log.warning("handler.stale_temp_files_removed", handler=self.name, files=removed,
                         directory=str(settings.directory))
+        # Its own threads, at most one per delivery slot: a write hung on a dead disk
+        # neither blocks shutdown nor lets hung threads pile up.
+        self._pool = BlockingPool(f"tcbridge-file-{settings.name}", settings.concurrency)
 
     async def deliver(self, envelope: Mapping[str, Any], body: bytes, attempt: int) -> Outcome:
         """Write ``body`` to ``directory/filename``; an OS error is retried."""
@@ -158,7 +163,8 @@ class FileHandler:
         try:
             async with asyncio.timeout(self._settings.timeout_s):
                 # The thread cannot be stopped on timeout; it finishes (or hangs) on its own.
-                await asyncio.to_thread(write_atomically, directory, name, body)
+                await self._pool.run(f"write {name!r} in {str(directory)!r}",
+                                     lambda: write_atomically(directory, name, body))
         except TimeoutError:
             return _timeout_error(self._settings.timeout_s)
         except (OSError, ValueError) as e:
@@ -166,7 +172,8 @@ class FileHandler:
         return DONE
 
     async def close(self) -> None:
-        """Nothing to release."""
+        """Stop the writer threads; a write still hung is abandoned (and logged)."""
+        await self._pool.close(FILE_CLOSE_TIMEOUT_S)
 
 
 def _check_filename_template(handler: str, template: str) -> None:

@@ -112,6 +112,12 @@ class Metrics:
             "tcbridge_webhook_shed",
             "Webhook connections or requests cut short to protect the listener, by reason",
             ["reason"], registry=r)
+        self.fetch_failures = Counter("tcbridge_fetch_failures",
+                                      "Fetch requests (legacy GET webhooks) given up",
+                                      ["kind"], registry=r)
+        self.fetch_requests = Gauge("tcbridge_fetch_requests",
+                                    "Fetch requests by status (pending, failed), from the store",
+                                    ["status"], registry=r)
         self._lag = _CursorLag()
         r.register(self._lag)
         self.webhook_responses = Counter("tcbridge_webhook_responses",
@@ -150,6 +156,11 @@ class Metrics:
         for handler, by_status in counts.items():
             for status in ("pending", "running", "dead"):
                 self.backlog.labels(handler, status).set(by_status.get(status, 0))
+
+    def set_fetches(self, counts: Mapping[str, int]) -> None:
+        """Set the fetch request gauges from ``status -> count``."""
+        for status in ("pending", "failed"):
+            self.fetch_requests.labels(status).set(counts.get(status, 0))
 
     def render(self) -> bytes:
         """The text exposition format."""

@@ -47,6 +47,8 @@ Op = Callable[[sqlite3.Connection], Any]
 Route = Callable[[Mapping[str, Any]], Sequence[str]]
 IngestStatus = Literal["stored", "duplicate", "stale"]
 Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]
+CLOSE_TIMEOUT_S = 10.0
+CLOSE_POLL_S = 0.005
 
 
 def _no_routes(envelope: Mapping[str, Any]) -> Sequence[str]:
@@ -97,6 +99,7 @@ class FetchRequest:
     entity_id: str
     attempts: int
     requested_at: str
+    generation: int = 0  # bumped by every GET for the object: which request a fetch answers
 
 
 MIGRATIONS: list[list[str]] = [
@@ -225,6 +228,10 @@ MIGRATIONS: list[list[str]] = [
         """CREATE INDEX deliveries_pending_due ON deliveries (handler, next_attempt_at)
             WHERE status = 'pending'""",
     ],
+    [
+        # Two GETs in one millisecond have the same requested_at: a counter tells them apart.
+        "ALTER TABLE fetch_requests ADD COLUMN generation INTEGER NOT NULL DEFAULT 0",
+    ],
 ]
 
 
@@ -277,13 +284,23 @@ class Store:
             self._closed = True
             raise
 
-    async def close(self) -> None:
-        """Finish queued work, then stop the thread and close the file."""
+    async def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Finish queued work, then stop the thread and close the file; a writer hung (on a
+        dead disk) longer than ``timeout_s`` is abandoned and logged, so shutdown ends."""
         if self._closed or self._thread is None:
             return
         self._closed = True
         self._queue.put(None)
-        await asyncio.to_thread(self._thread.join)
+        # Polled, not joined in a thread: a hung join in the default executor would keep
+        # asyncio.run from returning. The writer is a daemon thread, so the process exits;
+        # what it had not committed is lost exactly as in a crash (nobody was answered).
+        deadline = time.monotonic() + timeout_s
+        while self._thread.is_alive():
+            if time.monotonic() >= deadline:
+                log.error("store.close_abandoned", timeout_s=timeout_s,
+                          queued=self._queue.qsize(), path=str(self.path))
+                return
+            await asyncio.sleep(CLOSE_POLL_S)
 
     async def __aenter__(self) -> Store:
         await self.open()
@@ -561,6 +578,10 @@ class Store:
         """Record (or refresh) a durable request to fetch a whole object."""
         now = utc_now_iso()
         return await self.run(lambda conn: upsert_fetch(conn, kind, entity_id, now))
+
+    async def fetch_counts(self) -> dict[str, int]:
+        """Fetch requests pending and given up (for ``/metrics``)."""
+        return await self.run(fetch_counts)
 
     async def due_fetches(self, limit: int = 10) -> list[FetchRequest]:
         """Pending fetch requests whose next attempt is due."""
@@ -1077,12 +1098,13 @@ def advance_cursor(conn: sqlite3.Connection, kind: str, value: str) -> None:
 
 
 def upsert_fetch(conn: sqlite3.Connection, kind: str, entity_id: str, now: str) -> int:
-    """One pending request per object; a new GET refreshes ``requested_at`` so an in-flight
-    fetch that started before it is not taken as its answer."""
+    """One pending request per object; a new GET bumps its ``generation`` (and refreshes
+    ``requested_at``) so an in-flight fetch that started before it is not taken as its
+    answer, even within the same millisecond."""
     conn.execute(
         "INSERT INTO fetch_requests (kind, entity_id, requested_at, next_attempt_at)"
         " VALUES (?,?,?,?) ON CONFLICT (kind, entity_id) WHERE status = 'pending'"
-        " DO UPDATE SET requested_at = excluded.requested_at,"
+        " DO UPDATE SET requested_at = excluded.requested_at, generation = generation + 1,"
         " next_attempt_at = min(next_attempt_at, excluded.next_attempt_at)",
         (kind, entity_id, now, time.time()),
     )
@@ -1093,10 +1115,17 @@ def upsert_fetch(conn: sqlite3.Connection, kind: str, entity_id: str, now: str) 
     return int(row[0])
 
 
+def fetch_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """status -> count of fetch requests (pending, failed; done ones are not counted)."""
+    rows = conn.execute("SELECT status, count(*) FROM fetch_requests"
+                        " WHERE status != 'done' GROUP BY status")
+    return {"pending": 0, "failed": 0} | {str(status): int(n) for status, n in rows}
+
+
 def select_due_fetches(conn: sqlite3.Connection, now: float, limit: int) -> list[FetchRequest]:
     """Pending fetches due at ``now``, oldest first."""
     rows = conn.execute(
-        "SELECT id, kind, entity_id, attempts, requested_at FROM fetch_requests"
+        "SELECT id, kind, entity_id, attempts, requested_at, generation FROM fetch_requests"
         " WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
         (now, limit),
     ).fetchall()
@@ -1106,11 +1135,12 @@ def select_due_fetches(conn: sqlite3.Connection, now: float, limit: int) -> list
 def finish_fetch(
     conn: sqlite3.Connection, request: FetchRequest, status: str, error: str | None, now: str
 ) -> None:
-    """Close a fetch request, unless a newer GET for the same object arrived meanwhile."""
+    """Close a fetch request, unless a newer GET for the same object arrived meanwhile
+    (its generation moved on)."""
     conn.execute(
         "UPDATE fetch_requests SET status = ?, last_error = ?, finished_at = ?,"
-        " attempts = attempts + 1 WHERE id = ? AND requested_at = ?",
-        (status, error, now, request.id, request.requested_at),
+        " attempts = attempts + 1 WHERE id = ? AND generation = ?",
+        (status, None if error is None else error[:2000], now, request.id, request.generation),
     )
     conn.execute(
         "UPDATE fetch_requests SET attempts = attempts + 1 WHERE id = ? AND status = 'pending'",
@@ -1294,9 +1324,14 @@ def replay_event(
     conn: sqlite3.Connection, event_id: str, handlers: Sequence[str] | None
 ) -> int:
     """New deliveries of a stored event, even if it was delivered before."""
-    row = conn.execute("SELECT seq, entity_id FROM events WHERE id = ?", (event_id,)).fetchone()
+    row = conn.execute(
+        "SELECT seq, entity_id, envelope IS NULL FROM events WHERE id = ?", (event_id,)
+    ).fetchone()
     if row is None:
         raise UnknownName(f"no event with id {event_id!r}")
+    if row[2]:  # a delivery without its payload could only go dead
+        raise StoreError(f"event {event_id!r} cannot be replayed: its payload was purged by"
+                         " retention ([store] retention_days); only its dedup key is kept")
     if handlers is None:
         handlers = [h for (h,) in conn.execute(
             "SELECT DISTINCT handler FROM deliveries WHERE event_seq = ? ORDER BY handler",
@@ -1399,6 +1434,8 @@ def read_status(conn: sqlite3.Connection) -> dict[str, Any]:
             "recovered": int(conn.execute(
                 "SELECT count(*) FROM events WHERE recovered = 1").fetchone()[0]),
             "fetchPending": counts["fetch_pending"],
+            "fetchFailed": int(conn.execute(
+                "SELECT count(*) FROM fetch_requests WHERE status = 'failed'").fetchone()[0]),
         },
         "cursors": {kind: {"value": value, "updatedAt": updated} for kind, value, updated
                     in conn.execute("SELECT kind, value, updated_at FROM cursors")},
@@ -1457,7 +1494,12 @@ def purge_batch(conn: sqlite3.Connection, policy: Retention, now: float) -> dict
     dedup_cutoff = _cutoff(now, max(policy.dedup_days, policy.payload_days))
     payloads = conn.execute(_PURGE_PAYLOADS_SQL, (payload_cutoff, policy.batch)).rowcount
     old = [row[0] for row in conn.execute(
-        "SELECT seq FROM events WHERE seq <= ? AND envelope IS NULL ORDER BY seq LIMIT ?",
+        "SELECT seq FROM events WHERE seq <= ? AND envelope IS NULL"
+        # a delivery still open or dead (of a replay queued before its payload went) keeps
+        # its row: deleting it would hide that it never got through
+        " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = events.seq"
+        "   AND d.status != 'done')"
+        " ORDER BY seq LIMIT ?",
         (_last_seq_before(conn, dedup_cutoff), policy.batch))]
     conn.executemany(
         "DELETE FROM delivery_attempts WHERE delivery_id IN"

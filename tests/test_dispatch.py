@@ -6,18 +6,32 @@ import asyncio
 import json
 import sqlite3
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from tcbridge.config import FileHandlerSettings, HandlerSettings, PythonHandlerSettings
-from tcbridge.dispatch import Dispatcher, Lane, decide, make_route, retry_delay_s
+from tcbridge.dispatch import (
+    IDLE_CHECK_S,
+    Dispatcher,
+    Lane,
+    LaneFailed,
+    _error_text,
+    decide,
+    make_route,
+    retry_delay_s,
+)
 from tcbridge.envelope import parse_order_webhook, parse_snapshot
+from tcbridge.errors import StoreUnavailable
 from tcbridge.handlers import Outcome, build_handler
+from tcbridge.metrics import Metrics
 from tcbridge.store import Store
 from tests.conftest import order_event_body, order_obj, until
 
@@ -79,6 +93,11 @@ def statuses(store: Store) -> list[tuple[Any, ...]]:
             "SELECT handler, entity_id, status, attempts FROM deliveries ORDER BY id").fetchall()
 
 
+def make_due(store: Store) -> None:
+    with sqlite3.connect(store.path) as conn:
+        conn.execute("UPDATE deliveries SET next_attempt_at = 0 WHERE status = 'pending'")
+
+
 def test_decide() -> None:
     settings = python_handler(max_attempts=3, retry_initial_s=1, retry_max_s=10)
     assert decide(settings, Outcome("done"), 1, 100.0).status == "done"
@@ -120,14 +139,14 @@ async def test_deliveries_are_created_with_the_event_per_matching_handler(
 
 
 async def test_failing_handler_retries_then_succeeds(rig: Callable[..., Any]) -> None:
-    store, dispatcher = await rig(python_handler())
+    store, dispatcher = await rig(python_handler(retry_initial_s=60, retry_max_s=60))
     await ingest(store, "o1", "2024-05-01T00:00:00Z")
     target.FAILURES["o1"] = 2
     for expected_attempts in (1, 2):
         await dispatcher.run_once()
         assert statuses(store) == [("erp", "o1", "pending", expected_attempts)]
         assert await dispatcher.run_once() == 0  # not due yet: backoff is a row, not a sleep
-        await asyncio.sleep(0.03)
+        make_due(store)  # the backoff has passed (without waiting a minute)
     await dispatcher.run_once()
     assert statuses(store) == [("erp", "o1", "done", 3)]
     with sqlite3.connect(store.path) as conn:
@@ -241,7 +260,10 @@ async def test_interrupted_deliveries_are_released_at_start(
     await store.close()
     store2, dispatcher = await rig(python_handler())
     assert statuses(store2) == [("erp", "o1", "running", 0)]
-    assert await dispatcher.start() == 1
+    with capture_logs() as logs:
+        assert await dispatcher.start() == 1
+    assert {"event": "dispatch.resumed_interrupted", "deliveries": 1,
+            "log_level": "warning"} in logs
     await dispatcher.run_once()
     assert statuses(store2) == [("erp", "o1", "done", 1)]
     assert target.DELIVERED == [("o1", claim.event_id)]
@@ -300,6 +322,8 @@ async def test_outcome_is_recorded_once_the_store_is_writable_again(
         blocker.close()
         await delivering
     assert statuses(store) == [("erp", "o1", "done", 1)]
+    failed = next(e for e in logs if e["event"] == "dispatch.record_failed")
+    assert "locked" in failed["error"]
 
 
 async def test_lane_keeps_running_while_the_store_is_locked(rig: Callable[..., Any]) -> None:
@@ -315,4 +339,588 @@ async def test_lane_keeps_running_while_the_store_is_locked(rig: Callable[..., A
         await ingest(store, "o1", "2024-05-01T00:00:00Z")
         await until(lambda: len(target.DELIVERED) == 1)
     stop.set()
+    failed = next(e for e in logs if e["event"] == "dispatch.store_failed")
+    assert failed["handler"] == "erp" and "locked" in failed["error"]
     await runner
+
+
+# -- nothing stuck: any exception inside a delivery is a recorded attempt -------------------
+
+
+@pytest.mark.parametrize("stored", ['{"id":"\\ud800"}', "not json {", "[1, 2]"])
+async def test_an_envelope_the_dispatcher_cannot_read_is_dead_not_stuck(
+    rig: Callable[..., Any], stored: str
+) -> None:
+    store, dispatcher = await rig(python_handler())
+    bad = await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    good = await ingest(store, "o1", "2024-05-01T00:00:01Z")
+    with sqlite3.connect(store.path) as conn:  # as a bug or an old version might have left it
+        conn.execute("UPDATE events SET envelope = ? WHERE id = ?", (stored, bad))
+    with capture_logs():
+        await dispatcher.run_once()
+        await dispatcher.run_once()  # the entity's lane is free: the next event goes
+    assert statuses(store) == [("erp", "o1", "dead", 1), ("erp", "o1", "done", 1)]
+    dead = (await store.deliveries(status="dead"))[0]
+    assert "stored envelope" in dead["lastError"]
+    if stored == "[1, 2]":
+        assert dead["lastError"] == "the stored envelope is not a JSON object"
+    assert target.DELIVERED == [("o1", good)]
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ is broken too")
+
+
+class OddHandler:
+    """Handler bugs of the unexpected kinds: an exception that cannot be printed, an error
+    text the store cannot bind (a lone surrogate quoted from a payload)."""
+
+    name = "odd"
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    async def deliver(self, envelope: Any, body: bytes, attempt: int) -> Outcome:
+        if self.mode == "unprintable":
+            raise Unprintable
+        return Outcome("retry", error="bad value \ud800 in field", output="out \udcff")
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("mode", ["unprintable", "surrogate"])
+async def test_a_handler_failing_in_an_unexpected_way_is_a_failed_attempt(
+    store: Store, mode: str
+) -> None:
+    settings = python_handler("odd", retry_initial_s=5, retry_max_s=5)
+    store._route = make_route([settings])
+    lane = Lane(settings, OddHandler(mode), store)
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    with capture_logs():
+        assert await lane.run_once() == 1
+    assert statuses(store) == [("odd", "o1", "pending", 1)]
+    (row,) = await store.deliveries()
+    expected = "Unprintable: <unprintable>" if mode == "unprintable" else "bad value \\ud800"
+    assert expected in row["lastError"]
+
+
+async def test_a_delivery_task_that_dies_fails_its_lane(store: Store) -> None:
+    settings = python_handler("odd")
+    lane = Lane(settings, OddHandler("unprintable"), store)
+
+    async def broken(claim: Any) -> None:
+        raise RuntimeError("bug outside every guard")
+
+    lane._deliver = broken  # type: ignore[method-assign]
+    store._route = make_route([settings])
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    dispatcher = Dispatcher([lane], store, asyncio.Event())
+    with capture_logs() as logs, pytest.raises(Exception, match="lane odd") as caught:
+        await asyncio.wait_for(dispatcher.run(asyncio.Event()), timeout=10)
+    assert "bug outside every guard" in str(caught.value)
+    (died,) = [line for line in logs if line["event"] == "dispatch.delivery_task_died"]
+    assert died["handler"] == "odd" and died["delivery"] == 1
+    assert died["error"] == "RuntimeError('bug outside every guard')"
+
+
+async def test_a_lane_that_dies_fails_the_dispatcher(
+    rig: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, dispatcher = await rig(python_handler())
+
+    async def crash(self: Lane) -> float | None:
+        raise ValueError("not a store error")
+
+    monkeypatch.setattr(Lane, "_fill", crash)
+    with pytest.raises(Exception, match="lane erp died: ValueError: not a store error"):
+        await asyncio.wait_for(dispatcher.run(asyncio.Event()), timeout=10)
+
+
+# -- a clean stop delivers nothing twice ------------------------------------------------------
+
+
+class HeldClaims:
+    """The store, but a claim returns only when the test lets it (the drain race)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.entered = asyncio.Event()
+        self.go = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def claim_and_next_due(self, handler: str, limit: int) -> Any:
+        self.entered.set()
+        await self.go.wait()
+        return await self._store.claim_and_next_due(handler, limit)
+
+
+async def test_drain_waits_for_a_claim_in_flight_and_starts_nothing(
+    rig: Callable[..., Any],
+) -> None:
+    store, dispatcher = await rig(python_handler())
+    (lane,) = dispatcher.lanes
+    held = HeldClaims(store)
+    lane._store = held  # type: ignore[assignment]
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    stop = asyncio.Event()
+    running = asyncio.create_task(dispatcher.run(stop))
+    await held.entered.wait()  # the claim is in flight
+    stop.set()
+    draining = asyncio.create_task(dispatcher.drain(5))
+    await asyncio.sleep(0)  # drain has begun
+    held.go.set()  # now the claim returns, with the delivery marked running
+    assert await draining == 0
+    await running
+    # The claim came back after drain began: released unstarted, nothing runs unwatched.
+    assert statuses(store) == [("erp", "o1", "pending", 0)]
+    await asyncio.sleep(0.05)
+    assert target.STARTED == []
+
+
+class RetryAfterHandler:
+    name = "limited"
+
+    async def deliver(self, envelope: Any, body: bytes, attempt: int) -> Outcome:
+        return Outcome("retry", error="HTTP 429", retry_after_s=30.0)
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_the_dispatcher_honours_retry_after(store: Store) -> None:
+    settings = python_handler("limited", retry_initial_s=0.01, retry_max_s=600)
+    store._route = make_route([settings])
+    lane = Lane(settings, RetryAfterHandler(), store)
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    before = time.time()
+    with capture_logs():
+        assert await lane.run_once() == 1
+    (row,) = await store.deliveries()
+    assert row["status"] == "pending"
+    assert row["nextAttemptAt"] >= before + 30.0  # not the 0.01 s backoff
+    assert await lane.run_once() == 0  # and nothing is claimed before then
+
+
+# -- what a delivery tells the handler, the logs and the metrics ----------------------------
+
+
+class ScriptedHandler:
+    """Returns the scripted outcomes in turn; records what each call saw."""
+
+    name = "ctx"
+
+    def __init__(self, *outcomes: Outcome) -> None:
+        self.outcomes = list(outcomes)
+        self.seen: list[dict[str, Any]] = []
+
+    async def deliver(self, envelope: Any, body: bytes, attempt: int) -> Outcome:
+        self.seen.append({"attempt": attempt, "id": envelope["id"], "body": body,
+                          "context": structlog.contextvars.get_contextvars()})
+        return self.outcomes.pop(0)
+
+    async def close(self) -> None:
+        return None
+
+
+def samples(metrics: Metrics, name: str) -> dict[tuple[str, ...], float]:
+    return {tuple(sample.labels.values()): sample.value
+            for metric in metrics.registry.collect() for sample in metric.samples
+            if sample.name == name}
+
+
+async def test_a_delivery_binds_its_context_and_is_counted(store: Store) -> None:
+    settings = python_handler("ctx", retry_initial_s=60, retry_max_s=60, max_attempts=5)
+    store._route = make_route([settings])
+    handler = ScriptedHandler(Outcome("retry", error="busy"), Outcome("done"),
+                              Outcome("dead", error="unknown order"))
+    metrics = Metrics()
+    lane = Lane(settings, handler, store, metrics=metrics)
+    event_id = await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    with capture_logs():
+        await lane.run_once()
+        make_due(store)
+        await lane.run_once()
+        await ingest(store, "o2", "2024-05-01T00:00:00Z")
+        await lane.run_once()
+    first, second, _ = handler.seen
+    assert first["context"] == {"event_id": event_id, "entity_id": "o1", "kind": "order",
+                                "source": "webhook", "handler": "ctx", "attempt": 1}
+    assert (first["attempt"], second["attempt"]) == (1, 2)
+    assert json.loads(first["body"])["id"] == event_id
+    assert samples(metrics, "tcbridge_deliveries_total") == {
+        ("ctx", "retry"): 1.0, ("ctx", "done"): 1.0, ("ctx", "dead"): 1.0}
+    assert samples(metrics, "tcbridge_delivery_latency_seconds_count") == {("ctx",): 1.0}
+    (latency_s,) = samples(metrics, "tcbridge_delivery_latency_seconds_sum").values()
+    assert 0.0 <= latency_s < 60.0
+
+
+async def test_a_delivery_without_receipt_time_is_counted_without_latency(store: Store) -> None:
+    settings = python_handler("ctx")
+    store._route = make_route([settings])
+    metrics = Metrics()
+    lane = Lane(settings, ScriptedHandler(Outcome("done")), store, metrics=metrics)
+    event_id = await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    with sqlite3.connect(store.path) as conn:
+        conn.execute("UPDATE events SET envelope = json_remove(envelope, '$.receivedAt')"
+                     " WHERE id = ?", (event_id,))
+    with capture_logs():
+        await lane.run_once()
+    assert samples(metrics, "tcbridge_deliveries_total") == {("ctx", "done"): 1.0}
+    assert samples(metrics, "tcbridge_delivery_latency_seconds_count") == {}
+
+
+async def test_an_attempt_that_fails_outside_the_handler_is_recorded(store: Store) -> None:
+    settings = python_handler("ctx", retry_initial_s=60, retry_max_s=60)
+    store._route = make_route([settings])
+    lane = Lane(settings, ScriptedHandler(), store)
+
+    async def broken(claim: Any, envelope: Any) -> Outcome:
+        raise RuntimeError("between claim and outcome")
+
+    lane._attempt = broken  # type: ignore[method-assign]
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    with capture_logs() as logs:
+        await lane.run_once()
+    assert statuses(store) == [("ctx", "o1", "pending", 1)]
+    (row,) = await store.deliveries()
+    assert row["lastError"] == "RuntimeError: between claim and outcome"
+    assert any(e["event"] == "dispatch.attempt_failed" for e in logs)
+
+
+async def test_a_purged_payload_is_dead_with_the_reason(store: Store) -> None:
+    settings = python_handler("ctx")
+    store._route = make_route([settings])
+    handler = ScriptedHandler(Outcome("done"))
+    lane = Lane(settings, handler, store)
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    with sqlite3.connect(store.path) as conn:  # as an older version's retention left it
+        conn.execute("UPDATE events SET envelope = NULL")
+    with capture_logs():
+        await lane.run_once()
+    assert statuses(store) == [("ctx", "o1", "dead", 1)]
+    (row,) = await store.deliveries()
+    assert row["lastError"] == "the event's payload was purged by retention"
+    assert handler.seen == []
+
+
+async def test_outputs_are_stored_escaped(store: Store) -> None:
+    settings = python_handler("odd", retry_initial_s=5, retry_max_s=5)
+    store._route = make_route([settings])
+    lane = Lane(settings, OddHandler("surrogate"), store)
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    with capture_logs():
+        await lane.run_once()
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("SELECT error, output FROM delivery_attempts").fetchall() == [
+            ("bad value \\ud800 in field", "out \\udcff")]
+
+
+def test_error_text() -> None:
+    assert _error_text(ValueError("bad")) == "ValueError: bad"
+    assert _error_text(ValueError()) == "ValueError"
+    assert _error_text(Unprintable()) == "Unprintable: <unprintable>"
+
+
+# -- drain: running deliveries finish, late ones are cut off and released ---------------------
+
+
+async def start_gated(rig: Callable[..., Any]) -> tuple[Store, Dispatcher, asyncio.Event,
+                                                         asyncio.Task[None]]:
+    store, dispatcher = await rig(python_handler())
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    target.GATES["o1"] = asyncio.Event()
+    stop = asyncio.Event()
+    running = asyncio.create_task(dispatcher.run(stop))
+    await until(lambda: len(target.STARTED) == 1)
+    stop.set()
+    return store, dispatcher, target.GATES["o1"], running
+
+
+async def test_drain_lets_a_running_delivery_finish(rig: Callable[..., Any]) -> None:
+    store, dispatcher, gate, running = await start_gated(rig)
+    with capture_logs() as logs:
+        draining = asyncio.create_task(dispatcher.drain(30))
+        await asyncio.sleep(0)
+        gate.set()
+        assert await draining == 0
+        await running
+    assert statuses(store) == [("erp", "o1", "done", 1)]
+    assert not any(e["event"] == "dispatch.delivery_task_died" for e in logs)
+
+
+async def test_drain_cuts_off_what_runs_past_the_deadline_and_releases_it(
+    rig: Callable[..., Any],
+) -> None:
+    store, dispatcher, _, running = await start_gated(rig)
+    with capture_logs() as logs:
+        assert await dispatcher.drain(0.05) == 1
+        assert statuses(store) == [("erp", "o1", "pending", 0)]  # released before drain returns
+        await running
+    assert not any(e["event"] == "dispatch.delivery_task_died" for e in logs)
+
+
+class FailingRelease(HeldClaims):
+    async def release(self, ids: Any = None) -> int:
+        raise StoreUnavailable("disk gone")
+
+
+async def test_a_failed_release_is_logged_and_left_for_start_up(rig: Callable[..., Any]) -> None:
+    store, dispatcher, _, running = await start_gated(rig)
+    (lane,) = dispatcher.lanes
+    lane._store = FailingRelease(store)  # type: ignore[assignment]
+    with capture_logs() as logs:
+        assert await dispatcher.drain(0.05) == 1
+        await running
+    assert {"event": "dispatch.release_failed", "error": "disk gone",
+            "log_level": "warning"} in logs
+    assert statuses(store) == [("erp", "o1", "running", 0)]
+
+
+@pytest.mark.parametrize("release", ["works", "fails"])
+async def test_drain_does_not_wait_for_ever_for_a_hung_claim(
+    rig: Callable[..., Any], release: str
+) -> None:
+    store, dispatcher = await rig(python_handler())
+    (lane,) = dispatcher.lanes
+    held = HeldClaims(store) if release == "works" else FailingRelease(store)
+    lane._store = held  # type: ignore[assignment]
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    stop = asyncio.Event()
+    running = asyncio.create_task(dispatcher.run(stop))
+    await held.entered.wait()
+    stop.set()
+    with sqlite3.connect(store.path) as conn:  # another process's claim, still running
+        conn.execute("INSERT INTO deliveries (event_seq, event_id, handler, entity_id, status,"
+                     " next_attempt_at, created_at) SELECT event_seq, event_id, 'other',"
+                     " 'o9', 'running', 0, created_at FROM deliveries")
+    with capture_logs() as logs:
+        assert await dispatcher.drain(0.05) == 0  # the claim never came back in time
+        held.go.set()  # it does now: released unstarted (or left for start-up)
+        await running
+    if release == "works":
+        assert statuses(store) == [("erp", "o1", "pending", 0), ("other", "o9", "running", 0)]
+    else:
+        assert {"event": "dispatch.release_failed", "error": "disk gone",
+                "log_level": "warning"} in logs
+    assert target.STARTED == []
+
+
+# -- a lane that ends early fails the dispatcher, one that ends on stop does not --------------
+
+
+async def lane_outcome(rig: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
+                       how: str) -> BaseException | None:
+    _, dispatcher = await rig(python_handler("a"), python_handler("b"))
+    first, _second = dispatcher.lanes
+    stop = asyncio.Event()
+
+    async def ends(self: Lane, stop_: asyncio.Event) -> None:
+        if self is first:
+            await stop_.wait()
+        elif how == "returns":
+            return
+        elif how == "cancelled":
+            raise asyncio.CancelledError
+        elif how == "drained":
+            await self.drain(0.01)
+            await stop_.wait()
+        else:
+            await stop_.wait()
+            raise ValueError("died while stopping")
+
+    monkeypatch.setattr(Lane, "run", ends)
+    running = asyncio.create_task(dispatcher.run(stop))
+    if how in ("drained", "dies_on_stop"):
+        await asyncio.sleep(0.05)
+        stop.set()
+    try:
+        await asyncio.wait_for(running, timeout=10)
+    except Exception as e:
+        return e
+    return None
+
+
+@pytest.mark.parametrize(("how", "message"), [
+    ("returns", "lane b stopped before the daemon did"),
+    ("cancelled", "lane b was cancelled"),
+    ("dies_on_stop", "lane b died: ValueError: died while stopping"),
+    ("drained", None),
+])
+async def test_lanes_are_watched(
+    rig: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, how: str, message: str | None
+) -> None:
+    error = await lane_outcome(rig, monkeypatch, how)
+    if message is None:
+        assert error is None
+    else:
+        assert isinstance(error, LaneFailed) and str(error) == message
+
+
+async def test_each_decision_is_logged_with_what_an_operator_needs(store: Store) -> None:
+    settings = python_handler("ctx", retry_initial_s=60, retry_max_s=60, max_attempts=5)
+    store._route = make_route([settings])
+    handler = ScriptedHandler(Outcome("retry", error="busy"), Outcome("done"),
+                              Outcome("dead", error="unknown", output="ERP said no"))
+    lane = Lane(settings, handler, store)
+    with capture_logs() as logs:
+        await ingest(store, "o1", "2024-05-01T00:00:00Z")
+        await lane.run_once()
+        make_due(store)
+        await lane.run_once()
+        await ingest(store, "o2", "2024-05-01T00:00:00Z")
+        await lane.run_once()
+    decisions = [e for e in logs if e["event"].startswith("delivery.")]
+    retry, done, dead = decisions
+    assert (retry["event"], retry["error"], retry["log_level"]) == (
+        "delivery.retry", "busy", "warning")
+    assert isinstance(retry["delay_s"], float) and 50 <= retry["delay_s"] <= 60
+    assert retry["delay_s"] == round(retry["delay_s"], 2)
+    assert done == {"event": "delivery.done", "log_level": "info"}
+    assert dead == {"event": "delivery.dead", "error": "unknown", "output": "ERP said no",
+                    "log_level": "error"}
+
+
+class RefusingFinish:
+    """The store, but ``finish`` raises a non-store error the first ``times`` calls."""
+
+    def __init__(self, store: Store, times: int) -> None:
+        self._store = store
+        self.times = times
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def finish(self, claim: Any, status: Any, **kwargs: Any) -> None:
+        if self.times > 0:
+            self.times -= 1
+            raise ValueError("row refused")
+        await self._store.finish(claim, status, **kwargs)
+
+
+async def test_an_outcome_the_store_refuses_is_recorded_without_its_texts(store: Store) -> None:
+    settings = python_handler("ctx", retry_initial_s=60, retry_max_s=60)
+    store._route = make_route([settings])
+    lane = Lane(settings, ScriptedHandler(Outcome("retry", error="e", output="o")),
+                RefusingFinish(store, 1))  # type: ignore[arg-type]
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    with capture_logs() as logs:
+        await lane.run_once()
+    assert statuses(store) == [("ctx", "o1", "pending", 1)]
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("SELECT error, output FROM delivery_attempts").fetchall() == [
+            ("the outcome could not be recorded: ValueError", None)]
+    assert any(e["event"] == "dispatch.record_refused" for e in logs)
+
+
+@pytest.mark.parametrize("texts", [("e", None), (None, "o")])
+async def test_either_text_is_dropped_when_the_store_refuses_it(
+    store: Store, texts: tuple[str | None, str | None]
+) -> None:
+    settings = python_handler("ctx", retry_initial_s=60, retry_max_s=60)
+    store._route = make_route([settings])
+    error, output = texts
+    lane = Lane(settings, ScriptedHandler(Outcome("retry", error=error, output=output)),
+                RefusingFinish(store, 1))  # type: ignore[arg-type]
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    with capture_logs():
+        await lane.run_once()
+    assert statuses(store) == [("ctx", "o1", "pending", 1)]
+
+
+async def test_an_outcome_without_texts_the_store_refuses_is_a_bug_that_stops_the_lane(
+    store: Store,
+) -> None:
+    settings = python_handler("ctx")
+    store._route = make_route([settings])
+    lane = Lane(settings, ScriptedHandler(Outcome("done")), RefusingFinish(store, 99))  # type: ignore[arg-type]
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    with capture_logs(), pytest.raises(ValueError, match="row refused"):
+        await lane.run_once()
+
+
+async def test_a_cut_off_delivery_releases_only_its_own_row(rig: Callable[..., Any]) -> None:
+    store, dispatcher, _, running = await start_gated(rig)
+    with sqlite3.connect(store.path) as conn:  # another process's claim, still running
+        conn.execute("INSERT INTO deliveries (event_seq, event_id, handler, entity_id, status,"
+                     " next_attempt_at, created_at) SELECT event_seq, event_id, 'other',"
+                     " entity_id, 'running', 0, created_at FROM deliveries")
+    with capture_logs():
+        assert await dispatcher.drain(0.05) == 1
+        await running
+    assert statuses(store) == [("erp", "o1", "pending", 0), ("other", "o1", "running", 0)]
+
+
+async def test_a_receipt_time_in_the_future_or_unreadable_gives_no_negative_latency(
+    store: Store,
+) -> None:
+    settings = python_handler("ctx")
+    store._route = make_route([settings])
+    metrics = Metrics()
+    lane = Lane(settings, ScriptedHandler(Outcome("done"), Outcome("done")), store,
+                metrics=metrics)
+    for entity, received in (("o1", "2999-01-01T00:00:00.000Z"), ("o2", "not a time")):
+        event_id = await ingest(store, entity, "2024-05-01T00:00:00Z")
+        with sqlite3.connect(store.path) as conn:
+            conn.execute("UPDATE events SET envelope = json_set(envelope, '$.receivedAt', ?)"
+                         " WHERE id = ?", (received, event_id))
+    with capture_logs():
+        assert await lane.run_once() == 2
+    assert samples(metrics, "tcbridge_deliveries_total") == {("ctx", "done"): 2.0}
+    assert samples(metrics, "tcbridge_delivery_latency_seconds_count") == {("ctx",): 1.0}
+    assert samples(metrics, "tcbridge_delivery_latency_seconds_sum") == {("ctx",): 0.0}
+
+
+async def test_latency_is_counted_from_receipt_in_seconds(store: Store) -> None:
+    settings = python_handler("ctx")
+    store._route = make_route([settings])
+    metrics = Metrics()
+    lane = Lane(settings, ScriptedHandler(Outcome("done")), store, metrics=metrics)
+    event_id = await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    received = datetime.fromtimestamp(time.time() - 10, tz=UTC).isoformat(
+        timespec="milliseconds").replace("+00:00", "Z")
+    with sqlite3.connect(store.path) as conn:
+        conn.execute("UPDATE events SET envelope = json_set(envelope, '$.receivedAt', ?)"
+                     " WHERE id = ?", (received, event_id))
+    with capture_logs():
+        await lane.run_once()
+    (latency_s,) = samples(metrics, "tcbridge_delivery_latency_seconds_sum").values()
+    assert 10.0 <= latency_s < 70.0
+
+
+def test_the_lane_sleeps_until_the_next_due_delivery_at_most_the_idle_check(
+    store: Store,
+) -> None:
+    lane = Lane(python_handler(), ScriptedHandler(), store)
+    assert lane._delay(None) == IDLE_CHECK_S
+    assert lane._delay(time.time() - 100) == 0.0
+    assert 0.0 < lane._delay(time.time() + 0.5) <= 0.5
+    assert lane._delay(time.time() + 1000) == IDLE_CHECK_S
+
+
+async def test_each_attempt_is_recorded_with_its_outcome_and_the_end_with_its_time(
+    store: Store,
+) -> None:
+    settings = python_handler("ctx", retry_initial_s=60, retry_max_s=60, max_attempts=5)
+    store._route = make_route([settings])
+    lane = Lane(settings, ScriptedHandler(Outcome("retry", error="busy"), Outcome("done"),
+                                          Outcome("dead", error="unknown")), store)
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    with capture_logs():
+        await lane.run_once()
+        with sqlite3.connect(store.path) as conn:
+            assert conn.execute("SELECT finished_at FROM deliveries").fetchall() == [(None,)]
+        make_due(store)
+        await lane.run_once()
+        await ingest(store, "o2", "2024-05-01T00:00:00Z")
+        await lane.run_once()
+    with sqlite3.connect(store.path) as conn:
+        attempts = conn.execute("SELECT delivery_id, attempt, outcome, error"
+                                " FROM delivery_attempts ORDER BY id").fetchall()
+        ends = conn.execute("SELECT status, finished_at IS NOT NULL FROM deliveries"
+                            " ORDER BY id").fetchall()
+    assert attempts == [(1, 1, "retry", "busy"), (1, 2, "done", None), (2, 1, "dead", "unknown")]
+    assert ends == [("done", 1), ("dead", 1)]

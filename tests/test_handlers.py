@@ -252,10 +252,13 @@ async def test_file_timeout_is_retried(
 
     monkeypatch.setattr(os, "fsync", slow_fsync)
     settings = FileHandlerSettings(name="f", type="file", directory=tmp_path, timeout_s=0.1)
+    handler = build_handler(settings, session)
     started = time.monotonic()
-    outcome = await deliver(settings, session)
+    envelope = make_envelope()
+    outcome = await handler.deliver(envelope, encode(envelope), 1)
     assert outcome == Outcome("retry", error="timeout after 0.1 s")
     assert time.monotonic() - started < 0.45
+    await handler.close()  # gives the write still running a moment (tests/test_blocking.py)
 
 
 # --- command ----------------------------------------------------------------------------------

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from tcbridge import logs
+from tcbridge.cli import main
 from tcbridge.config import FileHandlerSettings, StoreSettings
 from tcbridge.dispatch import make_route
 from tcbridge.envelope import parse_order_webhook
+from tcbridge.errors import StoreError
 from tcbridge.retention import policy, purge_all
 from tcbridge.store import Rejected, Retention, Store
 from tests.conftest import order_event_body
+from tests.support import write_config
 
 LONG_AGO = "2001-01-01T00:00:00.000Z"
 
@@ -86,3 +94,59 @@ async def test_file_size_stays_bounded_under_constant_load(store: Store) -> None
     # Freed pages are reused: no growth. (The entities table keeps one row per order, so
     # it grows with the number of orders, not with the number of events.)
     assert sizes[-1] <= sizes[1] * 1.05, sizes
+
+
+async def test_open_or_dead_deliveries_keep_the_row_of_a_purged_event(
+    store_factory: Callable[..., Store], tmp_path: Any
+) -> None:
+    """Deliveries of an event whose payload is already gone (a replay queued before the fix,
+    or by an older version) are not deleted with the event whatever their status."""
+    handler = FileHandlerSettings(name="drop", type="file", directory=tmp_path / "out")
+    store = store_factory()
+    store._route = make_route([handler])
+    async with store:
+        for entity in ("pending", "running", "dead", "done"):
+            await ingest(store, entity)
+        execute(store, "UPDATE deliveries SET status = 'done'")
+        execute(store, "UPDATE events SET received_at = ?", LONG_AGO)
+        assert (await purge_all(store, Retention(payload_days=1, dedup_days=1e9)))[
+            "payloads"] == 4
+        for status in ("pending", "running", "dead"):
+            execute(store, "UPDATE deliveries SET status = ? WHERE entity_id = ?", status, status)
+        totals = await purge_all(store, Retention(payload_days=1, dedup_days=1))
+        assert totals["events"] == 1
+        assert execute(store, "SELECT entity_id, status FROM deliveries ORDER BY id") == [
+            ("pending", "pending"), ("running", "running"), ("dead", "dead")]
+        assert len(execute(store, "SELECT seq FROM events")) == 3
+
+
+async def test_replaying_a_purged_event_says_why_it_cannot(store: Store) -> None:
+    event_id = await ingest(store, "o1")
+    execute(store, "UPDATE events SET received_at = ?", LONG_AGO)
+    await purge_all(store, Retention(payload_days=1, dedup_days=1e9))
+    with pytest.raises(StoreError, match="payload was purged by retention"):
+        await store.replay(event_id, ["drop"])
+    assert execute(store, "SELECT count(*) FROM deliveries") == [(0,)]
+
+
+def test_cli_replay_of_a_purged_event_exits_non_zero_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The CLI would point the logging at this test's captured stderr, closed after it.
+    monkeypatch.setattr(logs, "configure", lambda *args, **kwargs: None)
+    db = tmp_path / "db.sqlite"
+
+    async def prepare() -> str:
+        async with Store(db, StoreSettings()) as store:
+            event_id = await ingest(store, "o1")
+            execute(store, "UPDATE events SET received_at = ?", LONG_AGO)
+            await purge_all(store, Retention(payload_days=1, dedup_days=1e9))
+            return event_id
+
+    event_id = asyncio.run(prepare())
+    config = write_config(tmp_path / "c.toml", {"mode": "webhook", "store": {"path": db},
+                                                "webhook": {"auth": "none"}})
+    code = main(["replay", "--event", event_id, "--config", str(config)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"event {event_id!r} cannot be replayed: its payload was purged" in err

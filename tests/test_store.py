@@ -8,8 +8,10 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from tcbridge.envelope import parse_order_webhook, parse_snapshot
 from tcbridge.errors import StoreError, StoreUnavailable
@@ -301,3 +303,128 @@ async def test_resent_events_are_always_delivered(store: Store, first_source: st
         assert again.status == "duplicate" and again.event_id == result.event_id
     assert len(ids) == 2
     assert [e["sibling"] for e in envelopes(store.path)] == [False, True, True]
+async def test_snapshot_t3_then_late_event_t1_then_snapshot_t2_is_stale(store: Store) -> None:
+    """A late event is stored (it is news) but must not move the entity's newest version
+    back: a snapshot older than the newest stays stale."""
+    t1, t2, t3 = ("2024-05-01T10:00:01.000Z", "2024-05-01T10:00:02.000Z",
+                  "2024-05-01T10:00:03.000Z")
+    first = await store.ingest(parse_snapshot("order", order_obj("o1", t3), "poll"))
+    late = await store.ingest(parse_order_webhook(order_event_body("o1", stamp=t1)))
+    stale = await store.ingest(parse_snapshot("order", order_obj("o1", t2), "poll"))
+    assert (first.status, first.late) == ("stored", False)
+    assert (late.status, late.late) == ("stored", True)
+    assert stale.status == "stale"
+    assert rows(store.path, "SELECT newest_last_updated_at FROM entities") == [(t3,)]
+
+
+async def test_routing_that_fails_leaves_no_event_row(store: Store) -> None:
+    def broken_route(envelope: Any) -> list[str]:
+        raise RuntimeError("routing bug")
+
+    store._route = broken_route
+    with pytest.raises(RuntimeError, match="routing bug"):
+        await store.ingest(parse_order_webhook(order_event_body("o1")))
+    assert (await store.counts())["events"] == 0
+    assert rows(store.path, "SELECT count(*) FROM entities") == [(0,)]
+    assert rows(store.path, "SELECT count(*) FROM deliveries") == [(0,)]
+    store._route = lambda envelope: []
+    assert (await store.ingest(parse_order_webhook(order_event_body("o1")))).status == "stored"
+
+
+async def test_closed_fetch_requests_carry_their_finish_time(store: Store) -> None:
+    """Retention removes finished requests by finished_at: it must be set on both ends."""
+    await store.request_fetch("order", "o1")
+    await store.request_fetch("order", "o2")
+    done, gone = await store.due_fetches()
+    await store.complete_fetch(done, parse_snapshot("order", order_obj(done.entity_id),
+                                                    "webhook_get"))
+    await store.fail_fetch(gone, "x" * 3000, retry_at=None)
+    assert rows(store.path, "SELECT entity_id, status, finished_at IS NOT NULL,"
+                            " length(last_error), attempts FROM fetch_requests ORDER BY id") == [
+        (done.entity_id, "done", 1, None, 1), (gone.entity_id, "failed", 1, 2000, 1)]
+
+
+async def test_a_rescheduled_fetch_keeps_a_bounded_error(store: Store) -> None:
+    await store.request_fetch("order", "o1")
+    (request,) = await store.due_fetches()
+    await store.fail_fetch(request, "y" * 3000, retry_at=9e12)
+    assert rows(store.path, "SELECT status, length(last_error), attempts, finished_at"
+                            " FROM fetch_requests") == [("pending", 2000, 1, None)]
+
+
+async def test_fetch_counts_count_pending_and_failed_only(store: Store) -> None:
+    assert await store.fetch_counts() == {"pending": 0, "failed": 0}
+    for entity in ("o1", "o2", "o3"):
+        await store.request_fetch("order", entity)
+    first, second, _ = await store.due_fetches()
+    await store.complete_fetch(first, parse_snapshot("order", order_obj("o1"), "webhook_get"))
+    await store.fail_fetch(second, "gone", retry_at=None)
+    assert await store.fetch_counts() == {"pending": 1, "failed": 1}
+
+
+async def test_cursor_moves_to_an_equal_instant_quietly_and_refuses_backwards_loudly(
+    store: Store,
+) -> None:
+    await store.ingest_page("order", [], [], "2024-05-01T10:00:00.000Z")
+    with capture_logs() as logs:
+        await store.ingest_page("order", [], [], "2024-05-01T10:00:00Z")  # same instant
+    assert logs == []
+    assert await store.get_cursor("order") == "2024-05-01T10:00:00Z"  # the string received
+    with capture_logs() as logs:
+        await store.ingest_page("order", [], [], "2024-05-01T09:00:00Z")
+    assert logs == [{"event": "poll.cursor_not_moved_back", "log_level": "warning",
+                     "kind": "order", "stored": "2024-05-01T10:00:00Z",
+                     "offered": "2024-05-01T09:00:00Z"}]
+    assert await store.get_cursor("order") == "2024-05-01T10:00:00Z"
+
+
+async def test_a_replay_is_marked_and_keeps_the_entity(store: Store) -> None:
+    store._route = lambda envelope: ["erp", "audit"]
+    result = await store.ingest(parse_order_webhook(order_event_body("o1")))
+    assert await store.replay(result.event_id, None) == 2
+    replayed = [row for row in await store.deliveries() if row["replay"]]
+    assert sorted((r["handler"], r["entityId"], r["eventId"]) for r in replayed) == [
+        ("audit", "o1", result.event_id), ("erp", "o1", result.event_id)]
+    assert await store.replay(result.event_id, ["erp"]) == 1
+
+
+async def test_ingest_results_say_what_was_stored(store: Store) -> None:
+    store._route = lambda envelope: ["erp", "audit"]
+    stamp = "2024-05-01T10:00:00.000Z"
+    first = await store.ingest(parse_order_webhook(order_event_body("o1", stamp=stamp)))
+    assert (first.status, first.late, first.deliveries) == ("stored", False, 2)
+    assert first.recovered is False
+    body = order_event_body("o2", stamp=stamp)
+    stored = await store.ingest(parse_order_webhook(body))
+    again = await store.ingest(parse_order_webhook(body))
+    assert (again.status, again.event_id) == ("duplicate", stored.event_id)
+    older = parse_snapshot("order", order_obj("o1", "2024-05-01T09:00:00.000Z"), "poll")
+    stale = await store.ingest(older)
+    assert (stale.status, stale.event_id) == ("stale", older.event_id)
+    events = {e["id"]: e for e in await store.events()}
+    assert events[stored.event_id]["duplicates"] == 1  # the sighting names its event
+    assert (await store.status())["counts"]["recovered"] == 0
+    envelope = json.loads(rows(store.path, "SELECT envelope FROM events WHERE id = '"
+                               + first.event_id + "'")[0][0])
+    assert envelope["late"] is False
+    (claim, *_) = await store.claim("erp", 10)
+    assert claim.handler == "erp"
+
+
+async def test_close_stops_the_writer_thread(store_factory: Callable[..., Store]) -> None:
+    never_opened = store_factory("unused.db")
+    await never_opened.close()  # nothing to do, no error
+    store = store_factory()
+    await store.open()
+    thread = store._thread
+    assert thread is not None and thread.is_alive()
+    await store.close()
+    assert not thread.is_alive()
+    await store.close()  # twice is harmless
+
+
+async def test_a_page_ingested_as_recovered_says_so(store: Store) -> None:
+    page = [parse_snapshot("order", order_obj("o1"), "poll")]
+    (result,) = await store.ingest_page("order", page, [], None, recovered=True)
+    assert (result.status, result.recovered) == ("stored", True)
+    assert (await store.status())["counts"]["recovered"] == 1

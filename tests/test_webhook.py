@@ -232,3 +232,16 @@ async def test_an_xml_body_is_415_telling_to_choose_json_and_kept_whole(
     assert [bytes(row[4]) for row in rows] == [body, body]
     assert all(row[1] == "POST" for row in rows)
     assert not wake.is_set()
+async def test_a_shipment_webhook_keeps_its_event_name(
+    client_factory: Client, store: Store
+) -> None:
+    client, _, _ = await client_factory()
+    body = {"eventName": "ShipmentDeliveredByCarrier", "shipmentEvent": shipment_obj("s1")}
+    response = await client.post("/webhook/shipment", json=body, headers=TOKEN)
+    assert response.status == 200
+    (event,) = await store.events()
+    assert (event["kind"], event["entityId"], event["eventName"]) == (
+        "shipment", "s1", "ShipmentDeliveredByCarrier")
+    with sqlite3.connect(store.path) as conn:
+        (envelope,) = conn.execute("SELECT envelope FROM events").fetchone()
+    assert json.loads(envelope)["eventName"] == "ShipmentDeliveredByCarrier"
