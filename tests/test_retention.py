@@ -145,7 +145,8 @@ def test_cli_replay_of_a_purged_event_exits_non_zero_with_the_reason(
 
     event_id = asyncio.run(prepare())
     config = write_config(tmp_path / "c.toml", {"mode": "webhook", "store": {"path": db},
-                                                "webhook": {"auth": "none"}})
+                                                "webhook": {"auth": "none",
+                                                            "allow_unauthenticated": True}})
     code = main(["replay", "--event", event_id, "--config", str(config)])
     assert code == 1
     err = capsys.readouterr().err
