@@ -17,6 +17,7 @@ from tcbridge.envelope import (
     parse_shipment_webhook,
     parse_snapshot,
     shipment_lines,
+    plain_text,
 )
 from tcbridge.errors import InvalidEvent
 from tcbridge.timefmt import instant_us
@@ -248,3 +249,78 @@ def test_one_order_id_rule_for_events_and_snapshots(source: str) -> None:
         parse({"id": "o1", "orderId": "o2"} | stamp)
     with pytest.raises(InvalidEvent, match="non-empty string"):
         parse({"orderId": "o1", "id": 7} | stamp)
+
+
+# -- found by mutation testing (issue 9): exact messages, kept payloads, less-used keys --
+
+
+@pytest.mark.parametrize(
+    ("parse", "body", "message"),
+    [
+        (parse_order_webhook, {"eventName": "X"},
+         "body must hold exactly one of orderEvent, singleDeliveryOrderEvent, "
+         "simpleOrderEvent, orderDocumentsEvent$"),
+        (parse_order_webhook, {"orderEvent": {}, "simpleOrderEvent": {}},
+         "; found orderEvent, simpleOrderEvent$"),
+        (parse_order_webhook, {"orderEvent": 3}, "^orderEvent must be a JSON object$"),
+        (parse_order_webhook, {"orderEvent": {"lastUpdatedAt": "2024-01-01T00:00:00Z"}},
+         "^orderEvent has no orderId or id$"),
+        (parse_order_webhook, {"orderEvent": {"orderId": "o", "lastUpdatedAt": "x"}},
+         "^orderEvent.lastUpdatedAt: not an ISO 8601"),
+        (parse_order_webhook, {"eventName": "", "orderEvent": {
+            "orderId": "o", "lastUpdatedAt": "2024-01-01T00:00:00Z"}},
+         "^eventName must be a non-empty string$"),
+        (parse_shipment_webhook, [], "^body must be a JSON object$"),
+        (parse_shipment_webhook, {"eventName": "X"},
+         "^body must hold exactly one of shipment, shipmentEvent$"),
+        (parse_shipment_webhook, {"shipmentEvent": []}, "^shipmentEvent must be a JSON object$"),
+        (parse_shipment_webhook, {"shipment": {"meta": {"lastUpdatedAt": "2024-01-01T00:00Z"}}},
+         "^shipment has no id or shipmentId$"),
+        (parse_shipment_webhook, {"shipment": {"id": "s", "meta": {"lastUpdatedAt": "x"}}},
+         "^shipment.lastUpdatedAt: not an ISO 8601"),
+        (lambda body: parse_snapshot("order", body, "poll"), {"lastUpdatedAt": "x", "id": "o"},
+         "^order.lastUpdatedAt: not an ISO 8601"),
+        (lambda body: parse_snapshot("order", body, "poll"), {"lastUpdatedAt": "x"},
+         "^order has no orderId or id$"),
+        (lambda body: parse_snapshot("shipment", body, "poll"), {"id": "s"},
+         "^shipment has no lastUpdatedAt"),
+        (lambda body: parse_snapshot("order", body, "poll"), {"id": "o", "x": 2**70},
+         "^order cannot be stored as JSON"),
+        (parse_order_webhook, {"orderEvent": {"orderId": "o", "meta": {
+            "createdDateTime": "yesterday"}}}, "^orderEvent.meta.createdDateTime: not an ISO"),
+    ],
+)
+def test_messages_name_the_field(parse: Any, body: object, message: str) -> None:
+    with pytest.raises(InvalidEvent, match=message):
+        parse(body)
+
+
+def test_parsed_candidates_keep_their_payload_and_their_parts() -> None:
+    body = order_event_body("o1")
+    event = parse_order_webhook(body)
+    assert event.payload == body["orderEvent"] and event.line_instants == ()
+    body = {"eventName": "ShipmentIssuedBySupplier", "shipmentEvent": shipment_obj("s1")}
+    shipment = parse_shipment_webhook(body)
+    assert shipment.payload == body["shipmentEvent"] and shipment.source == "webhook"
+    assert shipment.event_name == "ShipmentIssuedBySupplier" and shipment.line_instants == ()
+    snapshot = parse_snapshot("shipment", shipment_obj("s2"), "webhook_get")
+    assert snapshot.payload == shipment_obj("s2") | {"id": "s2"} and snapshot.entity_id == "s2"
+
+
+def test_less_used_keys_shipment_id_created_date_time_and_message_id() -> None:
+    stamp = "2024-05-01T10:00:00.000Z"
+    assert parse_snapshot("shipment", {"shipmentId": "s9", "meta": {"lastUpdatedAt": stamp}},
+                          "poll").entity_id == "s9"
+    created = parse_order_webhook({"orderEvent": {"orderId": "o", "meta": {
+        "createdDateTime": stamp}}})
+    assert created.version_key == f"c:{instant_us(stamp)}" and created.last_updated_at is None
+    by_message = parse_shipment_webhook({"shipment": {"id": "s", "meta": {"messageId": "m1"}}})
+    assert by_message.version_key == "m:m1"
+
+
+def test_plain_text_limits_and_lines_that_are_no_objects() -> None:
+    assert plain_text("x" * 200) and not plain_text("x" * 201)
+    assert not plain_text("o-\ud800") and not plain_text("  ") and not plain_text(7)
+    order = order_obj("o1")
+    order["lines"] = ["junk", {"id": "l1"}, {"id": ""}, {"noid": 1}]
+    assert parse_snapshot("order", order, "poll").line_ids == ("l1",)
