@@ -16,8 +16,8 @@ from tcbridge.envelope import (
     parse_order_webhook,
     parse_shipment_webhook,
     parse_snapshot,
-    shipment_lines,
     plain_text,
+    shipment_lines,
 )
 from tcbridge.errors import InvalidEvent
 from tcbridge.timefmt import instant_us
