@@ -23,7 +23,7 @@ import structlog
 from tcbridge.aio import wait_any
 from tcbridge.backoff import backoff_s
 from tcbridge.config import HandlerSettings
-from tcbridge.errors import InvalidEvent, StoreError
+from tcbridge.errors import InvalidEvent, StoreError, describe
 from tcbridge.filters import SkipReason, skip_reason
 from tcbridge.handlers import Handler, Outcome
 from tcbridge.metrics import Metrics
@@ -131,7 +131,7 @@ class Lane:
             self.wake.clear()
             if self._crashed is not None:  # the supervisor above decides what happens next
                 raise LaneFailed(f"lane {self.name}: a delivery task died: "
-                                 f"{_error_text(self._crashed)}") from self._crashed
+                                 f"{describe(self._crashed)}") from self._crashed
             try:
                 due = await self._fill()
             except StoreError as e:
@@ -207,7 +207,7 @@ class Lane:
                 raise
             except Exception as e:  # a bug of ours between claim and outcome: still an attempt
                 log.exception("dispatch.attempt_failed")
-                outcome = Outcome("retry", error=_error_text(e))
+                outcome = Outcome("retry", error=describe(e))
             decision = decide(self.settings, outcome, claim.attempt, time.time())
             await asyncio.shield(self._record(claim, outcome, decision))
             self._observe(decision, envelope)
@@ -229,7 +229,7 @@ class Lane:
             raise
         except Exception as e:  # a handler bug must not stop the lane: retry it
             log.exception("dispatch.handler_raised")
-            return Outcome("retry", error=_error_text(e))
+            return Outcome("retry", error=describe(e))
 
     async def _record(self, claim: Claim, outcome: Outcome, decision: Decision) -> None:
         """Write the outcome; keep trying while the store is unavailable. Text the store
@@ -296,7 +296,7 @@ def _check_lanes(tasks: Mapping[asyncio.Task[None], Lane], stop: asyncio.Event) 
             raise LaneFailed(f"lane {lane.name} was cancelled")
         error = task.exception()
         if error is not None:
-            raise LaneFailed(f"lane {lane.name} died: {_error_text(error)}") from error
+            raise LaneFailed(f"lane {lane.name} died: {describe(error)}") from error
         if not lane.draining:
             raise LaneFailed(f"lane {lane.name} stopped before the daemon did")
 
@@ -306,15 +306,6 @@ def _storable(text: str | None) -> str | None:
     if text is None:
         return None
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _error_text(error: BaseException) -> str:
-    """``Type: message``, even for an exception whose ``str()`` itself raises."""
-    try:
-        message = str(error)
-    except Exception:
-        message = "<unprintable>"
-    return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
 def _log_decision(decision: Decision, outcome: Outcome) -> None:

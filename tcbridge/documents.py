@@ -45,7 +45,7 @@ from tcbridge.errors import (
     HandlerError,
     PermanentError,
 )
-from tcbridge.handlers import Handler, Outcome, render_filename
+from tcbridge.handlers import Handler, Outcome, fsync_directory, render_filename
 from tcbridge.tradecloud import TradecloudClient
 
 log = structlog.get_logger(__name__)
@@ -323,14 +323,6 @@ def _unique(name: str, taken: set[str]) -> str:
 # --- one event's folder, and what was downloaded before ---------------------------------------
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_json_atomically(path: Path, value: object) -> None:
     """Temp file beside ``path``, fsync, rename, fsync of the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -343,7 +335,7 @@ def write_json_atomically(path: Path, value: object) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -422,13 +414,13 @@ def publish(temp: Path, folder: Path, downloaded: list[Downloaded]) -> list[Down
     with (temp / MANIFEST).open("wb") as f:
         f.write(orjson.dumps(manifest))
         _flush(f)
-    _fsync_directory(temp)
+    fsync_directory(temp)
     old = None
     if folder.exists():
         old = folder.parent / f".{folder.name}.{secrets.token_hex(6)}.old"
         os.replace(folder, old)
     os.replace(temp, folder)
-    _fsync_directory(folder.parent)
+    fsync_directory(folder.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final

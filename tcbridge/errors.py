@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 
+def describe(error: BaseException) -> str:
+    """``Type: message`` for logs and kept errors, even for an exception whose ``str()``
+    itself raises."""
+    try:
+        message = str(error)
+    except Exception:
+        message = "<unprintable>"
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
 class TcbridgeError(Exception):
     """Base of every error tcbridge raises on purpose."""
 

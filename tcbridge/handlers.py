@@ -242,7 +242,7 @@ def write_atomically(directory: Path, name: str, body: bytes) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
 
 
 def remove_stale_temp_files(directory: Path) -> int:
@@ -262,7 +262,8 @@ def remove_stale_temp_files(directory: Path) -> int:
     return removed
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """fsync a directory, so a rename in it is durable."""
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)

@@ -24,6 +24,8 @@ from typing import Any
 
 import structlog
 
+from tcbridge.errors import describe
+
 log = structlog.get_logger(__name__)
 
 EXIT_OK = 0
@@ -54,7 +56,7 @@ class Supervisor:
         error = task.exception()
         if error is not None:
             log.error("tcbridge.part_crashed", part=name, error=repr(error), exc_info=error)
-            self.failed(f"{name} died: {_describe(error)}")
+            self.failed(f"{name} died: {describe(error)}")
         elif not self._stop.is_set():
             self.failed(f"{name} stopped before the daemon did")
 
@@ -79,11 +81,3 @@ class Supervisor:
     def exit_code(self) -> int:
         """0 unless something failed."""
         return EXIT_FAILED if self.failures else EXIT_OK
-
-
-def _describe(error: BaseException) -> str:
-    try:
-        message = str(error)
-    except Exception:
-        message = "<unprintable>"
-    return f"{type(error).__name__}: {message}" if message else type(error).__name__

@@ -23,13 +23,12 @@ from tcbridge.dispatch import (
     Dispatcher,
     Lane,
     LaneFailed,
-    _error_text,
     decide,
     make_route,
     retry_delay_s,
 )
 from tcbridge.envelope import parse_order_webhook, parse_snapshot
-from tcbridge.errors import StoreUnavailable
+from tcbridge.errors import StoreUnavailable, describe
 from tcbridge.handlers import Outcome, build_handler
 from tcbridge.metrics import Metrics
 from tcbridge.store import Store
@@ -620,9 +619,9 @@ async def test_outputs_are_stored_escaped(store: Store) -> None:
 
 
 def test_error_text() -> None:
-    assert _error_text(ValueError("bad")) == "ValueError: bad"
-    assert _error_text(ValueError()) == "ValueError"
-    assert _error_text(Unprintable()) == "Unprintable: <unprintable>"
+    assert describe(ValueError("bad")) == "ValueError: bad"
+    assert describe(ValueError()) == "ValueError"
+    assert describe(Unprintable()) == "Unprintable: <unprintable>"
 
 
 # -- drain: running deliveries finish, late ones are cut off and released ---------------------

@@ -31,6 +31,17 @@ def json_error(status: int, message: str, headers: dict[str, str] | None = None)
                              headers=headers)
 
 
+async def json_object(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object body (none: empty); 400 otherwise."""
+    try:
+        body = json.loads(await request.text() or "{}")
+    except ValueError as e:
+        raise http_error(web.HTTPBadRequest, f"invalid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise http_error(web.HTTPBadRequest, "body must be a JSON object")
+    return body
+
+
 def http_error(cls: type[web.HTTPException], message: str) -> web.HTTPException:
     """An aiohttp HTTP exception with a JSON body, to raise from a handler."""
     return cls(text=json.dumps({"status": cls.status_code, "message": message}),

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from tcbridge.simulator.api import http_error
+from tcbridge.simulator.api import http_error, json_object
 
 if TYPE_CHECKING:
     from tcbridge.simulator.core import Simulator
-
-
-async def _object(request: web.Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.text() or "{}")
-    except ValueError as e:
-        raise http_error(web.HTTPBadRequest, f"invalid JSON: {e}") from e
-    if not isinstance(body, dict):
-        raise http_error(web.HTTPBadRequest, "body must be a JSON object")
-    return body
 
 
 def _field(body: dict[str, Any], key: str, kind: type, default: Any) -> Any:
@@ -55,7 +44,7 @@ class Control:
     async def add_orders(self, request: web.Request) -> web.Response:
         """POST /_sim/orders {"count", "sameTimestamp", "lines", "purchaseOrderNumbers"}: the
         created orders."""
-        body = await _object(request)
+        body = await json_object(request)
         created = self._sim.add_orders(
             _field(body, "count", int, 1), same_timestamp=_field(body, "sameTimestamp", bool,
                                                                  False),
@@ -66,7 +55,7 @@ class Control:
     async def update_order(self, request: web.Request) -> web.Response:
         """POST /_sim/orders/{id}/update {"eventName", "lineCount", "sameTimestamp"}: the
         changed order."""
-        body = await _object(request)
+        body = await json_object(request)
         event = _field(body, "eventName", str, "OrderLinesConfirmedBySupplier")
         count = _field(body, "lineCount", int, 1)
         same = _field(body, "sameTimestamp", bool, False)
@@ -79,7 +68,7 @@ class Control:
 
     async def add_shipments(self, request: web.Request) -> web.Response:
         """POST /_sim/shipments {"count", "orderIds"?}: the created shipments."""
-        body = await _object(request)
+        body = await json_object(request)
         order_ids = _field(body, "orderIds", list, []) or None
         try:
             created = self._sim.add_shipments(_field(body, "count", int, 1), order_ids=order_ids)
@@ -89,7 +78,7 @@ class Control:
 
     async def update_shipment(self, request: web.Request) -> web.Response:
         """POST /_sim/shipments/{id}/update {"eventName"}: the changed shipment."""
-        body = await _object(request)
+        body = await json_object(request)
         event = _field(body, "eventName", str, "ShipmentApprovedByBuyer")
         try:
             shipment = self._sim.update_shipment(request.match_info["id"], event_name=event)
@@ -115,7 +104,7 @@ class Control:
 
     async def set_faults(self, request: web.Request) -> web.Response:
         """POST /_sim/faults: change faults (keys as in Faults, or camelCase); the new state."""
-        body = await _object(request)
+        body = await json_object(request)
         try:
             self._sim.faults.update(body)
         except ValueError as e:

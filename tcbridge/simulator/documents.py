@@ -21,8 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from tcbridge.simulator.api import basic_credentials, bearer_token, http_error, json_error
-from tcbridge.simulator.control import _object
+from tcbridge.simulator.api import (
+    basic_credentials,
+    bearer_token,
+    http_error,
+    json_error,
+    json_object,
+)
 
 if TYPE_CHECKING:
     from tcbridge.simulator.core import Simulator
@@ -132,7 +137,7 @@ class DocumentRoutes:
         """POST /_sim/{orders,shipments}/{id}/documents {"documents": [spec], "lineId"?}."""
 
         async def handler(request: web.Request) -> web.Response:
-            body = await _object(request)
+            body = await json_object(request)
             specs = body.get("documents", [{}])
             line_id = body.get("lineId")
             if not isinstance(specs, list) or not all(isinstance(x, dict) for x in specs):
@@ -150,7 +155,7 @@ class DocumentRoutes:
 
     async def faults(self, request: web.Request) -> web.Response:
         """POST /_sim/documents/faults {"expireNext": n, "ttlS": s}: the new state."""
-        body = await _object(request)
+        body = await json_object(request)
         expire, ttl = body.get("expireNext"), body.get("ttlS")
         if expire is not None:
             if not isinstance(expire, int) or isinstance(expire, bool) or expire < 0:

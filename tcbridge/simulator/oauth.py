@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import secrets
 import time
 import uuid
@@ -30,7 +29,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from tcbridge.simulator.api import http_error
+from tcbridge.simulator.api import http_error, json_object
 
 log = structlog.get_logger(__name__)
 
@@ -187,7 +186,7 @@ class OAuthProvider:
         return web.json_response(self._as_dict())
 
     async def _set_state(self, request: web.Request) -> web.Response:
-        body = await _object(request)
+        body = await json_object(request)
         for key, attr in (("down", "down"), ("keysDown", "keys_down")):
             if key in body:
                 if not isinstance(body[key], bool):
@@ -196,7 +195,7 @@ class OAuthProvider:
         return web.json_response(self._as_dict())
 
     async def _rotate(self, request: web.Request) -> web.Response:
-        body = await _object(request)
+        body = await json_object(request)
         keep_old, alg = body.get("keepOld", True), body.get("alg", "RS256")
         if not isinstance(keep_old, bool) or alg not in ALGORITHMS:
             raise http_error(web.HTTPBadRequest, "keepOld must be a boolean, alg RS256 or ES256")
@@ -204,7 +203,7 @@ class OAuthProvider:
         return web.json_response({"kid": key.kid} | self._as_dict())
 
     async def _mint(self, request: web.Request) -> web.Response:
-        body = await _object(request)
+        body = await json_object(request)
         audience, claims = body.get("audience"), body.get("claims", {})
         ttl_s, nbf_s = body.get("ttlS"), body.get("notBeforeS", 0)
         if not isinstance(audience, str | list) or not isinstance(claims, dict) or not all(
@@ -242,16 +241,6 @@ def _client_credentials(request: web.Request, form: Any) -> tuple[str, str]:
             return "", ""
         return user, password
     return str(form.get("client_id", "")), str(form.get("client_secret", ""))
-
-
-async def _object(request: web.Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.text() or "{}")
-    except ValueError as e:
-        raise http_error(web.HTTPBadRequest, f"invalid JSON: {e}") from e
-    if not isinstance(body, dict):
-        raise http_error(web.HTTPBadRequest, "body must be a JSON object")
-    return body
 
 
 class TokenError(Exception):
