@@ -36,6 +36,8 @@ def fill_orders(sim: Simulator, count: int) -> None:
         stamp = format_ms(world._clock.next_ms())  # the simulator's own clock
         order = world.factory.order(stamp, 2 + i % 7)
         world._orders[order["id"]] = world._index(order, stamp)
+        # Shown to queries at once, uncopied: the world does not change here.
+        world._show("order", world._orders[order["id"]])
 
 
 def sorted_query() -> Any:
