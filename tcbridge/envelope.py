@@ -116,7 +116,7 @@ def event_id(kind: str, entity_id: str, version_key: str) -> str:
 def parse_order_webhook(body: object) -> Candidate:
     """Normalise the body of ``POST /webhook/order``."""
     data = _require_object(body, "body")
-    present = [key for key in ORDER_EVENT_KEYS if key in data]
+    present = _present(data, ORDER_EVENT_KEYS)
     if len(present) != 1:
         raise InvalidEvent(
             "body must hold exactly one of " + ", ".join(ORDER_EVENT_KEYS)
@@ -157,12 +157,13 @@ def parse_order_webhook(body: object) -> Candidate:
 def parse_shipment_webhook(body: object) -> Candidate:
     """Normalise the body of ``POST /webhook/shipment``."""
     data = _require_object(body, "body")
-    present = [key for key in SHIPMENT_EVENT_KEYS if key in data]
+    present = _present(data, SHIPMENT_EVENT_KEYS)
     if len(present) != 1:
         raise InvalidEvent("body must hold exactly one of shipment, shipmentEvent")
     key = present[0]
     shipment = _require_object(data[key], key)
-    candidate = _shipment(shipment, "webhook", key)
+    meta = _message_meta(data, shipment)
+    candidate = _shipment(shipment, "webhook", key, message_meta=meta)
     # A shipment event carries every line; a line changed when its meta.lastUpdatedAt
     # equals the shipment's (docs shipment/buyer/receive/README.md).
     changed = tuple(
@@ -170,7 +171,6 @@ def parse_shipment_webhook(body: object) -> Candidate:
         if stamp is not None and stamp == candidate.instant_us
     )
     name = _event_name(data)
-    meta = _message_meta(data, shipment)
     return replace(candidate, event_name=name, line_ids=changed, line_instants=(),
                    meta=meta, message_id=_message_id(meta),
                    content_digest=content_digest(name, shipment))
@@ -251,18 +251,30 @@ def envelope_dict(
     }
 
 
-def _shipment(data: Mapping[str, Any], source: Source, where: str) -> Candidate:
+def _shipment(
+    data: Mapping[str, Any], source: Source, where: str, *,
+    message_meta: Mapping[str, Any] | None = None,
+) -> Candidate:
+    """``message_meta``: a webhook body's message meta, which keys a shipment event that
+    has no usable timestamp (as for orders) instead of refusing it."""
     entity = _entity_id(data, ("id", "shipmentId"), where)
     require_storable(data, where)
     meta = data.get("meta")
-    stamp_holder = meta if isinstance(meta, Mapping) and "lastUpdatedAt" in meta else data
-    stamp, version, instant = _version(stamp_holder, where, meta=meta)
+    stamped = isinstance(meta, Mapping) and meta.get("lastUpdatedAt") is not None
+    stamp_holder = meta if stamped and isinstance(meta, Mapping) else data
+    stamp, version, instant = _version(stamp_holder, where, meta=message_meta or meta)
     lines = _shipment_lines(data)
     return Candidate(
         kind="shipment", entity_id=entity, last_updated_at=stamp, version_key=version,
         instant_us=instant, event_name=None, source=source, payload=data,
         line_ids=tuple(line_id for line_id, _ in lines), line_instants=lines,
     )
+
+
+def _present(data: Mapping[str, Any], keys: Iterable[str]) -> list[str]:
+    """The event keys a body holds; a key whose value is null is absent (serialisers that
+    write every optional field write the event kinds a body does not carry as null)."""
+    return [key for key in keys if data.get(key) is not None]
 
 
 def _message_meta(

@@ -324,3 +324,32 @@ def test_plain_text_limits_and_lines_that_are_no_objects() -> None:
     order = order_obj("o1")
     order["lines"] = ["junk", {"id": "l1"}, {"id": ""}, {"noid": 1}]
     assert parse_snapshot("order", order, "poll").line_ids == ("l1",)
+
+
+# -- found by an outside check (issues 9/10): plausible bodies that got a 400 --
+
+
+def test_event_keys_that_are_null_count_as_absent() -> None:
+    # A serialiser that writes every optional field writes the kinds a body does not carry
+    # as null; that body was refused ("found orderEvent, orderDocumentsEvent"), for good.
+    body = order_event_body("o1") | {"singleDeliveryOrderEvent": None,
+                                     "orderDocumentsEvent": None}
+    assert parse_order_webhook(body).layout == "delivery-schedule"
+    shipment = {"eventName": "ShipmentIssuedBySupplier", "shipment": shipment_obj("s1"),
+                "shipmentEvent": None}
+    assert parse_shipment_webhook(shipment).entity_id == "s1"
+    with pytest.raises(InvalidEvent, match="exactly one of"):
+        parse_order_webhook({"orderEvent": None})
+
+
+def test_a_shipment_event_without_a_usable_stamp_is_keyed_by_the_message_id() -> None:
+    # Orders fall back to the body's message meta; shipments did not, so a shipment whose
+    # meta.lastUpdatedAt was null got a 400 although its message had an id.
+    top = {"messageId": "msg-7", "createdDateTime": "2024-05-04T12:00:01.000Z"}
+    body = {"eventName": "ShipmentIssuedBySupplier", "meta": top,
+            "shipment": {"id": "s1", "meta": {"lastUpdatedAt": None}}}
+    candidate = parse_shipment_webhook(body)
+    assert (candidate.version_key, candidate.last_updated_at) == ("m:msg-7", None)
+    stamp = "2024-05-04T12:00:00.000Z"
+    body["shipment"] = {"id": "s1", "meta": {"lastUpdatedAt": None}, "lastUpdatedAt": stamp}
+    assert parse_shipment_webhook(body).version_key == f"t:{instant_us(stamp)}"
