@@ -397,10 +397,13 @@ XML_MESSAGE = ("tcbridge takes JSON webhooks, this body is XML (tXML): choose JS
 
 def is_xml(body: bytes, content_type: str) -> bool:
     """A tXML body (Tradecloud can be set to send XML): by its media type or its first byte."""
+    start = body.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    if start in (b"{", b"["):  # JSON under a wrong media type is still JSON: never a 415
+        return False
     media = content_type.partition(";")[0].strip().lower()
     if media.endswith(("/xml", "+xml")):
         return True
-    return body.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<")
+    return start == b"<"
 
 
 def decode_body(body: bytes) -> object:
@@ -408,7 +411,8 @@ def decode_body(body: bytes) -> object:
     if not body:
         raise InvalidEvent("empty body; expected a JSON object")
     try:
-        return orjson.loads(body)
+        # A UTF-8 byte order mark is allowed before JSON (RFC 8259, 8.1); orjson refuses it.
+        return orjson.loads(body.removeprefix(b"\xef\xbb\xbf"))
     except orjson.JSONDecodeError as e:
         raise InvalidEvent(f"malformed JSON: {str(e)[:200]}") from e
 

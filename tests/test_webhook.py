@@ -232,6 +232,23 @@ async def test_an_xml_body_is_415_telling_to_choose_json_and_kept_whole(
     assert [bytes(row[4]) for row in rows] == [body, body]
     assert all(row[1] == "POST" for row in rows)
     assert not wake.is_set()
+@pytest.mark.parametrize(
+    ("content_type", "prefix"),
+    [("application/xml", b""), ("text/xml", b"\n "), ("application/json", b"\xef\xbb\xbf")],
+)
+async def test_a_json_body_is_stored_under_a_wrong_media_type_or_after_a_bom(
+    client_factory: Client, store: Store, content_type: str, prefix: bytes
+) -> None:
+    # A JSON body is judged by what it is: a 415 or 400 here would lose it for good.
+    client, _, _ = await client_factory()
+    body = prefix + json.dumps(order_event_body("o1")).encode()
+    response = await client.post("/webhook/order", data=body,
+                                 headers={**TOKEN, "Content-Type": content_type})
+    assert response.status == 200, await response.text()
+    assert [e["entityId"] for e in await store.events()] == ["o1"]
+    assert rejected_rows(store) == []
+
+
 async def test_a_shipment_webhook_keeps_its_event_name(
     client_factory: Client, store: Store
 ) -> None:
