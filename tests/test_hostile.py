@@ -188,6 +188,20 @@ def test_output_tail_redacts_a_secret_cut_by_its_start() -> None:
     assert "9" not in tail.text()
 
 
+def test_output_tail_shows_no_piece_of_a_secret_cut_by_the_kept_bytes() -> None:
+    # A program that prints its connection URL on every retry: each redaction shortens the
+    # text, so the shown tail reaches back to the first kept bytes, where a secret was cut.
+    secret = "Zq7-" + "k" * 36
+    tail = _Tail(limit=256, secrets=[secret])
+    for i in range(50):
+        tail.feed(f"try {i}: https://erp:{secret}@erp.internal/\n".encode())
+    for offset in range(1, 9):  # cut the feed at every place within the secret once
+        tail.feed(b"x" * offset)
+        shown = tail.text()
+        assert "k" * 4 not in shown and "Zq7" not in shown, shown
+        assert shown.endswith("x" * offset) and "try 49: https://erp:***@" in shown
+
+
 # --- names from payloads; crash leftovers --------------------------------------------------
 
 
