@@ -37,6 +37,7 @@ import structlog
 from yarl import URL
 
 from tcbridge.config import CommandHandlerSettings, FileHandlerSettings, HandlerSettings
+from tcbridge.envelope import plain_text
 from tcbridge.errors import (
     ApiAuthError,
     ApiError,
@@ -208,6 +209,9 @@ class DocumentFetcher:
 
     async def _from_storage(self, ref: DocumentRef, directory: Path, taken: set[str]) -> Downloaded:
         assert ref.object_id is not None
+        if not plain_text(ref.object_id):
+            # "..": GET /v2/object-storage/document/../metadata is another path, with our token.
+            raise DocumentNotFetched(f"document {ref.object_id!r}: not a usable objectId")
         what = f"document {ref.object_id}"
         for _ in range(METADATA_REFRESHES + 1):
             metadata = await self._metadata(ref.object_id)

@@ -651,3 +651,16 @@ async def test_the_documents_folder_of_a_long_envelope_name_fits(
     assert Path(doc["path"]).parent.parent == outbox.resolve()
     assert Path(doc["path"]).parent.name.endswith(".documents")
     assert Path(doc["path"]).stat().st_size == 1024
+
+
+@pytest.mark.parametrize("object_id", ["..", ".", "a\x1bb"])
+async def test_an_object_id_that_is_no_id_is_listed_not_asked_for(
+    sim: tuple[Simulator, str], session: aiohttp.ClientSession, tmp_path: Path, object_id: str
+) -> None:
+    # GET /v2/object-storage/document/../metadata would be GET /v2/object-storage/metadata,
+    # with the integration user's token.
+    simulator, url = sim
+    ref = DocumentRef(f"objectId:{object_id}", object_id, None, "x", "order")
+    with pytest.raises(DocumentNotFetched, match="not a usable objectId"):
+        await fetcher(session, url).fetch(ref, tmp_path, set())
+    assert not [r for r in simulator.requests if "object-storage" in str(r)]
