@@ -37,6 +37,7 @@ import structlog
 from yarl import URL
 
 from tcbridge.config import CommandHandlerSettings, FileHandlerSettings, HandlerSettings
+from tcbridge.envelope import plain_text
 from tcbridge.errors import (
     ApiAuthError,
     ApiError,
@@ -45,7 +46,13 @@ from tcbridge.errors import (
     HandlerError,
     PermanentError,
 )
-from tcbridge.handlers import Handler, Outcome, fsync_directory, render_filename
+from tcbridge.handlers import (
+    MAX_FILENAME_BYTES,
+    Handler,
+    Outcome,
+    fsync_directory,
+    render_filename,
+)
 from tcbridge.tradecloud import TradecloudClient
 
 log = structlog.get_logger(__name__)
@@ -55,6 +62,7 @@ MAX_REDIRECTS = 5
 METADATA_REFRESHES = 2  # an expired presigned URL is asked for again this often per attempt
 MANIFEST = ".tcbridge-documents.json"
 LEDGER_DIR = ".ledger"
+SAFE_NAME_MAX_BYTES = 120
 _EXPIRED_STATUSES = frozenset({400, 403})  # what S3 answers for an expired presigned URL
 _RETRY_STATUSES = frozenset({408, 425, 429})
 _GONE_STATUSES = frozenset({404, 410})
@@ -146,10 +154,25 @@ def _text(value: object) -> str | None:
 
 
 def safe_name(text: str, fallback: str) -> str:
-    """A plain, non-hidden file name from ``text`` (or ``fallback``)."""
+    """A plain, non-hidden file name from ``text`` (or ``fallback``), at most
+    ``SAFE_NAME_MAX_BYTES`` bytes with its extension kept."""
     cleaned = "".join(c if c.isalnum() or c in "._- " else "_" for c in text).strip(" ")
-    cleaned = cleaned.lstrip(".")[:120]
-    return cleaned or fallback
+    return _fit(cleaned.lstrip("."), SAFE_NAME_MAX_BYTES) or fallback
+
+
+def _fit(name: str, limit: int) -> str:
+    # The file system counts bytes: 120 characters of a Japanese file name are 360 bytes,
+    # over the 255 of a name, and the download would fail on every attempt.
+    if len(name.encode()) <= limit:
+        return name
+    stem, dot, suffix = name.rpartition(".")
+    extension = f".{suffix}" if dot and stem and len(suffix.encode()) <= 15 else ""
+    return _cut(stem if extension else name, limit - len(extension.encode())) + extension
+
+
+def _cut(text: str, limit_bytes: int) -> str:
+    """The longest prefix of ``text`` that is at most ``limit_bytes`` in UTF-8."""
+    return text.encode()[:limit_bytes].decode("utf-8", "ignore")
 
 
 # --- fetching one document ------------------------------------------------------------------
@@ -186,6 +209,9 @@ class DocumentFetcher:
 
     async def _from_storage(self, ref: DocumentRef, directory: Path, taken: set[str]) -> Downloaded:
         assert ref.object_id is not None
+        if not plain_text(ref.object_id):
+            # "..": GET /v2/object-storage/document/../metadata is another path, with our token.
+            raise DocumentNotFetched(f"document {ref.object_id!r}: not a usable objectId")
         what = f"document {ref.object_id}"
         for _ in range(METADATA_REFRESHES + 1):
             metadata = await self._metadata(ref.object_id)
@@ -483,7 +509,7 @@ class DocumentsHandler:
         if isinstance(settings, FileHandlerSettings):
             name = render_filename(settings.filename, envelope)
             stem = name.rsplit(".", 1)[0] if "." in name else name
-            return settings.directory / f"{stem}.documents"
+            return settings.directory / documents_folder_name(stem)
         family = "shipment" if envelope.get("kind") == "shipment" else "order"
         entity = safe_name(str(envelope.get("entityId", "")), "entity")
         return self._root / family / entity / safe_name(str(envelope.get("id", "")), "event")
@@ -519,6 +545,17 @@ class DocumentsHandler:
             # Listed, not fetched: an untrusted host must not stall the entity's deliveries.
             log.warning("documents.not_fetched", handler=self.name, reason=str(e))
             return Downloaded(ref, None, None, None, None, skipped=str(e))
+
+
+def documents_folder_name(stem: str) -> str:
+    """``<stem>.documents``, shortened with a digest of the stem when it would not leave room
+    for the temp name (``.<name>.<hex>.tmp``) within the file system's limit, as the
+    envelope's own name does."""
+    name = f"{stem}.documents"
+    if len(name.encode()) <= MAX_FILENAME_BYTES:
+        return name
+    digest = hashlib.sha256(stem.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{_cut(stem, MAX_FILENAME_BYTES - 27)}_{digest}.documents"
 
 
 def _encode(envelope: Mapping[str, Any]) -> bytes:

@@ -99,5 +99,6 @@ class PermanentError(HandlerError):
 
 class DocumentNotFetched(TcbridgeError):
     """A document tcbridge will not fetch: its ``url`` is not http(s) or points (or
-    redirects) outside ``documents_allowed_hosts``. It is listed in the envelope, not
+    redirects) outside ``documents_allowed_hosts``, or its ``objectId`` is no id ("..",
+    control characters). It is listed in the envelope, not
     downloaded, and the delivery goes on."""

@@ -278,26 +278,40 @@ class _Tail:
     """Keeps only the last ``limit`` bytes of a stream, with known secrets redacted.
 
     It holds ``margin`` bytes more than it shows, so that a secret cut by the start of the
-    shown tail is still whole when redaction runs."""
+    shown tail is still whole when redaction runs. Once bytes were dropped, the first kept
+    ones may be the end of a secret cut in two: they are never shown, even when redactions
+    shorten the text so much that the shown tail would reach back to them."""
 
     def __init__(
         self, limit: int = OUTPUT_TAIL_BYTES, secrets: Sequence[str] = ()
     ) -> None:
         self._limit = limit
-        self._secrets = [s.encode() for s in secrets]
-        self._keep = limit + max((len(s) for s in self._secrets), default=0)
+        encoded = sorted((s.encode() for s in secrets if s), key=len, reverse=True)
+        # One pass, longest first: a secret that contains another is redacted whole.
+        self._pattern = re.compile(b"|".join(map(re.escape, encoded))) if encoded else None
+        longest = len(encoded[0]) if encoded else 0
+        self._keep = limit + longest
+        self._unsafe = max(longest - 1, 0)  # a cut secret has at most this many bytes left
+        self._dropped = False
         self._data = bytearray()
 
     def feed(self, chunk: bytes) -> None:
         self._data += chunk
         if len(self._data) > self._keep:
             del self._data[: len(self._data) - self._keep]
+            self._dropped = True
 
     def text(self) -> str:
         data = bytes(self._data)
-        for secret in self._secrets:
-            data = data.replace(secret, b"***")
-        return data[-self._limit:].decode("utf-8", errors="replace")
+        start = self._unsafe if self._dropped else 0
+        out = bytearray()
+        pos = 0
+        for match in self._pattern.finditer(data) if self._pattern is not None else ():
+            out += data[max(pos, start):match.start()]
+            out += b"***"
+            pos = match.end()
+        out += data[max(pos, start):]
+        return bytes(out[-self._limit:]).decode("utf-8", errors="replace")
 
 
 class CommandHandler:

@@ -87,6 +87,8 @@ BUDGET_KEY = web.AppKey("parse_budget", ParseBudget)
 BUSY_KEY: web.AppKey[set[object]] = web.AppKey("busy_connections")
 # Bodies larger than this are parsed in a worker thread, so the loop keeps answering.
 PARSE_INLINE_BYTES = 256 * 1024
+# At a stop, requests still running after the drain time get this long to unwind.
+CUT_OFF_S = 1.0
 PARSERS = {"order": parse_order_webhook, "shipment": parse_shipment_webhook}
 ID_PARAMS = {"order": "orderId", "shipment": "shipmentId"}
 KEPT_HEADERS = ("content-type", "content-length", "user-agent", "x-forwarded-for", "authorization")
@@ -234,6 +236,12 @@ async def drain(runner: web.AppRunner, app: web.Application, timeout_s: float) -
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(app[IN_FLIGHT_KEY].idle.wait(), timeout=timeout_s)
     left = app[IN_FLIGHT_KEY].count
+    server = runner.server
+    if server is not None:
+        # What still runs has had its time: cut it off now. runner.cleanup() alone would
+        # give each request the runner's shutdown_timeout again, twice over.
+        server.pre_shutdown()
+        await server.shutdown(CUT_OFF_S)
     await runner.cleanup()
     return left
 

@@ -608,3 +608,59 @@ async def test_a_url_outside_the_allowed_hosts_is_listed_not_fetched(
     later = envelope | {"id": "ev-later"}
     assert await deliver(handler, later) == Outcome("done")
     assert [d["url"] for d in inner.envelopes[2]["documents"]] == [elsewhere]
+
+
+# --- names that must fit the file system (255 bytes a name) -------------------------------------
+
+
+def test_safe_names_fit_in_bytes_and_keep_the_extension() -> None:
+    # A supplier's file name in Japanese: 120 characters are 360 bytes in UTF-8.
+    name = safe_name("出荷報告書" * 40 + ".pdf", "x")
+    assert len(name.encode()) <= 120
+    assert name.endswith(".pdf") and name.startswith("出荷報告書")
+    assert safe_name("a" * 300 + ".pdf", "x") == "a" * 116 + ".pdf"
+
+
+async def test_a_long_non_ascii_file_name_is_downloaded(
+    sim: tuple[Simulator, str], session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    simulator, url = sim
+    envelope = order_with_documents(simulator, url, [{"filename": "納品書" * 60 + ".pdf"}])
+    inner = Recorder()
+    handler = wrap(command_settings(tmp_path), inner, session, url)
+    assert await deliver(handler, envelope) == Outcome("done")
+    (doc,) = inner.envelopes[0]["documents"]
+    assert Path(doc["path"]).name.endswith(".pdf") and Path(doc["path"]).stat().st_size == 1024
+
+
+async def test_the_documents_folder_of_a_long_envelope_name_fits(
+    sim: tuple[Simulator, str], session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    simulator, url = sim
+    envelope = order_with_documents(simulator, url, [{"filename": "a.pdf"}])
+    # Ids reach 200 characters: the longest envelope name the handler allows (237 bytes).
+    envelope["entityId"] = "o" * (237 - len(f"-{envelope['eventName']}.json"))
+    outbox = tmp_path / "outbox"
+    settings = FileHandlerSettings(name="drop", type="file", directory=outbox,
+                                   filename="{entityId}-{eventName}.json",
+                                   documents="download", documents_dir=tmp_path / "state")
+    handler = wrap(settings, FileHandler(settings), session, url)
+    assert await deliver(handler, envelope) == Outcome("done")
+    (written,) = [p for p in outbox.iterdir() if p.suffix == ".json"]
+    (doc,) = json.loads(written.read_text())["documents"]
+    assert Path(doc["path"]).parent.parent == outbox.resolve()
+    assert Path(doc["path"]).parent.name.endswith(".documents")
+    assert Path(doc["path"]).stat().st_size == 1024
+
+
+@pytest.mark.parametrize("object_id", ["..", ".", "a\x1bb"])
+async def test_an_object_id_that_is_no_id_is_listed_not_asked_for(
+    sim: tuple[Simulator, str], session: aiohttp.ClientSession, tmp_path: Path, object_id: str
+) -> None:
+    # GET /v2/object-storage/document/../metadata would be GET /v2/object-storage/metadata,
+    # with the integration user's token.
+    simulator, url = sim
+    ref = DocumentRef(f"objectId:{object_id}", object_id, None, "x", "order")
+    with pytest.raises(DocumentNotFetched, match="not a usable objectId"):
+        await fetcher(session, url).fetch(ref, tmp_path, set())
+    assert not [r for r in simulator.requests if "object-storage" in str(r)]

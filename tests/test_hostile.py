@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
@@ -35,7 +36,7 @@ from tcbridge.handlers import (
 )
 from tcbridge.store import Store
 from tcbridge.tradecloud import object_path
-from tcbridge.webhook import BUDGET_KEY, build_app
+from tcbridge.webhook import BUDGET_KEY, IN_FLIGHT_KEY, build_app, drain
 from tests.conftest import order_event_body, until
 from tests.support import write_config
 
@@ -188,6 +189,20 @@ def test_output_tail_redacts_a_secret_cut_by_its_start() -> None:
     assert "9" not in tail.text()
 
 
+def test_output_tail_shows_no_piece_of_a_secret_cut_by_the_kept_bytes() -> None:
+    # A program that prints its connection URL on every retry: each redaction shortens the
+    # text, so the shown tail reaches back to the first kept bytes, where a secret was cut.
+    secret = "Zq7-" + "k" * 36
+    tail = _Tail(limit=256, secrets=[secret])
+    for i in range(50):
+        tail.feed(f"try {i}: https://erp:{secret}@erp.internal/\n".encode())
+    for offset in range(1, 9):  # cut the feed at every place within the secret once
+        tail.feed(b"x" * offset)
+        shown = tail.text()
+        assert "k" * 4 not in shown and "Zq7" not in shown, shown
+        assert shown.endswith("x" * offset) and "try 49: https://erp:***@" in shown
+
+
 # --- names from payloads; crash leftovers --------------------------------------------------
 
 
@@ -309,3 +324,23 @@ async def test_python_handler_errors_are_redacted(
         outcome = await handler.deliver(envelope, orjson.dumps(envelope), 1)
     assert outcome.status == "retry"
     assert outcome.error == "RuntimeError: cannot connect to postgres://erp:***@db/erp"
+
+
+async def test_a_stop_cuts_off_a_stalled_body_once_the_drain_time_is_up(store: Store) -> None:
+    # drain() waits shutdown_timeout_s for requests in flight; aiohttp's own cleanup must
+    # not then wait that long again (twice, per request): under systemd the stop ran past
+    # TimeoutStopSec and ended in SIGKILL.
+    settings = WebhookSettings(auth="bearer", bearer_token=TOKEN_VALUE, body_timeout_s=3600)
+    app = build_app(settings, store, asyncio.Event(), asyncio.Event(), retry_after_s=7)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=3600)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    _, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+    writer.write(b"POST /webhook/order HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {TOKEN_VALUE}\r\n".encode()
+                 + b"Content-Length: 1000\r\n\r\n{")
+    await until(lambda: app[IN_FLIGHT_KEY].count == 1)
+    try:
+        assert await asyncio.wait_for(drain(runner, app, timeout_s=0.1), timeout=60) == 1
+    finally:
+        writer.close()

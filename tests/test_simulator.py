@@ -855,3 +855,15 @@ async def test_an_update_can_share_the_millisecond_of_the_previous_change() -> N
     b2 = sim.update_order(b["id"], same_timestamp=True)
     assert b2["lastUpdatedAt"] == a2["lastUpdatedAt"]
     assert sim.update_order(a["id"])["lastUpdatedAt"] > a2["lastUpdatedAt"]
+
+
+def test_an_oauth2_scope_without_default_is_refused_at_the_command_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The token endpoint (like Entra ID) takes only "<resource>/.default" for client
+    # credentials: any other scope gave a sender that retried for ever, silently.
+    with pytest.raises(SystemExit):
+        parse(["--webhook-auth", "oauth2:tc:secret:api://tcbridge"])
+    assert "/.default" in capsys.readouterr().err
+    args = parse(["--webhook-auth", "oauth2:tc:secret:api://tcbridge/.default"])
+    assert args.webhook_auth == ("oauth2", "tc:secret:api://tcbridge/.default")

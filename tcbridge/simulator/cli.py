@@ -9,6 +9,7 @@ import contextlib
 import structlog
 
 from tcbridge.simulator.core import Simulator
+from tcbridge.simulator.oauth import DEFAULT_SCOPE_SUFFIX
 
 log = structlog.get_logger(__name__)
 
@@ -21,6 +22,11 @@ def webhook_auth(text: str) -> tuple[str, str]:
     if scheme == "oauth2":
         if len(secret.split(":", 2)) != 3 or not all(secret.split(":", 2)):
             raise argparse.ArgumentTypeError("expected oauth2:CLIENT_ID:CLIENT_SECRET:SCOPE")
+        scope = secret.split(":", 2)[2]
+        if not scope.endswith(DEFAULT_SCOPE_SUFFIX) or scope == DEFAULT_SCOPE_SUFFIX:
+            # The token endpoint refuses any other scope: the sender would retry for ever.
+            raise argparse.ArgumentTypeError(
+                f"SCOPE must be <resource>{DEFAULT_SCOPE_SUFFIX}, e.g. api://tcbridge/.default")
         return scheme, secret
     if not sep or not secret or scheme not in ("bearer", "basic"):
         raise argparse.ArgumentTypeError("expected bearer:TOKEN or basic:USER:PASS")
