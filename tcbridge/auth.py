@@ -95,4 +95,9 @@ def _in(ip: str, networks: Sequence[Network]) -> bool:
         address = ipaddress.ip_address(ip)
     except ValueError:
         return False
+    # A listener on "::" sees IPv4 callers as ::ffff:a.b.c.d: compare them as the IPv4
+    # address, or an allow-list of Tradecloud's IPv4 addresses would refuse them (a 403,
+    # which Tradecloud never retries).
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
     return any(address in network for network in networks)

@@ -53,6 +53,16 @@ def test_allow_list() -> None:
     assert auth.ip_allowed("1.2.3.4", ())
 
 
+def test_ipv4_mapped_addresses_match_ipv4_entries() -> None:
+    # A dual-stack listener ("::") reports IPv4 peers as ::ffff:a.b.c.d.
+    allowed = auth.parse_networks(["35.204.224.107", "10.0.0.0/8"])
+    assert auth.ip_allowed("::ffff:35.204.224.107", allowed)
+    assert auth.ip_allowed("::ffff:10.9.8.7", allowed)
+    assert not auth.ip_allowed("::ffff:35.204.224.108", allowed)
+    proxies = auth.parse_networks(["127.0.0.1"])
+    assert auth.client_ip("::ffff:127.0.0.1", ["35.204.224.107"], proxies) == "35.204.224.107"
+
+
 def test_forwarded_for_is_used_only_behind_a_trusted_proxy() -> None:
     proxies = auth.parse_networks(["127.0.0.1"])
     xff = ["6.6.6.6, 35.204.224.107"]
