@@ -123,6 +123,9 @@ class TradecloudSettings(_Section):
     @model_validator(mode="after")
     def _secrets(self) -> TradecloudSettings:
         _resolve_secrets(self, "password")
+        if _placeholder(self.password):
+            raise ValueError("password is the example's placeholder: set the integration "
+                             "user's password (or password_file)")
         if self.single_delivery and self.api == "search":
             raise ValueError("single_delivery = true needs api = 'poll': the search API "
                              "has no single-delivery route")

@@ -36,6 +36,7 @@ def test_example_config_is_valid_once_its_placeholders_are_replaced(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("TCBRIDGE_WEBHOOK__BEARER_TOKEN", TOKEN)
+    monkeypatch.setenv("TCBRIDGE_TRADECLOUD__PASSWORD", "the-integration-user's-password")
     settings = load_settings(EXAMPLE)
     assert settings.mode == "hybrid"
     assert settings.webhook.port == 8080
@@ -44,6 +45,12 @@ def test_example_config_is_valid_once_its_placeholders_are_replaced(
 def test_example_config_as_shipped_is_refused() -> None:
     # `make run` on the example must not listen on 0.0.0.0 with a published token.
     with pytest.raises(ConfigError, match=r"placeholder.*secrets\.token_urlsafe"):
+        load_settings(EXAMPLE)
+
+
+def test_the_example_tradecloud_password_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TCBRIDGE_WEBHOOK__BEARER_TOKEN", TOKEN)
+    with pytest.raises(ConfigError, match="tradecloud: password is the example's placeholder"):
         load_settings(EXAMPLE)
 
 
