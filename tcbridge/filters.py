@@ -19,10 +19,6 @@ SkipReason = Literal[
     "kind", "source", "event_name", "snapshot", "process_status", "logistics_status",
     "source_user", "source_company",
 ]
-SKIP_REASONS: tuple[SkipReason, ...] = (
-    "kind", "source", "event_name", "snapshot", "process_status", "logistics_status",
-    "source_user", "source_company",
-)
 STATUS_KEYS: dict[str, str] = {
     "process_status": "processStatus", "logistics_status": "logisticsStatus",
 }

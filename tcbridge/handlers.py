@@ -45,7 +45,6 @@ from tcbridge.config import (
 )
 from tcbridge.envelope import MAX_ID_LENGTH
 from tcbridge.errors import ConfigError, PermanentError
-from tcbridge.filters import skip_reason
 from tcbridge.timefmt import retry_after_s
 
 log = structlog.get_logger(__name__)
@@ -116,12 +115,6 @@ def build_handler(
 
         return build_sink(settings)
     return PythonHandler(settings, secrets)
-
-
-def matches(settings: HandlerSettings, envelope: Mapping[str, Any]) -> bool:
-    """True when the handler's filters (kinds, sources, event names, snapshots, statuses,
-    excluded sources) accept it; :func:`tcbridge.filters.skip_reason` says why not."""
-    return skip_reason(settings, envelope) is None
 
 
 def _short(text: str) -> str:

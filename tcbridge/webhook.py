@@ -405,7 +405,7 @@ XML_MESSAGE = ("tcbridge takes JSON webhooks, this body is XML (tXML): choose JS
 
 def is_xml(body: bytes, content_type: str) -> bool:
     """A tXML body (Tradecloud can be set to send XML): by its media type or its first byte."""
-    start = body.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    start = body[:64].lstrip(b"\xef\xbb\xbf \t\r\n")[:1]  # the head only: no copy of a body
     if start in (b"{", b"["):  # JSON under a wrong media type is still JSON: never a 415
         return False
     media = content_type.partition(";")[0].strip().lower()

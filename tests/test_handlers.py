@@ -32,11 +32,11 @@ from tcbridge.config import (
     PythonHandlerSettings,
 )
 from tcbridge.errors import ConfigError
+from tcbridge.filters import skip_reason
 from tcbridge.handlers import (
     Outcome,
     OutcomeStatus,
     build_handler,
-    matches,
     parse_retry_after,
 )
 
@@ -121,7 +121,7 @@ def test_matches_filter_matrix(
     tmp_path: Path, filters: dict[str, Any], changes: dict[str, Any], expected: bool
 ) -> None:
     settings = FileHandlerSettings(name="f", type="file", directory=tmp_path, **filters)
-    assert matches(settings, make_envelope(**changes)) is expected
+    assert (skip_reason(settings, make_envelope(**changes)) is None) is expected
 
 
 # --- file -------------------------------------------------------------------------------------
