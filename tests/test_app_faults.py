@@ -13,11 +13,11 @@ import aiohttp
 import pytest
 
 from tcbridge import app
-from tcbridge import store as store_module
 from tcbridge.config import Settings
 from tcbridge.errors import ApiAuthError
 from tcbridge.poller import Poller
 from tcbridge.store import Store
+from tcbridge.store import sqlite as store_module
 from tcbridge.systemd import Notifier
 from tests.conftest import order_event_body
 from tests.support import free_port

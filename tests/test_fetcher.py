@@ -271,9 +271,9 @@ async def test_an_older_fetched_object_is_stale(store: Store) -> None:
 async def test_two_gets_in_the_same_millisecond_do_not_close_each_other(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tcbridge.store
+    import tcbridge.store.sqlite
 
-    monkeypatch.setattr(tcbridge.store, "utc_now_iso", lambda: "2024-05-01T10:00:00.000Z")
+    monkeypatch.setattr(tcbridge.store.sqlite, "utc_now_iso", lambda: "2024-05-01T10:00:00.000Z")
     await store.request_fetch("order", "o1")
     (request,) = await store.due_fetches()
     await store.request_fetch("order", "o1")  # a newer change, same millisecond

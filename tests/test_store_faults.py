@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from tcbridge import store as store_module
 from tcbridge.config import StoreSettings
 from tcbridge.envelope import parse_order_webhook
 from tcbridge.errors import StoreUnavailable
 from tcbridge.store import Store
+from tcbridge.store import sqlite as store_module
 from tests.conftest import order_event_body
 
 GUARD_S = 10.0  # a hang fails the test instead of blocking it; no timing is asserted

@@ -1,4 +1,4 @@
-"""The durable store: one SQLite file, one writer thread, group commit.
+"""The SQLite store: one file, one writer thread, group commit.
 
 Every write goes through one dedicated thread that owns the connection. Operations
 queued while a commit is in progress are run together in the next transaction, each
@@ -17,27 +17,27 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import orjson
 import structlog
 
 from tcbridge.config import StoreSettings
-from tcbridge.envelope import (
-    RESENT_EVENTS,
-    Candidate,
-    changed_lines,
-    content_digest,
-    envelope_dict,
-    sibling_version_key,
-)
-from tcbridge.envelope import (
-    event_id as make_event_id,
-)
+from tcbridge.envelope import Candidate, changed_lines, envelope_dict
 from tcbridge.errors import StoreError, StoreUnavailable, UnknownName
+from tcbridge.store import rules
+from tcbridge.store.types import (
+    Claim,
+    DeliveryStatus,
+    FetchRequest,
+    IngestResult,
+    Rejected,
+    Retention,
+    WriterHealth,
+)
 from tcbridge.timefmt import instant_us, utc_now_iso
 
 log = structlog.get_logger(__name__)
@@ -45,7 +45,6 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
 Route = Callable[[Mapping[str, Any]], Sequence[str]]
-IngestStatus = Literal["stored", "duplicate", "stale"]
 Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]
 CLOSE_TIMEOUT_S = 10.0
 CLOSE_POLL_S = 0.005
@@ -53,53 +52,6 @@ CLOSE_POLL_S = 0.005
 
 def _no_routes(envelope: Mapping[str, Any]) -> Sequence[str]:
     return ()
-
-
-@dataclass(frozen=True, slots=True)
-class IngestResult:
-    """What became of one candidate."""
-
-    status: IngestStatus
-    event_id: str
-    late: bool = False
-    deliveries: int = 0
-    recovered: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class WriterHealth:
-    """What the writer thread says about itself (for readiness, the watchdog and metrics)."""
-
-    alive: bool  # the thread runs; False once it stopped (closed, or died)
-    connected: bool  # it holds an open connection (False while the file cannot be opened)
-    last_error: str | None  # why the last batch failed; None once a batch committed
-    errors: int  # store operations answered StoreUnavailable since open
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    """A request or item we could not accept, kept for inspection."""
-
-    source: str
-    reason: str
-    method: str = ""
-    path: str = ""
-    query: str = ""
-    remote: str | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)
-    body: bytes = b""
-
-
-@dataclass(frozen=True, slots=True)
-class FetchRequest:
-    """A durable request to fetch a whole object (from a legacy GET webhook)."""
-
-    id: int
-    kind: Literal["order", "shipment"]
-    entity_id: str
-    attempts: int
-    requested_at: str
-    generation: int = 0  # bumped by every GET for the object: which request a fetch answers
 
 
 MIGRATIONS: list[list[str]] = [
@@ -891,27 +843,26 @@ def ingest_one(
     recovered: bool = False,
 ) -> IngestResult:
     """The dedup rules, inside the caller's transaction."""
-    event_id, sibling = candidate.event_id, False
+    event_id, sibling = candidate.event_id, None
     stored = conn.execute(
         "SELECT source, envelope FROM events WHERE id = ?", (event_id,)).fetchone()
     if stored is not None:
-        sibling_id = _sibling_id(candidate, stored[0], stored[1])
-        if sibling_id is None or conn.execute(
-                "SELECT 1 FROM events WHERE id = ?", (sibling_id,)).fetchone():
-            duplicate_of = sibling_id or event_id
+        sibling = rules.sibling_id(candidate, stored[0], stored[1])
+        if sibling is None or conn.execute(
+                "SELECT 1 FROM events WHERE id = ?", (sibling,)).fetchone():
+            duplicate_of = sibling or event_id
             _sighting(conn, candidate, duplicate_of, "duplicate", received_at)
             return IngestResult("duplicate", duplicate_of)
-        event_id, sibling = sibling_id, True
+        event_id = sibling
     newest = _newest(conn, candidate)
-    late = (
-        candidate.instant_us is not None and newest is not None and candidate.instant_us < newest
-    )
-    if late and candidate.is_snapshot:
+    late = rules.is_late(candidate, newest)
+    if rules.is_stale(candidate, late):
         _sighting(conn, candidate, None, "stale", received_at)
         return IngestResult("stale", event_id)
     envelope = envelope_dict(
         event_id=event_id, candidate=candidate, received_at=received_at,
-        changed_line_ids=changed_lines(candidate, newest), late=late, sibling=sibling,
+        changed_line_ids=changed_lines(candidate, newest), late=late,
+        sibling=sibling is not None,
     )
     seq = _insert_event(conn, candidate, envelope, received_at, late, recovered)
     routes = route(envelope)
@@ -919,37 +870,6 @@ def ingest_one(
         insert_deliveries(conn, seq, event_id, candidate.entity_id, routes, received_at)
     return IngestResult("stored", event_id, late=late, deliveries=len(routes),
                         recovered=recovered)
-
-
-def _sibling_id(
-    candidate: Candidate, stored_source: str, stored_envelope: str | None
-) -> str | None:
-    """The id of a distinct message that shares a stored event's timestamp, or None when
-    the candidate repeats that event.
-
-    Events carry only the lines they changed, so two messages stamped alike may say
-    different things: both are delivered. A repeat (same message id, or same content)
-    stays a duplicate; so does every snapshot, and a webhook after a snapshot (which
-    holds the whole object), unless it is a Resent event (always delivered). An event
-    whose payload retention has dropped can no longer be compared: a duplicate."""
-    if candidate.is_snapshot or stored_envelope is None:
-        return None
-    resent = candidate.event_name in RESENT_EVENTS
-    if stored_source != "webhook" and not resent:
-        return None
-    try:
-        envelope = json.loads(stored_envelope)
-    except ValueError:
-        return None
-    meta = envelope.get("meta")
-    stored_message = meta.get("messageId") if isinstance(meta, dict) else None
-    if candidate.message_id is not None and candidate.message_id == stored_message:
-        return None
-    payload = envelope.get("payload")
-    if not resent and isinstance(payload, dict) and candidate.content_digest == content_digest(
-            envelope.get("eventName"), payload):
-        return None
-    return make_event_id(candidate.kind, candidate.entity_id, sibling_version_key(candidate))
 
 
 def _newest(conn: sqlite3.Connection, candidate: Candidate) -> int | None:
@@ -979,7 +899,7 @@ def _insert_event(
         ),
     )
     seq = int(cursor.lastrowid or 0)
-    if candidate.instant_us is not None and not late:
+    if rules.moves_newest(candidate, late):
         conn.execute(
             "INSERT INTO entities (kind, entity_id, newest_us, newest_last_updated_at)"
             " VALUES (?,?,?,?) ON CONFLICT (kind, entity_id) DO UPDATE SET"
@@ -1201,22 +1121,6 @@ def count_rows(conn: sqlite3.Connection) -> dict[str, int]:
 
 
 # -- deliveries (the outbox) ---------------------------------------------------------
-
-DeliveryStatus = Literal["pending", "running", "done", "dead"]
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """A delivery claimed for one attempt, with the envelope it carries."""
-
-    id: int
-    event_id: str
-    entity_id: str
-    handler: str
-    attempt: int
-    body: str
-    started_at: str
-
 
 def insert_deliveries(
     conn: sqlite3.Connection,
@@ -1442,15 +1346,6 @@ def read_status(conn: sqlite3.Connection) -> dict[str, Any]:
         "polls": polls,
         "backlog": backlog_counts(conn),
     }
-
-
-@dataclass(frozen=True, slots=True)
-class Retention:
-    """How long what is kept (see ``[store]`` retention settings)."""
-
-    payload_days: float
-    dedup_days: float
-    batch: int = 500
 
 
 def _cutoff(now: float, days: float) -> str:
