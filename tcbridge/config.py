@@ -349,6 +349,28 @@ class AdminSettings(_Section):
     port: int = Field(default=9108, ge=0, le=65535)
 
 
+class NodeSettings(_Section):
+    """This replica, among several on one PostgreSQL store (ignored on SQLite)."""
+
+    # How the replica is named in `status`, the heartbeat row and its claims; default
+    # "<hostname>-<pid>". Give each replica its own stable name.
+    id: str | None = Field(default=None, min_length=1, max_length=200)
+    heartbeat_s: float = Field(default=5.0, gt=0, le=3600)
+    # How often a standby tries to take the poller lock and the holder checks its
+    # connection; failover takes at most about this plus the poll interval.
+    lock_check_s: float = Field(default=5.0, gt=0, le=3600)
+    # A replica whose heartbeat is older than this is not listed by `status`.
+    seen_within_s: float = Field(default=60.0, gt=0)
+
+
+class DeliverySettings(_Section):
+    """Deliveries across replicas (PostgreSQL store; ignored on SQLite)."""
+
+    # A claim holds a delivery for this long and is renewed every third of it while the
+    # handler runs; a dead replica's claims become claimable elsewhere after it.
+    lease_s: float = Field(default=60.0, ge=1, le=86_400)
+
+
 class LogSettings(_Section):
     """Logging."""
 
@@ -527,6 +549,8 @@ class Settings(BaseSettings):
     fetch: FetchSettings = Field(default_factory=FetchSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     handlers: list[HandlerSettings] = Field(default_factory=list)
 
     @classmethod

@@ -57,6 +57,11 @@ class StoreUnavailable(StoreError):
     """The store cannot commit right now; the caller should answer 503 and be retried."""
 
 
+class Fenced(StoreError):
+    """A poller page was refused: another replica took the poller over since this one's
+    lease (its fencing epoch) was granted. Nothing of the page was committed."""
+
+
 class ApiError(TcbridgeError):
     """A call to the Tradecloud API failed.
 

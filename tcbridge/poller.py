@@ -22,7 +22,6 @@ cursor is still the exact string received, and it never moves backwards.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -32,11 +31,12 @@ from typing import Any, Literal, Protocol
 
 import structlog
 
+from tcbridge.aio import wait_any
 from tcbridge.config import PollKind, PollSettings
 from tcbridge.envelope import Candidate, parse_snapshot
-from tcbridge.errors import ApiAuthError, ApiError, InvalidEvent, StoreError
+from tcbridge.errors import ApiAuthError, ApiError, Fenced, InvalidEvent, StoreError
 from tcbridge.metrics import Metrics
-from tcbridge.store import IngestResult, Rejected, Store
+from tcbridge.store import Fence, IngestResult, Rejected, Store
 from tcbridge.timefmt import instant_us, parse_instant
 from tcbridge.tradecloud import PollPage
 
@@ -50,6 +50,32 @@ class PollClient(Protocol):
         self, kind: Literal["order", "shipment"], cursor: str, *, offset: int, limit: int,
         filters: Mapping[str, Any] | None = None,
     ) -> PollPage: ...
+
+
+class PollGate(Protocol):
+    """Whether this process may poll a kind now: always on one SQLite file; among replicas
+    on one PostgreSQL store, only while it holds the kind's lock (``tcbridge.leader``)."""
+
+    changed: asyncio.Event  # set when a kind is taken or lost
+
+    def active(self, kind: str) -> bool: ...
+
+    def fence(self, kind: str) -> Fence | None: ...
+
+
+class AlwaysActive:
+    """The gate of a store only this process writes to: every kind, no fence."""
+
+    def __init__(self) -> None:
+        self.changed = asyncio.Event()
+
+    def active(self, kind: str) -> bool:
+        """Always."""
+        return True
+
+    def fence(self, kind: str) -> Fence | None:
+        """No fence to check."""
+        return None
 
 
 @dataclass(slots=True)
@@ -154,8 +180,10 @@ class Poller:
         cursor_prefix: str = "",
         progress: Callable[[str, CycleStats, int | None], None] | None = None,
         inclusive: bool | None = None,
+        gate: PollGate | None = None,
     ) -> None:
         self._settings = settings
+        self._gate: PollGate = gate or AlwaysActive()
         self._client = client
         self._store = store
         self._wake = wake
@@ -223,14 +251,21 @@ class Poller:
                 commit = page_cursor(page, stamps, api=self._api)
             commit = ahead(commit, committed)
             results = await self._store.ingest_page(
-                name, candidates, rejects, commit, recovered=recover)
+                name, candidates, rejects, commit, recovered=recover, fence=self._fence(kind))
             committed = commit or committed
             self._account(kind, stats, page, candidates, results, rejects, commit)
-            if not full or self._stop.is_set():  # on shutdown, stop between pages
+            # On shutdown, or when another replica took the kind over: stop between pages.
+            if not full or self._stop.is_set() or not self._gate.active(kind):
                 return stats
             cursor, offset = position.cursor, position.offset
             # Ask for the last item again: if it does not come first, the offsets shifted.
             overlap = _Overlap(_identity(page.items[-1])) if offset and page.items else None
+
+    def _fence(self, kind: str) -> Fence | None:
+        """The fence for a page of ``kind``; raises when this process may not poll it."""
+        if not self._gate.active(kind):
+            raise Fenced(f"{kind}: this replica no longer holds the poller lock")
+        return self._gate.fence(kind)
 
     async def _fetch(self, kind: PollKind, cursor: str, offset: int, limit: int) -> PollPage:
         self._metrics.poll_requests.labels(kind).inc()
@@ -245,14 +280,16 @@ class Poller:
         loop = asyncio.get_running_loop()
         self._stop = stop
         while not stop.is_set():
+            self._gate.changed.clear()
             cycles: list[CycleStats | None] = []
             for kind in self._settings.kinds:
                 if stop.is_set():
                     return
-                cycles.append(await self._cycle(kind, loop.time()))
+                if self._gate.active(kind):  # a standby replica polls nothing
+                    cycles.append(await self._cycle(kind, loop.time()))
             delay = self._next_delay(cycles)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=delay)
+            # A kind taken over from a dead replica is polled at once, not after the delay.
+            await wait_any(stop, self._gate.changed, delay)
 
     def _next_delay(self, cycles: Sequence[CycleStats | None]) -> float:
         """Back off after errors; poll sooner while busy (recovering missed webhooks, or more
@@ -274,6 +311,9 @@ class Poller:
     async def _cycle(self, kind: PollKind, started: float) -> CycleStats | None:
         try:
             stats = await self.run_once(kind)
+        except Fenced as e:  # not a failure: another replica polls this kind now
+            log.warning("poll.fenced", kind=kind, error=str(e))
+            return None
         except ApiAuthError as e:
             # Not transient: say so at once (readiness, an error line), and keep trying.
             self._failures += 1

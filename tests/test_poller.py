@@ -26,7 +26,7 @@ from tcbridge.poller import (
     next_position,
     page_cursor,
 )
-from tcbridge.store import Store
+from tcbridge.store import Fence, Store
 from tcbridge.timefmt import instant_us
 from tcbridge.tradecloud import PollPage
 from tests.fake_api import FakeApi, Version, stamp_of
@@ -676,3 +676,86 @@ async def test_a_run_is_re_read_five_times_and_the_sixth_shift_ends_the_cycle(
     assert stats.complete is False
     assert recorder.events.count("poll.run_shifted") == MAX_SHIFTS_PER_CYCLE + 1
     assert recorder.events.count("poll.cycle_cut_short") == 1
+
+
+# -- the poller gate: replicas on one PostgreSQL store poll a kind only while they hold it
+
+
+class ScriptedGate:
+    """A gate a test opens and closes by hand."""
+
+    def __init__(self, active: bool, epoch: int = 7) -> None:
+        self.changed = asyncio.Event()
+        self.is_active = active
+        self.epoch = epoch
+
+    def active(self, kind: str) -> bool:
+        return self.is_active
+
+    def fence(self, kind: str) -> Fence | None:
+        return Fence(kind, self.epoch) if self.is_active else None
+
+    def set(self, active: bool) -> None:
+        self.is_active = active
+        self.changed.set()
+
+
+async def test_a_standby_polls_nothing_and_polls_at_once_when_it_takes_over(
+    store: Store,
+) -> None:
+    api = FakeApi("poll")
+    api.change("a")
+    gate = ScriptedGate(active=False)
+    stop = asyncio.Event()
+    settings = PollSettings(kinds=["order"], page_size=2, lookback_s=0, start_from=START,
+                            interval_s=3600, min_interval_s=3600)
+    poller = Poller(settings, api, store, asyncio.Event(), api="poll", gate=gate)
+    task = asyncio.create_task(poller.run(stop))
+    await asyncio.sleep(0.2)
+    assert api.requests == []  # standby: not a single request
+    gate.set(True)  # taken over: polled now, not after the hour-long interval
+    for _ in range(100):
+        if api.requests:
+            break
+        await asyncio.sleep(0.02)
+    stop.set()
+    await asyncio.wait_for(task, timeout=10)
+    assert len(api.requests) == 1
+    assert stored_versions(store) == {("a", instant_us(api.versions[0].obj["lastUpdatedAt"]))}
+
+
+async def test_the_page_commit_carries_the_gates_fence(store: Store) -> None:
+    api = FakeApi("poll")
+    api.change("a")
+    gate = ScriptedGate(active=True, epoch=42)
+    seen: list[Any] = []
+    original = store.ingest_page
+
+    async def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("fence"))
+        return await original(*args, **kwargs)
+
+    store.ingest_page = spy  # type: ignore[method-assign]
+    poller = Poller(PollSettings(kinds=["order"], page_size=2, lookback_s=0, start_from=START),
+                    api, store, asyncio.Event(), api="poll", gate=gate)
+    await poller.run_once("order")
+    assert seen == [Fence("order", 42)]
+
+
+async def test_a_lost_lock_stops_the_cycle_before_the_next_page_is_committed(
+    store: Store,
+) -> None:
+    api = FakeApi("poll")
+    for name in "abcde":
+        api.change(name)
+    gate = ScriptedGate(active=True)
+    # The lock is lost while the second page is being fetched.
+    api.before_answer = lambda n: gate.set(False) if n == 1 else None
+    poller = Poller(PollSettings(kinds=["order"], page_size=2, lookback_s=0, start_from=START),
+                    api, store, asyncio.Event(), api="poll", gate=gate)
+    assert await poller._cycle("order", 1.0) is None  # fenced: no stats ...
+    assert poller._failures == 0  # ... and no failure either: someone else polls now
+    assert len(stored_versions(store)) == 2  # the first page only
+    # The first page's safe cursor (its last complete timestamp), not the second page's.
+    first = sorted(api.versions, key=lambda v: v.ms)[0]
+    assert await store.get_cursor("order") == first.obj["lastUpdatedAt"]

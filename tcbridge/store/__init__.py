@@ -19,6 +19,7 @@ from tcbridge.store.sqlite import (
 from tcbridge.store.types import (
     Claim,
     DeliveryStatus,
+    Fence,
     FetchRequest,
     IngestResult,
     IngestStatus,
@@ -32,6 +33,7 @@ __all__ = [
     "REDACTED_HEADERS",
     "Claim",
     "DeliveryStatus",
+    "Fence",
     "FetchRequest",
     "IngestResult",
     "IngestStatus",

@@ -32,6 +32,7 @@ from tcbridge.store import rules
 from tcbridge.store.types import (
     Claim,
     DeliveryStatus,
+    Fence,
     FetchRequest,
     IngestResult,
     Rejected,
@@ -461,10 +462,12 @@ class Store:
         cursor: str | None,
         *,
         recovered: bool = False,
+        fence: Fence | None = None,
     ) -> list[IngestResult]:
         """Store a poll page and move the cursor in one transaction: all of it or none.
 
-        ``recovered``: new events are marked as recovered (the webhook missed them)."""
+        ``recovered``: new events are marked as recovered (the webhook missed them).
+        ``fence`` is not checked: one SQLite file has one daemon, whose poller always polls."""
         received_at = utc_now_iso()
 
         def op(conn: sqlite3.Connection) -> list[IngestResult]:
@@ -604,6 +607,11 @@ class Store:
         """Record the outcome of one attempt."""
         await self.run(lambda conn: finish_delivery(
             conn, claim, status, error=error, output=output, next_attempt_at=next_attempt_at))
+
+    async def renew(self, handler: str, ids: Sequence[int]) -> list[int]:
+        """Extend the claims' leases; returns the ids still held. One process owns a SQLite
+        store, so no claim is ever taken from it: every id is still held."""
+        return list(ids)
 
     async def release(self, ids: Sequence[int] | None = None) -> int:
         """Interrupted deliveries back to pending; all running ones when ``ids`` is None."""

@@ -77,3 +77,13 @@ class Retention:
     payload_days: float
     dedup_days: float
     batch: int = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """The right to commit poller pages for one kind: the epoch this replica got when it
+    took the kind's poller lock. A backend with several replicas checks it in the page's
+    transaction; a later takeover bumps the epoch, so a stale holder's page is refused."""
+
+    kind: str
+    epoch: int
