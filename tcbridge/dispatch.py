@@ -34,6 +34,8 @@ log = structlog.get_logger(__name__)
 
 IDLE_CHECK_S = 2.0  # also notice work queued by another process (`tcbridge replay`)
 STORE_RETRY_S = 1.0
+DEFAULT_LEASE_S = 60.0  # [delivery] lease_s
+RENEWALS_PER_LEASE = 3  # a lease survives two failed renewals in a row
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,10 +99,13 @@ class Lane:
         store: Store,
         *,
         metrics: Metrics | None = None,
+        lease_s: float = DEFAULT_LEASE_S,
     ) -> None:
         self.settings = settings
         self.handler = handler
         self._store = store
+        self._renew_every_s = lease_s / RENEWALS_PER_LEASE
+        self._renewal: asyncio.Task[None] | None = None
         self._metrics = metrics or Metrics()
         self.wake = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
@@ -160,13 +165,45 @@ class Lane:
                 task = asyncio.create_task(self._deliver(claim), name=f"deliver-{claim.id}")
                 self._running[claim.id] = task
                 task.add_done_callback(functools.partial(self._done, claim.id))
+            if claims:
+                self._keep_leases()
         finally:
             self._idle.set()
         return due
 
+    def _keep_leases(self) -> None:
+        """Renew the claims' leases while any delivery runs (one task per lane)."""
+        if self._renewal is None or self._renewal.done():
+            self._renewal = asyncio.create_task(self._renew_while_running(),
+                                                name=f"renew-{self.name}")
+
+    async def _renew_while_running(self) -> None:
+        """Every third of the lease, extend the running claims' leases (on PostgreSQL; a
+        SQLite store is one process's and keeps them). A claim found lost (its lease ran
+        out, say the store was unreachable) may be delivered again by another replica:
+        at least once, never lost; say so."""
+        while self._running:
+            await asyncio.sleep(self._renew_every_s)
+            ids = sorted(self._running)
+            if not ids:
+                return
+            try:
+                held = set(await self._store.renew(self.name, ids))
+            except Exception as e:  # a failed renewal is retried; the lease has slack
+                log.warning("dispatch.renew_failed", handler=self.name, error=describe(e))
+                continue
+            for claim_id in ids:
+                if claim_id not in held and claim_id in self._running:
+                    log.warning("dispatch.lease_lost", handler=self.name, delivery=claim_id,
+                                message="the lease ran out: another replica may deliver "
+                                        "it again")
+
     def _done(self, claim_id: int, task: asyncio.Task[None]) -> None:
         # A finished delivery frees a slot and may unblock the next one of its entity.
         self._running.pop(claim_id, None)
+        if not self._running and self._renewal is not None:
+            self._renewal.cancel()  # nothing left to renew (claimed again: a new one)
+            self._renewal = None
         if not task.cancelled() and task.exception() is not None:
             log.error("dispatch.delivery_task_died", handler=self.name, delivery=claim_id,
                       error=repr(task.exception()))

@@ -923,3 +923,57 @@ async def test_each_attempt_is_recorded_with_its_outcome_and_the_end_with_its_ti
                             " ORDER BY id").fetchall()
     assert attempts == [(1, 1, "retry", "busy"), (1, 2, "done", None), (2, 1, "dead", "unknown")]
     assert ends == [("done", 1), ("dead", 1)]
+
+
+class Renewals:
+    """The store, recording lease renewals; ``lose`` ids are reported no longer held, and
+    ``fail`` makes the next renewal raise."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.calls: list[tuple[str, list[int]]] = []
+        self.lose: set[int] = set()
+        self.fail = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def renew(self, handler: str, ids: Any) -> list[int]:
+        self.calls.append((handler, list(ids)))
+        if self.fail:
+            self.fail -= 1
+            raise StoreUnavailable("database gone")
+        return [i for i in ids if i not in self.lose]
+
+
+async def test_leases_are_renewed_while_the_handler_runs_and_no_more_after(
+    store: Store, session: aiohttp.ClientSession,
+) -> None:
+    settings = python_handler()
+    store._route = make_route([settings])
+    renewals = Renewals(store)
+    lane = Lane(settings, build_handler(settings, session), renewals,  # type: ignore[arg-type]
+                lease_s=0.3)
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    target.GATES["o1"] = asyncio.Event()
+    renewals.fail = 1  # the first renewal fails: logged, tried again
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        running = asyncio.create_task(lane.run(stop))
+        await until(lambda: len(renewals.calls) >= 3)
+        renewals.lose = {renewals.calls[0][1][0]}
+        await until(lambda: any(e["event"] == "dispatch.lease_lost" for e in logs))
+        target.GATES["o1"].set()
+        await until(lambda: statuses(store) == [("erp", "o1", "done", 1)])
+        stop.set()
+        await running
+    assert all(call == ("erp", renewals.calls[0][1]) for call in renewals.calls)
+    assert any(e["event"] == "dispatch.renew_failed" for e in logs)
+    done_at = len(renewals.calls)
+    await asyncio.sleep(0.3)  # every 0.1 s while it ran; none once nothing runs
+    assert len(renewals.calls) == done_at
+    assert lane._renewal is None
+
+
+async def test_a_sqlite_store_keeps_every_claim(store: Store) -> None:
+    assert await store.renew("erp", [3, 1]) == [3, 1]
