@@ -28,7 +28,7 @@ from tcbridge.handlers import build_handler
 from tcbridge.metrics import Metrics
 from tcbridge.oauth2 import TokenVerifier, build_verifier
 from tcbridge.poller import Poller
-from tcbridge.store import Store
+from tcbridge.store import StoreBackend, make_store
 from tcbridge.supervisor import EXIT_FAILED, EXIT_OK, Supervisor
 from tcbridge.systemd import Notifier
 from tcbridge.tradecloud import TradecloudClient
@@ -55,7 +55,7 @@ STORE_CLOSE_MIN_S = 2.0  # queued commits get this long even when the deadline h
 class Parts:
     """Everything :func:`serve` builds, so shutdown can stop it in order."""
 
-    store: Store
+    store: StoreBackend
     supervisor: Supervisor
     metrics: Metrics = field(default_factory=Metrics)
     session: aiohttp.ClientSession | None = None
@@ -80,7 +80,7 @@ async def serve(
     """Run the daemon until ``stop`` is set or a part crashes; returns the exit code."""
     metrics = Metrics()
     route = make_route(settings.handlers, on_skip=metrics.count_skip)
-    parts = Parts(store=Store(settings.store.path, settings.store, route=route),
+    parts = Parts(store=make_store(settings.store, route=route),
                   supervisor=Supervisor(stop), metrics=metrics)
     if notifier is not None:
         parts.notifier = notifier
@@ -129,11 +129,11 @@ async def startup(settings: Settings, parts: Parts, stop: asyncio.Event) -> None
             stop, lambda: status_line(settings, parts),
             healthy=lambda: parts.store.writer_alive))
     log.info("tcbridge.started", version=__version__, mode=settings.mode,
-             store=str(settings.store.path), listening=parts.bound, admin=parts.admin_bound,
+             store=settings.store.location, listening=parts.bound, admin=parts.admin_bound,
              base_url=settings.tradecloud.base_url if settings.poll_enabled else None)
 
 
-async def _watch_store(store: Store, stop: asyncio.Event) -> None:
+async def _watch_store(store: StoreBackend, stop: asyncio.Event) -> None:
     """Raises (a part crashed: the daemon exits non-zero) when the writer thread dies."""
     assert store.failed is not None
     stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())

@@ -16,7 +16,7 @@ from tcbridge import __version__
 from tcbridge.config import PollKind, Settings
 from tcbridge.dispatch import make_route
 from tcbridge.poller import CycleStats, Poller
-from tcbridge.store import Store
+from tcbridge.store import make_store
 from tcbridge.tradecloud import TradecloudClient
 
 CURSOR_PREFIX = "backfill:"
@@ -58,7 +58,7 @@ async def backfill(
     totals: dict[str, CycleStats] = {}
     route = make_route(settings.handlers)
     async with (
-        Store(settings.store.path, settings.store, route=route) as store,
+        make_store(settings.store, route=route) as store,
         aiohttp.ClientSession(headers={"User-Agent": f"tcbridge/{__version__}"}) as session,
     ):
         client = TradecloudClient(session, settings.tradecloud)

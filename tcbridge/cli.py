@@ -17,7 +17,7 @@ from tcbridge.backfill import backfill
 from tcbridge.config import PollKind, Settings, load_settings
 from tcbridge.dispatch import explain_route
 from tcbridge.errors import ApiError, ConfigError, InvalidEvent, StoreError, UnknownName
-from tcbridge.store import Store
+from tcbridge.store import StoreBackend, make_store
 from tcbridge.timefmt import instant_us, parse_instant
 
 EXIT_USAGE = 2
@@ -132,7 +132,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     handlers the current configuration's filters skip and why."""
     settings = _quiet_settings(args, read_only=True)
 
-    async def read(store: Store) -> list[dict[str, Any]]:
+    async def read(store: StoreBackend) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = await store.events(entity_id=args.entity, limit=args.limit)
         routing = await store.routing([row["seq"] for row in rows])
         return [row | _routing_fields(settings, *routing.get(row["seq"], ([], None)))
@@ -181,7 +181,7 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
 
 
 async def _deliveries(
-    store: Store, args: argparse.Namespace, settings: Settings
+    store: StoreBackend, args: argparse.Namespace, settings: Settings
 ) -> list[dict[str, Any]]:
     known = {h.name for h in settings.handlers} | set(await store.delivery_counts())
     if args.handler is not None and args.handler not in known:
@@ -325,7 +325,9 @@ async def _simulate(args: argparse.Namespace, run: Any) -> int:
     return result
 
 
-async def _cursor_op(store: Store, updates: list[tuple[str, str]]) -> dict[str, tuple[str, str]]:
+async def _cursor_op(
+    store: StoreBackend, updates: list[tuple[str, str]]
+) -> dict[str, tuple[str, str]]:
     for kind, value in updates:
         await store.set_cursor(kind, value)
     return await store.cursors()
@@ -352,14 +354,14 @@ def _quiet_settings(args: argparse.Namespace, *, read_only: bool = False) -> Set
     (a wrong --config or store.path must not show a new, empty store as if it were real)."""
     settings = load_settings(args.config)
     logs.configure("warning", "console", stream=sys.stderr)
-    if read_only and not settings.store.path.exists():
+    if read_only and settings.store.backend == "sqlite" and not settings.store.path.exists():
         raise ConfigError(f"{args.config}: no store at {settings.store.path} (store.path);"
                           " is this the daemon's configuration?")
     return settings
 
 
-async def _with_store(settings: Settings, op: Callable[[Store], Any]) -> Any:
-    async with Store(settings.store.path, settings.store) as store:
+async def _with_store(settings: Settings, op: Callable[[StoreBackend], Any]) -> Any:
+    async with make_store(settings.store) as store:
         return await op(store)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -63,7 +64,13 @@ class _Section(BaseModel):
 class StoreSettings(_Section):
     """Where and how events are kept."""
 
+    # sqlite: one file on this host (path). postgresql: a database several replicas share
+    # (dsn, a secret: it may hold a password).
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
     path: Path = Path("var/tcbridge.db")
+    dsn: SecretStr | None = None
+    dsn_file: Path | None = None
+    pool_size: int = Field(default=4, ge=2, le=100)
     busy_timeout_s: float = Field(default=5.0, gt=0)
     commit_batch_max: int = Field(default=512, ge=1, le=10_000)
     retry_after_s: int = Field(default=5, ge=1, le=3600)
@@ -79,6 +86,29 @@ class StoreSettings(_Section):
         if self.rejected_body_max_bytes > self.rejected_max_bytes:
             raise ValueError("rejected_body_max_bytes must not exceed rejected_max_bytes")
         return self
+
+    @model_validator(mode="after")
+    def _backend(self) -> StoreSettings:
+        _resolve_secrets(self, "dsn")
+        if self.backend == "postgresql":
+            dsn = "" if self.dsn is None else self.dsn.get_secret_value()
+            if not dsn.startswith(("postgresql://", "postgres://")):
+                raise ValueError("backend = 'postgresql' needs dsn (or dsn_file): "
+                                 "postgresql://user@host:5432/database")
+        return self
+
+    @property
+    def location(self) -> str:
+        """Where the store is, for logs and messages: the file, or the DSN without its
+        password."""
+        if self.backend == "sqlite":
+            return str(self.path)
+        return redact_dsn("" if self.dsn is None else self.dsn.get_secret_value())
+
+
+def redact_dsn(dsn: str) -> str:
+    """A DSN with its password replaced, fit for a log line."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1<redacted>@", dsn)
 
 
 class TradecloudSettings(_Section):

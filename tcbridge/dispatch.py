@@ -27,7 +27,7 @@ from tcbridge.errors import InvalidEvent, StoreError, describe
 from tcbridge.filters import SkipReason, skip_reason
 from tcbridge.handlers import Handler, Outcome
 from tcbridge.metrics import Metrics
-from tcbridge.store import Claim, DeliveryStatus, Store
+from tcbridge.store import Claim, DeliveryStatus, StoreBackend
 from tcbridge.timefmt import instant_us
 
 log = structlog.get_logger(__name__)
@@ -96,7 +96,7 @@ class Lane:
         self,
         settings: HandlerSettings,
         handler: Handler,
-        store: Store,
+        store: StoreBackend,
         *,
         metrics: Metrics | None = None,
         lease_s: float = DEFAULT_LEASE_S,
@@ -360,7 +360,7 @@ class Dispatcher:
     """All lanes, woken together by the store's "new events" event."""
 
     def __init__(
-        self, lanes: Sequence[Lane], store: Store, wake: asyncio.Event
+        self, lanes: Sequence[Lane], store: StoreBackend, wake: asyncio.Event
     ) -> None:
         self.lanes = list(lanes)
         self._store = store

@@ -25,7 +25,7 @@ from tcbridge.errors import (
     StoreError,
 )
 from tcbridge.metrics import Metrics
-from tcbridge.store import FetchRequest, Rejected, Store
+from tcbridge.store import FetchRequest, Rejected, StoreBackend
 
 log = structlog.get_logger(__name__)
 
@@ -52,7 +52,7 @@ class Fetcher:
         self,
         settings: FetchSettings,
         client: FetchClient,
-        store: Store,
+        store: StoreBackend,
         wake: asyncio.Event,
         dispatch_wake: asyncio.Event,
         *,

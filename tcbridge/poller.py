@@ -36,7 +36,7 @@ from tcbridge.config import PollKind, PollSettings
 from tcbridge.envelope import Candidate, parse_snapshot
 from tcbridge.errors import ApiAuthError, ApiError, Fenced, InvalidEvent, StoreError
 from tcbridge.metrics import Metrics
-from tcbridge.store import Fence, IngestResult, Rejected, Store
+from tcbridge.store import Fence, IngestResult, Rejected, StoreBackend
 from tcbridge.timefmt import instant_us, parse_instant
 from tcbridge.tradecloud import PollPage
 
@@ -171,7 +171,7 @@ class Poller:
         self,
         settings: PollSettings,
         client: PollClient,
-        store: Store,
+        store: StoreBackend,
         wake: asyncio.Event,
         *,
         api: Literal["poll", "search"],

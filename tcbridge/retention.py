@@ -16,7 +16,7 @@ import structlog
 
 from tcbridge.config import StoreSettings
 from tcbridge.errors import StoreError
-from tcbridge.store import Retention, Store
+from tcbridge.store import Retention, StoreBackend
 
 log = structlog.get_logger(__name__)
 
@@ -29,7 +29,9 @@ def policy(settings: StoreSettings) -> Retention:
                      dedup_days=settings.dedup_retention_days, batch=settings.purge_batch)
 
 
-async def purge_all(store: Store, retention: Retention, pause_s: float = 0.0) -> dict[str, int]:
+async def purge_all(
+    store: StoreBackend, retention: Retention, pause_s: float = 0.0
+) -> dict[str, int]:
     """Run batches until there is nothing left to purge; returns the totals."""
     totals: Counter[str] = Counter()
     while True:
@@ -41,7 +43,7 @@ async def purge_all(store: Store, retention: Retention, pause_s: float = 0.0) ->
             await asyncio.sleep(pause_s)
 
 
-async def run(store: Store, settings: StoreSettings, stop: asyncio.Event) -> None:
+async def run(store: StoreBackend, settings: StoreSettings, stop: asyncio.Event) -> None:
     """Purge every ``purge_interval_s`` until ``stop`` is set; errors are logged, not fatal."""
     retention = policy(settings)
     while not stop.is_set():

@@ -27,7 +27,7 @@ from tcbridge.envelope import (
 from tcbridge.errors import InvalidEvent, KeySetUnavailable, StoreUnavailable, TokenRejected
 from tcbridge.metrics import Metrics
 from tcbridge.oauth2 import TokenVerifier
-from tcbridge.store import Rejected, Store
+from tcbridge.store import Rejected, StoreBackend
 
 log = structlog.get_logger(__name__)
 
@@ -74,7 +74,7 @@ class ParseBudget:
         self.used_bytes -= size
 
 
-STORE_KEY = web.AppKey("store", Store)
+STORE_KEY = web.AppKey("store", StoreBackend)
 WAKE_KEY = web.AppKey("wake", asyncio.Event)
 FETCH_WAKE_KEY = web.AppKey("fetch_wake", asyncio.Event)
 SETTINGS_KEY = web.AppKey("settings", WebhookSettings)
@@ -96,7 +96,7 @@ KEPT_HEADERS = ("content-type", "content-length", "user-agent", "x-forwarded-for
 
 def build_app(
     settings: WebhookSettings,
-    store: Store,
+    store: StoreBackend,
     wake: asyncio.Event,
     fetch_wake: asyncio.Event,
     *,

@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,15 @@ import pytest
 from aiohttp import web
 
 from tcbridge.config import StoreSettings
-from tcbridge.store import Store
+from tcbridge.store import PostgresStore, Store
+from tests.backends import (
+    BACKENDS,
+    create_database,
+    drop_database,
+    run_sync,
+    server_problem,
+    truncate,
+)
 from tests.support import free_port, write_config
 
 _ids = itertools.count(1)
@@ -99,11 +107,65 @@ def shipment_obj(
     }
 
 
-@pytest.fixture
-def store_factory(tmp_path: Path) -> Callable[..., Store]:
-    """Build (unopened) stores on files under tmp_path."""
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test (or module) marked ``backends`` runs once per store backend, unless it is
+    also marked ``sqlite_only(reason)``; every other test gets the SQLite store."""
+    if "backend" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("backends")
+    if marker is None or metafunc.definition.get_closest_marker("sqlite_only") is not None:
+        return
+    metafunc.parametrize("backend", marker.args or BACKENDS)
 
-    def make(name: str = "tcbridge.db", **settings: Any) -> Store:
+
+@pytest.fixture
+def backend() -> str:
+    """The store backend of the test (``backends``-marked tests are parametrised)."""
+    return "sqlite"
+
+
+@pytest.fixture(scope="session")
+def pg_session_dsn() -> Iterator[str]:
+    """One PostgreSQL database for the whole session (tables emptied before each test);
+    the tests that need one are skipped, with the reason, when no server answers."""
+    problem = server_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    dsn = run_sync(create_database())
+    yield dsn
+    run_sync(drop_database(dsn))
+
+
+@pytest.fixture
+async def pg_dsn(request: pytest.FixtureRequest) -> str:
+    """The session's PostgreSQL database, emptied."""
+    dsn: str = request.getfixturevalue("pg_session_dsn")
+    await truncate(dsn)
+    return dsn
+
+
+@pytest.fixture
+async def pg_fresh_dsn(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """A PostgreSQL database of the test's own (no schema yet), dropped after it."""
+    problem = server_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    dsn = await create_database()
+    yield dsn
+    await drop_database(dsn)
+
+
+@pytest.fixture
+def store_factory(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> Callable[..., Any]:
+    """Build (unopened) stores of the test's backend: files under tmp_path, or the
+    session's PostgreSQL database (emptied; every name is that one database)."""
+    dsn = request.getfixturevalue("pg_dsn") if backend == "postgresql" else None
+
+    def make(name: str = "tcbridge.db", **settings: Any) -> Any:
+        if dsn is not None:
+            return PostgresStore(dsn, StoreSettings(backend="postgresql", dsn=dsn, **settings))
         return Store(tmp_path / name, StoreSettings(**settings))
 
     return make
@@ -111,7 +173,7 @@ def store_factory(tmp_path: Path) -> Callable[..., Store]:
 
 @pytest.fixture
 async def store(store_factory: Callable[..., Store]) -> AsyncIterator[Store]:
-    """An open store on a fresh file."""
+    """An open store, of the test's backend, empty."""
     s = store_factory(busy_timeout_s=0.5)
     await s.open()
     yield s

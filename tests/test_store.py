@@ -13,15 +13,26 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from tcbridge.config import StoreSettings
 from tcbridge.envelope import parse_order_webhook, parse_snapshot
 from tcbridge.errors import StoreError, StoreUnavailable
-from tcbridge.store import MIGRATIONS, Rejected, Store, migrate, read_cursor, run_batch
+from tcbridge.store import (
+    MIGRATIONS,
+    PostgresStore,
+    Rejected,
+    Store,
+    migrate,
+    postgres,
+    read_cursor,
+    run_batch,
+)
+from tests.backends import execute, query, run_then_fail
 from tests.conftest import order_event_body, order_obj
+from tests.support import free_port
 
+pytestmark = pytest.mark.backends()
 
-def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
-    with sqlite3.connect(path) as conn:
-        return conn.execute(sql).fetchall()
+SQLITE_MECHANICS = "SQLite's own file, locks, pragmas or writer thread"
 
 
 async def test_first_arrival_is_an_event_later_ones_duplicates(store: Store) -> None:
@@ -35,7 +46,7 @@ async def test_first_arrival_is_an_event_later_ones_duplicates(store: Store) -> 
     assert snapshot.status == "duplicate" and snapshot.event_id == first.event_id
     assert await store.counts() == {
         "events": 1, "duplicates": 2, "stale": 0, "rejected": 0, "fetch_pending": 0}
-    sightings = rows(store.path, "SELECT source, reason FROM sightings ORDER BY id")
+    sightings = await query(store, "SELECT source, reason FROM sightings ORDER BY id")
     assert sightings == [("webhook", "duplicate"), ("poll", "duplicate")]
 
 
@@ -60,7 +71,7 @@ async def test_envelope_holds_changed_lines_against_newest_stored(store: Store) 
         ("a", "2024-05-01T00:00:00Z"), ("b", "2024-05-01T00:00:00Z")]), "poll"))
     await store.ingest(parse_snapshot("order", order_obj("o1", "2024-05-02T00:00:00Z", lines=[
         ("a", "2024-05-01T00:00:00Z"), ("b", "2024-05-02T00:00:00Z")]), "poll"))
-    stored = rows(store.path, "SELECT envelope FROM events ORDER BY seq")
+    stored = await query(store, "SELECT envelope FROM events ORDER BY seq")
     envelopes = [json.loads(str(r[0])) for r in stored]
     assert [e["changedLineIds"] for e in envelopes] == [["a", "b"], ["b"]]
     first = envelopes[0]
@@ -80,18 +91,16 @@ async def test_concurrent_ingests_share_transactions_and_all_commit(store: Store
 
 
 async def test_one_failing_operation_does_not_spoil_its_batch(store: Store) -> None:
-    def boom(conn: sqlite3.Connection) -> None:
-        conn.execute("INSERT INTO cursors VALUES ('x', 'y', 'z')")
-        raise ValueError("bug")
-
+    boom = run_then_fail(store, "INSERT INTO cursors VALUES ('x', 'y', 'z')", ValueError("bug"))
     good = [store.ingest(parse_order_webhook(order_event_body())) for _ in range(5)]
-    results = await asyncio.gather(store.run(boom), *good, return_exceptions=True)
+    results = await asyncio.gather(boom, *good, return_exceptions=True)
     assert isinstance(results[0], ValueError)
     assert all(not isinstance(r, BaseException) for r in results[1:])
-    assert rows(store.path, "SELECT count(*) FROM cursors WHERE kind = 'x'") == [(0,)]
+    assert await query(store, "SELECT count(*) FROM cursors WHERE kind = 'x'") == [(0,)]
     assert (await store.counts())["events"] == 5
 
 
+@pytest.mark.sqlite_only(SQLITE_MECHANICS)
 async def test_locked_database_gives_store_unavailable_then_recovers(
     store_factory: Callable[..., Store],
 ) -> None:
@@ -125,6 +134,7 @@ async def test_unopenable_path_is_unavailable(tmp_path: Path) -> None:
         await store.open()
 
 
+@pytest.mark.sqlite_only(SQLITE_MECHANICS)
 async def test_migrations_are_versioned_and_reopen_is_a_no_op(
     store_factory: Callable[..., Store],
 ) -> None:
@@ -133,10 +143,11 @@ async def test_migrations_are_versioned_and_reopen_is_a_no_op(
         await store.ingest(parse_order_webhook(order_event_body()))
     async with store_factory() as again:
         assert (await again.counts())["events"] == 1
-    assert rows(store.path, "PRAGMA user_version") == [(len(MIGRATIONS),)]
-    assert rows(store.path, "PRAGMA journal_mode") == [("wal",)]
+    assert await query(store, "PRAGMA user_version") == [(len(MIGRATIONS),)]
+    assert await query(store, "PRAGMA journal_mode") == [("wal",)]
 
 
+@pytest.mark.sqlite_only(SQLITE_MECHANICS)
 async def test_newer_schema_is_refused(store_factory: Callable[..., Store]) -> None:
     store = store_factory()
     async with store:
@@ -171,8 +182,8 @@ async def test_rejected_requests_keep_body_and_redact_credentials(store: Store) 
         headers={"Authorization": "Bearer secret-token", "Content-Type": "application/json"},
         body=b"{not json",
     ))
-    (headers, body, reason), = rows(
-        store.path, f"SELECT headers, body, reason FROM rejected WHERE id = {rejected_id}")
+    (headers, body, reason), = await query(
+        store, f"SELECT headers, body, reason FROM rejected WHERE id = {rejected_id}")
     assert body == b"{not json" and reason == "malformed JSON"
     assert "secret-token" not in str(headers)
     assert json.loads(str(headers))["Authorization"] == "<redacted>"
@@ -207,7 +218,7 @@ async def test_failed_fetch_is_rescheduled_or_given_up(store: Store) -> None:
     assert await store.next_fetch_due_at() == 9e12
     await store.fail_fetch(request, "gone", retry_at=None)
     assert await store.next_fetch_due_at() is None
-    assert rows(store.path, "SELECT status, last_error FROM fetch_requests") == [
+    assert await query(store, "SELECT status, last_error FROM fetch_requests") == [
         ("failed", "gone")]
 
 
@@ -219,7 +230,7 @@ async def test_payload_text_with_a_lone_surrogate_is_stored_escaped(store: Store
     candidate = replace(parse_snapshot("order", order_obj("o-s"), "poll"), payload=order)
     result = await store.ingest(candidate)
     assert result.status == "stored"
-    (envelope,) = rows(store.path, "SELECT envelope FROM events")[0]
+    (envelope,) = (await query(store, "SELECT envelope FROM events"))[0]
     assert "\\udfff" in str(envelope)
     assert json.loads(str(envelope))["payload"]["note"] == "\udfff"
 
@@ -241,8 +252,9 @@ def test_a_transaction_left_open_does_not_block_the_next_batch(tmp_path: Path) -
 STAMP = "2024-05-01T10:00:00.000Z"
 
 
-def envelopes(path: Path) -> list[dict[str, object]]:
-    return [json.loads(str(r[0])) for r in rows(path, "SELECT envelope FROM events ORDER BY seq")]
+async def envelopes(store: Store) -> list[dict[str, object]]:
+    return [json.loads(str(r[0]))
+            for r in await query(store, "SELECT envelope FROM events ORDER BY seq")]
 
 
 async def test_distinct_messages_with_one_timestamp_are_both_stored(store: Store) -> None:
@@ -256,7 +268,7 @@ async def test_distinct_messages_with_one_timestamp_are_both_stored(store: Store
     assert [r.status for r in results] == ["stored"] * 3
     assert len({r.event_id for r in results}) == 3
     assert results[0].event_id == parse_order_webhook(first).event_id
-    stored = envelopes(store.path)
+    stored = await envelopes(store)
     assert [e["sibling"] for e in stored] == [False, True, True]
     assert [e["changedLineIds"] for e in stored] == [["l1"], ["l2"], ["l1"]]
     # Repeats of any of them, and a snapshot of that version, stay duplicates.
@@ -266,7 +278,7 @@ async def test_distinct_messages_with_one_timestamp_are_both_stored(store: Store
         assert again.event_id in {r.event_id for r in results}
     snapshot = await store.ingest(parse_snapshot("order", order_obj("o1", STAMP), "poll"))
     assert snapshot.status == "duplicate" and snapshot.event_id == results[0].event_id
-    assert len(envelopes(store.path)) == 3
+    assert len(await envelopes(store)) == 3
 
 
 async def test_same_content_under_another_message_id_is_a_duplicate(store: Store) -> None:
@@ -302,7 +314,7 @@ async def test_resent_events_are_always_delivered(store: Store, first_source: st
         again = await store.ingest(parse_order_webhook(resent))
         assert again.status == "duplicate" and again.event_id == result.event_id
     assert len(ids) == 2
-    assert [e["sibling"] for e in envelopes(store.path)] == [False, True, True]
+    assert [e["sibling"] for e in await envelopes(store)] == [False, True, True]
 async def test_snapshot_t3_then_late_event_t1_then_snapshot_t2_is_stale(store: Store) -> None:
     """A late event is stored (it is news) but must not move the entity's newest version
     back: a snapshot older than the newest stays stale."""
@@ -314,7 +326,7 @@ async def test_snapshot_t3_then_late_event_t1_then_snapshot_t2_is_stale(store: S
     assert (first.status, first.late) == ("stored", False)
     assert (late.status, late.late) == ("stored", True)
     assert stale.status == "stale"
-    assert rows(store.path, "SELECT newest_last_updated_at FROM entities") == [(t3,)]
+    assert await query(store, "SELECT newest_last_updated_at FROM entities") == [(t3,)]
 
 
 async def test_routing_that_fails_leaves_no_event_row(store: Store) -> None:
@@ -325,8 +337,8 @@ async def test_routing_that_fails_leaves_no_event_row(store: Store) -> None:
     with pytest.raises(RuntimeError, match="routing bug"):
         await store.ingest(parse_order_webhook(order_event_body("o1")))
     assert (await store.counts())["events"] == 0
-    assert rows(store.path, "SELECT count(*) FROM entities") == [(0,)]
-    assert rows(store.path, "SELECT count(*) FROM deliveries") == [(0,)]
+    assert await query(store, "SELECT count(*) FROM entities") == [(0,)]
+    assert await query(store, "SELECT count(*) FROM deliveries") == [(0,)]
     store._route = lambda envelope: []
     assert (await store.ingest(parse_order_webhook(order_event_body("o1")))).status == "stored"
 
@@ -339,7 +351,7 @@ async def test_closed_fetch_requests_carry_their_finish_time(store: Store) -> No
     await store.complete_fetch(done, parse_snapshot("order", order_obj(done.entity_id),
                                                     "webhook_get"))
     await store.fail_fetch(gone, "x" * 3000, retry_at=None)
-    assert rows(store.path, "SELECT entity_id, status, finished_at IS NOT NULL,"
+    assert await query(store, "SELECT entity_id, status, finished_at IS NOT NULL,"
                             " length(last_error), attempts FROM fetch_requests ORDER BY id") == [
         (done.entity_id, "done", 1, None, 1), (gone.entity_id, "failed", 1, 2000, 1)]
 
@@ -348,7 +360,7 @@ async def test_a_rescheduled_fetch_keeps_a_bounded_error(store: Store) -> None:
     await store.request_fetch("order", "o1")
     (request,) = await store.due_fetches()
     await store.fail_fetch(request, "y" * 3000, retry_at=9e12)
-    assert rows(store.path, "SELECT status, length(last_error), attempts, finished_at"
+    assert await query(store, "SELECT status, length(last_error), attempts, finished_at"
                             " FROM fetch_requests") == [("pending", 2000, 1, None)]
 
 
@@ -404,13 +416,14 @@ async def test_ingest_results_say_what_was_stored(store: Store) -> None:
     events = {e["id"]: e for e in await store.events()}
     assert events[stored.event_id]["duplicates"] == 1  # the sighting names its event
     assert (await store.status())["counts"]["recovered"] == 0
-    envelope = json.loads(rows(store.path, "SELECT envelope FROM events WHERE id = '"
-                               + first.event_id + "'")[0][0])
+    envelope = json.loads((await query(store, "SELECT envelope FROM events WHERE id = '"
+                                       + first.event_id + "'"))[0][0])
     assert envelope["late"] is False
     (claim, *_) = await store.claim("erp", 10)
     assert claim.handler == "erp"
 
 
+@pytest.mark.sqlite_only(SQLITE_MECHANICS)
 async def test_close_stops_the_writer_thread(store_factory: Callable[..., Store]) -> None:
     never_opened = store_factory("unused.db")
     await never_opened.close()  # nothing to do, no error
@@ -428,3 +441,59 @@ async def test_a_page_ingested_as_recovered_says_so(store: Store) -> None:
     (result,) = await store.ingest_page("order", page, [], None, recovered=True)
     assert (result.status, result.recovered) == ("stored", True)
     assert (await store.status())["counts"]["recovered"] == 1
+
+
+# -- PostgreSQL's own mechanics: migrations, two replicas at once ------------------------
+
+pg_only = pytest.mark.backends("postgresql")
+
+
+@pg_only
+async def test_postgres_migrations_are_versioned_and_a_newer_schema_is_refused(
+    pg_fresh_dsn: str,
+) -> None:
+    settings = StoreSettings(backend="postgresql", dsn=pg_fresh_dsn)
+    async with PostgresStore(pg_fresh_dsn, settings) as store:
+        await store.ingest(parse_order_webhook(order_event_body()))
+    async with PostgresStore(pg_fresh_dsn, settings) as again:  # a reopen migrates nothing
+        assert (await again.counts())["events"] == 1
+        assert await query(again, "SELECT version FROM schema_version") == [
+            (n,) for n in range(1, len(postgres.MIGRATIONS) + 1)]
+        await execute(again, "INSERT INTO schema_version VALUES"
+                      f" ({len(postgres.MIGRATIONS) + 1}, 'later')")
+    with pytest.raises(StoreError, match="newer than this tcbridge"):
+        await PostgresStore(pg_fresh_dsn, settings).open()
+
+
+@pg_only
+async def test_two_replicas_storing_the_same_events_at_once_give_one_event_each(
+    store_factory: Callable[..., PostgresStore],
+) -> None:
+    first, second = store_factory(), store_factory()
+    async with first, second:
+        bodies = [order_event_body(f"o{i % 20}", stamp=f"2024-05-01T10:00:{i // 20:02d}.000Z")
+                  for i in range(100)]
+        results = await asyncio.gather(
+            *(s.ingest(parse_order_webhook(b)) for b in bodies for s in (first, second)))
+        assert sorted(r.status for r in results).count("stored") == 100
+        assert (await first.counts())["events"] == 100
+        assert (await first.counts())["duplicates"] == 100
+        # the newest instant of every entity is its newest event, whoever stored it
+        assert await query(first, "SELECT count(*) FROM entities WHERE"
+                           " newest_last_updated_at = '2024-05-01T10:00:04.000Z'") == [(20,)]
+        assert await query(first, "SELECT count(*) FROM events WHERE late = 1") == [(0,)]
+
+
+@pg_only
+async def test_an_unreachable_server_is_unavailable_then_keeps_trying() -> None:
+    dsn = f"postgresql://postgres@127.0.0.1:{free_port()}/none"
+    store = PostgresStore(dsn, StoreSettings(backend="postgresql", dsn=dsn))
+    with pytest.raises(StoreUnavailable, match="cannot connect"):
+        await store.open()
+    await store.open(keep_trying=True)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.ingest(parse_order_webhook(order_event_body()))
+        assert store.writer_alive and not store.health().connected
+    finally:
+        await store.close()

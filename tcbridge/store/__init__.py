@@ -1,11 +1,15 @@
 """The durable store: the interface the peers import, whatever the backend.
 
-The value types live in ``types``, the deduplication rules in ``rules`` (pure functions
-every backend calls), and each backend's SQL, schema and commit mechanics in its own
-module (``sqlite``)."""
+The interface is ``base.StoreBackend`` (a Protocol both backends satisfy), the value types
+live in ``types``, the deduplication rules in ``rules`` (pure functions every backend
+calls), and each backend's SQL, schema and commit mechanics in its own module (``sqlite``,
+``postgres``). ``make_store`` builds the one ``[store] backend`` names."""
 
 from __future__ import annotations
 
+from tcbridge.config import StoreSettings
+from tcbridge.store import postgres
+from tcbridge.store.base import Route, StoreBackend
 from tcbridge.store.sqlite import (
     MIGRATIONS,
     REDACTED_HEADERS,
@@ -28,6 +32,22 @@ from tcbridge.store.types import (
     WriterHealth,
 )
 
+SqliteStore = Store
+PostgresStore = postgres.Store
+
+
+def _no_routes(envelope: object) -> list[str]:
+    return []
+
+
+def make_store(settings: StoreSettings, *, route: Route = _no_routes) -> StoreBackend:
+    """The (unopened) store ``settings.backend`` names."""
+    if settings.backend == "postgresql":
+        assert settings.dsn is not None  # the settings' validator made sure
+        return postgres.Store(settings.dsn.get_secret_value(), settings, route=route)
+    return Store(settings.path, settings, route=route)
+
+
 __all__ = [
     "MIGRATIONS",
     "REDACTED_HEADERS",
@@ -37,12 +57,17 @@ __all__ = [
     "FetchRequest",
     "IngestResult",
     "IngestStatus",
+    "PostgresStore",
     "Rejected",
     "Retention",
+    "Route",
+    "SqliteStore",
     "Store",
+    "StoreBackend",
     "WriterHealth",
     "envelope_json",
     "ingest_one",
+    "make_store",
     "migrate",
     "read_cursor",
     "run_batch",

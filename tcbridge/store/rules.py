@@ -7,6 +7,7 @@ decide, in the candidate's transaction."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 from tcbridge.envelope import (
     RESENT_EVENTS,
@@ -66,3 +67,11 @@ def is_stale(candidate: Candidate, late: bool) -> bool:
 def moves_newest(candidate: Candidate, late: bool) -> bool:
     """Whether storing the candidate makes it the entity's newest version."""
     return candidate.instant_us is not None and not late
+
+
+def cutoff_iso(now: float, days: float) -> str:
+    """The received_at (ISO text, as stored) before which retention acts: ``days`` before
+    ``now``; beyond 100,000 days, as far back as datetime can count (keep forever)."""
+    days = min(days, 100_000.0)
+    moment = datetime.fromtimestamp(now - days * 86_400, tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -193,6 +192,7 @@ class Store:
 
     def __init__(self, path: Path, settings: StoreSettings, *, route: Route = _no_routes) -> None:
         self.path = path
+        self.location = str(path)
         self._settings = settings
         self._route = route
         self._queue: queue.SimpleQueue[tuple[Op, asyncio.Future[Any]] | None] = (
@@ -682,6 +682,10 @@ class Store:
         """Row counts for status output and tests."""
         return await self.run(count_rows)
 
+    async def table_counts(self) -> dict[str, int]:
+        """table -> rows, for every table the store keeps (``migrate-store`` checks these)."""
+        return await self.run(table_counts)
+
 
 REOPEN_EVERY_S = 1.0  # while the file cannot be opened, try again this often
 
@@ -1128,6 +1132,16 @@ def count_rows(conn: sqlite3.Connection) -> dict[str, int]:
     }
 
 
+TABLES = ("events", "sightings", "entities", "cursors", "rejected", "fetch_requests",
+          "deliveries", "delivery_attempts", "poll_state")
+
+
+def table_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """table -> rows of every table the store keeps."""
+    return {table: int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # noqa: S608
+            for table in TABLES}
+
+
 # -- deliveries (the outbox) ---------------------------------------------------------
 
 def insert_deliveries(
@@ -1356,12 +1370,6 @@ def read_status(conn: sqlite3.Connection) -> dict[str, Any]:
     }
 
 
-def _cutoff(now: float, days: float) -> str:
-    days = min(days, 100_000.0)  # beyond that: keep forever, as far as datetime can count
-    moment = datetime.fromtimestamp(now - days * 86_400, tz=UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 _PURGE_PAYLOADS_SQL = (
     "UPDATE events SET envelope = NULL WHERE seq IN (SELECT seq FROM events"
     " WHERE envelope IS NOT NULL AND received_at < ?"
@@ -1393,8 +1401,8 @@ def _last_seq_before(conn: sqlite3.Connection, cutoff: str) -> int:
 def purge_batch(conn: sqlite3.Connection, policy: Retention, now: float) -> dict[str, int]:
     """One small batch: drop payloads of old, fully delivered events (keeping their dedup
     keys), then whole rows past the dedup retention, old sightings and rejections."""
-    payload_cutoff = _cutoff(now, policy.payload_days)
-    dedup_cutoff = _cutoff(now, max(policy.dedup_days, policy.payload_days))
+    payload_cutoff = rules.cutoff_iso(now, policy.payload_days)
+    dedup_cutoff = rules.cutoff_iso(now, max(policy.dedup_days, policy.payload_days))
     payloads = conn.execute(_PURGE_PAYLOADS_SQL, (payload_cutoff, policy.batch)).rowcount
     old = [row[0] for row in conn.execute(
         "SELECT seq FROM events WHERE seq <= ? AND envelope IS NULL"
