@@ -65,7 +65,6 @@ class Coordinator:
         self._conn: Any = None
         self._held: dict[str, int] = {}  # kind -> epoch granted
         self._since: dict[str, float] = {}  # kind -> loop time it was taken
-        self._schema_ready = False
         self._last_beat = -math.inf
         self.started_at = datetime.now(UTC)
         self.last_error: str | None = None
@@ -120,9 +119,6 @@ class Coordinator:
         self._conn = await asyncio.wait_for(
             self._connect_fn(self._dsn, timeout=self._check_s, server_settings=settings),
             timeout=self._check_s * 2)
-        if not self._schema_ready:
-            await co.ensure_schema(self._conn)
-            self._schema_ready = True
         log.info("leader.connected", node=self.node_id)
 
     async def _round(self) -> None:

@@ -70,7 +70,9 @@ async def truncate(dsn: str) -> None:
     conn = await asyncpg.connect(dsn, timeout=5)
     try:
         if await conn.fetchval("SELECT to_regclass('events') IS NOT NULL"):
-            await conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+            # With the replicas' coordination tables (poller epochs, heartbeats).
+            tables = [*TABLES, "poller_leases", "replicas"]
+            await conn.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
     finally:
         await conn.close()
 

@@ -11,23 +11,27 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import asyncpg
 import pytest
 
 from tcbridge.errors import Fenced
 from tcbridge.leader import Coordinator
 from tcbridge.store import Fence
 from tcbridge.store import coordination as co
-from tests.support import PG_ADMIN_DSN, pg_database
-
-asyncpg = pytest.importorskip("asyncpg")
 
 CHECK_S = 0.3
 
 
 @pytest.fixture
-async def dsn() -> AsyncIterator[str]:
-    async with pg_database("leader") as url:
-        yield url
+async def dsn(pg_fresh_dsn: str) -> str:
+    """A database of the test's own with the coordination tables (the PostgreSQL store's
+    migration 2 creates them)."""
+    conn = await asyncpg.connect(pg_fresh_dsn)
+    try:
+        await co.ensure_schema(conn)
+    finally:
+        await conn.close()
+    return pg_fresh_dsn
 
 
 @pytest.fixture
@@ -239,4 +243,3 @@ async def test_kill_9_of_the_holder_hands_the_kind_over_within_two_checks(
 def test_lock_keys_are_stable_signed_32_bit() -> None:
     assert co.lock_key("order") == co.lock_key("order") != co.lock_key("shipment")
     assert all(-(2**31) <= co.lock_key(k) < 2**31 for k in ("order", "shipment", "x" * 99))
-    assert PG_ADMIN_DSN.startswith("postgresql://")

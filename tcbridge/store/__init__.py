@@ -40,11 +40,14 @@ def _no_routes(envelope: object) -> list[str]:
     return []
 
 
-def make_store(settings: StoreSettings, *, route: Route = _no_routes) -> StoreBackend:
-    """The (unopened) store ``settings.backend`` names."""
+def make_store(settings: StoreSettings, *, route: Route = _no_routes,
+               replica_id: str | None = None, lease_s: float | None = None) -> StoreBackend:
+    """The (unopened) store ``settings.backend`` names. On PostgreSQL, claims are leased to
+    ``replica_id`` (``[node] id``) for ``lease_s`` (``[delivery] lease_s``) at a time."""
     if settings.backend == "postgresql":
         assert settings.dsn is not None  # the settings' validator made sure
-        return postgres.Store(settings.dsn.get_secret_value(), settings, route=route)
+        return postgres.Store(settings.dsn.get_secret_value(), settings, route=route,
+                              replica_id=replica_id, lease_s=lease_s)
     return Store(settings.path, settings, route=route)
 
 

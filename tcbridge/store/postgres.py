@@ -34,13 +34,14 @@ import structlog
 from tcbridge.config import StoreSettings, redact_dsn
 from tcbridge.envelope import Candidate, changed_lines, envelope_dict
 from tcbridge.errors import StoreError, StoreUnavailable, UnknownName
-from tcbridge.store import rules
+from tcbridge.store import coordination, rules
 from tcbridge.store.base import Route
 from tcbridge.store.rules import cutoff_iso
 from tcbridge.store.sqlite import REDACTED_HEADERS, envelope_json
 from tcbridge.store.types import (
     Claim,
     DeliveryStatus,
+    Fence,
     FetchRequest,
     IngestResult,
     Rejected,
@@ -195,6 +196,9 @@ MIGRATIONS: list[list[str]] = [
             last_stored INTEGER
         )""",
     ],
+    # 2: replicas on one database: the poller's fencing epochs and the heartbeats
+    # (tcbridge.store.coordination, tcbridge.leader).
+    coordination.SCHEMA,
 ]
 
 
@@ -207,10 +211,11 @@ class Store:
     """The async face of the PostgreSQL store; all SQL runs on the writer task's connection."""
 
     def __init__(self, dsn: str, settings: StoreSettings, *, route: Route = _no_routes,
-                 replica_id: str | None = None) -> None:
+                 replica_id: str | None = None, lease_s: float | None = None) -> None:
         self.dsn = dsn
         self.location = redact_dsn(dsn)
         self.replica_id = replica_id or default_replica_id()
+        self.lease_s = CLAIM_LEASE_S if lease_s is None else lease_s
         self._settings = settings
         self._route = route
         self._queue: asyncio.Queue[tuple[Op, asyncio.Future[Any]] | None] = asyncio.Queue()
@@ -419,11 +424,16 @@ class Store:
         cursor: str | None,
         *,
         recovered: bool = False,
+        fence: Fence | None = None,
     ) -> list[IngestResult]:
-        """Store a poll page and move the cursor in one transaction: all of it or none."""
+        """Store a poll page and move the cursor in one transaction: all of it or none.
+        With ``fence``, only while it is still the kind's poller epoch (else ``Fenced``,
+        nothing written): a replica that lost the poller lock commits no stale page."""
         received_at = utc_now_iso()
 
         async def op(conn: Conn) -> list[IngestResult]:
+            if fence is not None:
+                await coordination.check_fence(conn, fence)
             results = [await ingest_one(conn, c, received_at, self._route, recovered=recovered)
                        for c in candidates]
             for rejected in rejects:
@@ -529,14 +539,15 @@ class Store:
     async def claim(self, handler: str, limit: int) -> list[Claim]:
         """Claim due deliveries of one handler, in order per entity."""
         return await self.run(lambda conn: claim_deliveries(
-            conn, handler, limit, time.time(), self.replica_id))
+            conn, handler, limit, time.time(), self.replica_id, self.lease_s))
 
     async def claim_and_next_due(
         self, handler: str, limit: int
     ) -> tuple[list[Claim], float | None]:
         """Claim due deliveries and say when the next pending one is due, in one step."""
         async def op(conn: Conn) -> tuple[list[Claim], float | None]:
-            claims = await claim_deliveries(conn, handler, limit, time.time(), self.replica_id)
+            claims = await claim_deliveries(conn, handler, limit, time.time(), self.replica_id,
+                                            self.lease_s)
             return claims, await next_delivery_due(conn, handler)
 
         return await self.run(op)
@@ -552,7 +563,14 @@ class Store:
     ) -> None:
         """Record the outcome of one attempt."""
         await self.run(lambda conn: finish_delivery(
-            conn, claim, status, error=error, output=output, next_attempt_at=next_attempt_at))
+            conn, claim, status, error=error, output=output, next_attempt_at=next_attempt_at,
+            replica_id=self.replica_id))
+
+    async def renew(self, handler: str, ids: Sequence[int]) -> list[int]:
+        """Extend the leases of this replica's running claims by ``lease_s`` from now;
+        returns the ids still held (a lease that ran out may be claimed elsewhere)."""
+        return await self.run(lambda conn: renew_claims(
+            conn, handler, ids, self.replica_id, time.time() + self.lease_s))
 
     async def release(self, ids: Sequence[int] | None = None) -> int:
         """Interrupted deliveries back to pending. ``ids`` None (start-up): this replica's
@@ -1098,25 +1116,42 @@ _INSERT_DELIVERY_SQL = (
 )
 
 _CLAIM_SQL = (
-    "WITH head AS (SELECT d.id FROM deliveries d"
-    " WHERE d.handler = $1 AND d.status = 'pending' AND d.next_attempt_at <= $2"
+    "WITH head AS (SELECT d.id, d.status AS was, d.claimed_by AS was_by FROM deliveries d"
+    " WHERE d.handler = $1 AND ((d.status = 'pending' AND d.next_attempt_at <= $2)"
+    # a running delivery whose lease ran out: its replica died or was cut off
+    "   OR (d.status = 'running' AND (d.claimed_until IS NULL OR d.claimed_until < $2)))"
     # in order per entity: an earlier open delivery of the same entity blocks this one
     " AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.handler = d.handler"
     "   AND p.entity_id = d.entity_id AND p.id < d.id AND p.status IN ('pending', 'running'))"
     " ORDER BY d.id LIMIT $3 FOR UPDATE OF d SKIP LOCKED)"
-    " UPDATE deliveries d SET status = 'running', claimed_until = $4, claimed_by = $5"
+    " UPDATE deliveries d SET status = 'running', claimed_until = $4, claimed_by = $5,"
+    # the attempt cut off by the lost lease counts
+    "   attempts = d.attempts + CASE WHEN head.was = 'running' THEN 1 ELSE 0 END"
     " FROM head, events e WHERE d.id = head.id AND e.seq = d.event_seq"
-    " RETURNING d.id, d.event_id, d.entity_id, d.attempts, e.envelope"
+    " RETURNING d.id, d.event_id, d.entity_id, d.attempts, e.envelope, head.was, head.was_by"
 )
 
 
 async def claim_deliveries(
-    conn: Conn, handler: str, limit: int, now: float, replica_id: str
+    conn: Conn, handler: str, limit: int, now: float, replica_id: str,
+    lease_s: float = CLAIM_LEASE_S,
 ) -> list[Claim]:
     """Mark up to ``limit`` due, unblocked deliveries as running (leased to ``replica_id``
-    until ``now + CLAIM_LEASE_S``) and return them, oldest first."""
-    rows = await conn.fetch(_CLAIM_SQL, handler, now, limit, now + CLAIM_LEASE_S, replica_id)
+    until ``now + lease_s``) and return them, oldest first. A running delivery whose lease
+    ran out is taken over: its lost attempt is counted and recorded."""
+    rows = await conn.fetch(_CLAIM_SQL, handler, now, limit, now + lease_s, replica_id)
     started = utc_now_iso()
+    expired = [row for row in rows if row[5] == "running"]
+    if expired:
+        await conn.executemany(
+            "INSERT INTO delivery_attempts (delivery_id, attempt, started_at, finished_at,"
+            " outcome, error) VALUES ($1, $2, $3, $3, 'retry', $4)",
+            [(int(row[0]), int(row[3]), started,
+              f"lease expired: replica {row[6]} did not finish it (stopped or cut off)")
+             for row in expired])
+        log.warning("delivery.lease_expired", handler=handler,
+                    deliveries=[int(row[0]) for row in expired],
+                    replicas=sorted({str(row[6]) for row in expired}))
     return sorted(
         (Claim(id=int(row[0]), event_id=row[1], entity_id=row[2], handler=handler,
                attempt=int(row[3]) + 1, body=row[4] or "", started_at=started)
@@ -1132,15 +1167,22 @@ async def finish_delivery(
     error: str | None,
     output: str | None,
     next_attempt_at: float | None,
+    replica_id: str | None = None,
 ) -> None:
-    """Record one attempt's outcome: done, dead, or pending again at ``next_attempt_at``."""
+    """Record one attempt's outcome: done, dead, or pending again at ``next_attempt_at``.
+    With ``replica_id``, only while the claim is still this replica's: one whose lease ran
+    out and was claimed elsewhere keeps the new claim (the attempt is still recorded)."""
     now = utc_now_iso()
-    await conn.execute(
+    result = await conn.execute(
         "UPDATE deliveries SET status = $1, attempts = $2, last_error = $3,"
         " next_attempt_at = coalesce($4, next_attempt_at),"
         " finished_at = CASE WHEN $1 IN ('done', 'dead') THEN $5 ELSE finished_at END,"
-        " claimed_until = NULL, claimed_by = NULL WHERE id = $6",
-        status, claim.attempt, error, next_attempt_at, now, claim.id)
+        " claimed_until = NULL, claimed_by = NULL WHERE id = $6"
+        " AND ($7::text IS NULL OR (status = 'running' AND claimed_by = $7))",
+        status, claim.attempt, error, next_attempt_at, now, claim.id, replica_id)
+    if _rowcount(result) == 0:
+        log.warning("delivery.claim_superseded", delivery=claim.id, outcome=status,
+                    message="the lease ran out and another replica claimed it")
     await conn.execute(
         "INSERT INTO delivery_attempts (delivery_id, attempt, started_at, finished_at, outcome,"
         " error, output) VALUES ($1,$2,$3,$4,$5,$6,$7)",
@@ -1162,8 +1204,20 @@ async def release_running(
     else:
         result = await conn.execute(
             "UPDATE deliveries SET status = 'pending', claimed_until = NULL, claimed_by = NULL"
-            " WHERE id = ANY($1::bigint[]) AND status = 'running'", list(ids))
+            " WHERE id = ANY($1::bigint[]) AND status = 'running' AND claimed_by = $2",
+            list(ids), replica_id)
     return _rowcount(result)
+
+
+async def renew_claims(
+    conn: Conn, handler: str, ids: Sequence[int], replica_id: str, until: float
+) -> list[int]:
+    """Extend this replica's running claims among ``ids`` to ``until``; the ids held."""
+    rows = await conn.fetch(
+        "UPDATE deliveries SET claimed_until = $4 WHERE id = ANY($1::bigint[])"
+        " AND handler = $2 AND status = 'running' AND claimed_by = $3 RETURNING id",
+        list(ids), handler, replica_id, until)
+    return sorted(int(row[0]) for row in rows)
 
 
 def _rowcount(result: str) -> int:
