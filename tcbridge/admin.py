@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from importlib import resources
+from typing import Any
 
 from aiohttp import web
 
@@ -23,10 +24,12 @@ OPENAPI = resources.files("tcbridge").joinpath("openapi.json").read_bytes()
 def build_admin_app(
     metrics: Metrics, readiness: Reasons, refresh: Refresh,
     alive: Callable[[], bool] = lambda: True,
+    about: Callable[[], dict[str, Any]] = dict,
 ) -> web.Application:
     """``readiness`` returns why the daemon is not ready (empty: ready); ``refresh`` updates
     the gauges read from the store before a scrape; ``alive`` is false once a part that
-    cannot come back (the store's writer thread) is gone."""
+    cannot come back (the store's writer thread) is gone; ``about`` adds to /readyz's
+    answer (this replica's name, whether it polls)."""
 
     async def healthz(request: web.Request) -> web.Response:
         # Answering at all proves the process and its event loop are alive.
@@ -38,8 +41,9 @@ def build_admin_app(
     async def readyz(request: web.Request) -> web.Response:
         reasons = await readiness()
         if reasons:
-            return web.json_response({"status": "not ready", "reasons": reasons}, status=503)
-        return web.json_response({"status": "ready", "reasons": []})
+            return web.json_response({"status": "not ready", "reasons": reasons, **about()},
+                                     status=503)
+        return web.json_response({"status": "ready", "reasons": [], **about()})
 
     async def scrape(request: web.Request) -> web.Response:
         await refresh()

@@ -25,10 +25,12 @@ from tcbridge.documents import with_documents
 from tcbridge.errors import StoreError
 from tcbridge.fetcher import Fetcher
 from tcbridge.handlers import build_handler
+from tcbridge.leader import Coordinator
 from tcbridge.metrics import Metrics
 from tcbridge.oauth2 import TokenVerifier, build_verifier
 from tcbridge.poller import Poller
 from tcbridge.store import StoreBackend, make_store
+from tcbridge.store.coordination import default_node_id
 from tcbridge.supervisor import EXIT_FAILED, EXIT_OK, Supervisor
 from tcbridge.systemd import Notifier
 from tcbridge.tradecloud import TradecloudClient
@@ -65,6 +67,8 @@ class Parts:
     admin: web.AppRunner | None = None
     dispatcher: Dispatcher | None = None
     poller: Poller | None = None
+    coordinator: Coordinator | None = None  # replicas on one PostgreSQL store
+    node_id: str = field(default_factory=default_node_id)
     dispatch_wake: asyncio.Event = field(default_factory=asyncio.Event)
     fetch_wake: asyncio.Event = field(default_factory=asyncio.Event)
     draining: asyncio.Event = field(default_factory=asyncio.Event)
@@ -80,8 +84,10 @@ async def serve(
     """Run the daemon until ``stop`` is set or a part crashes; returns the exit code."""
     metrics = Metrics()
     route = make_route(settings.handlers, on_skip=metrics.count_skip)
-    parts = Parts(store=make_store(settings.store, route=route),
-                  supervisor=Supervisor(stop), metrics=metrics)
+    node_id = settings.node.id or default_node_id()
+    parts = Parts(store=make_store(settings.store, route=route, replica_id=node_id,
+                                   lease_s=settings.delivery.lease_s),
+                  supervisor=Supervisor(stop), metrics=metrics, node_id=node_id)
     if notifier is not None:
         parts.notifier = notifier
     try:
@@ -114,11 +120,13 @@ async def startup(settings: Settings, parts: Parts, stop: asyncio.Event) -> None
                       parts.dispatch_wake, metrics=parts.metrics)
     _spawn(parts, "fetcher", fetcher.run(stop))
     _spawn(parts, "retention", retention.run(parts.store, settings.store, stop))
+    _start_coordinator(settings, parts, stop)
     if settings.poll_enabled:
         parts.poller = Poller(settings.poll, parts.client, parts.store, parts.dispatch_wake,
                               api=settings.tradecloud.api, hybrid=settings.mode == "hybrid",
                               metrics=parts.metrics,
-                              inclusive=settings.tradecloud.cursor_inclusive)
+                              inclusive=settings.tradecloud.cursor_inclusive,
+                              gate=parts.coordinator)
         _spawn(parts, "poller", parts.poller.run(stop))
     if settings.admin.enabled:
         await _start_admin(settings, parts)
@@ -131,6 +139,27 @@ async def startup(settings: Settings, parts: Parts, stop: asyncio.Event) -> None
     log.info("tcbridge.started", version=__version__, mode=settings.mode,
              store=settings.store.location, listening=parts.bound, admin=parts.admin_bound,
              base_url=settings.tradecloud.base_url if settings.poll_enabled else None)
+
+
+def _start_coordinator(settings: Settings, parts: Parts, stop: asyncio.Event) -> None:
+    """On PostgreSQL, replicas share the store: this one polls a kind only while it holds
+    the kind's lock, and writes a heartbeat row (``tcbridge status`` lists them)."""
+    if settings.store.backend != "postgresql":
+        return  # one SQLite file, one daemon: its poller always polls
+    assert settings.store.dsn is not None  # the settings' validator made sure
+    node = settings.node
+    parts.coordinator = Coordinator(
+        settings.store.dsn.get_secret_value(), node_id=parts.node_id,
+        kinds=settings.poll.kinds if settings.poll_enabled else [],
+        lock_check_s=node.lock_check_s, heartbeat_s=node.heartbeat_s)
+    _spawn(parts, "coordinator", parts.coordinator.run(stop))
+
+
+def poller_role(settings: Settings, parts: Parts) -> str:
+    """``active`` (this replica polls), ``standby`` (another one does) or ``disabled``."""
+    if not settings.poll_enabled:
+        return "disabled"
+    return "active" if parts.coordinator is None else parts.coordinator.role
 
 
 async def _watch_store(store: StoreBackend, stop: asyncio.Event) -> None:
@@ -152,7 +181,7 @@ async def _start_dispatcher(settings: Settings, parts: Parts, stop: asyncio.Even
     lanes = [Lane(h, with_documents(h, build_handler(h, parts.session, secrets=secrets),
                                     parts.session, parts.client, settings.store.path,
                                     parts.metrics.count_documents),
-                  parts.store, metrics=parts.metrics)
+                  parts.store, metrics=parts.metrics, lease_s=settings.delivery.lease_s)
              for h in settings.handlers]
     parts.dispatcher = Dispatcher(lanes, parts.store, parts.dispatch_wake)
     _spawn(parts, "dispatcher", _dispatch(parts.dispatcher, stop))
@@ -208,7 +237,9 @@ async def _oauth2_verifier(settings: Settings, parts: Parts) -> TokenVerifier | 
 async def _start_admin(settings: Settings, parts: Parts) -> None:
     app = build_admin_app(parts.metrics, lambda: readiness(settings, parts),
                           lambda: _refresh_gauges(parts),
-                          alive=lambda: parts.store.writer_alive or parts.draining.is_set())
+                          alive=lambda: parts.store.writer_alive or parts.draining.is_set(),
+                          about=lambda: {"poller": poller_role(settings, parts),
+                                         "node": parts.node_id})
     parts.admin = await _listen(app, settings.admin.host, settings.admin.port, 1.0, None)
     parts.admin_bound.extend(_addresses(parts.admin))
 
@@ -295,11 +326,21 @@ async def readiness(settings: Settings, parts: Parts) -> list[str]:
         now = asyncio.get_running_loop().time()
         limit_s = STALE_POLL_INTERVALS * parts.poller.base_interval_s
         for kind in settings.poll.kinds:
+            taken = _taken_at(parts, kind)
+            if taken is None:
+                continue  # a standby replica: another one polls this kind
             last = parts.poller.last_success.get(kind)
-            since = parts.started_at if last is None else last
+            since = max(taken, parts.started_at if last is None else last)
             if now - since > limit_s:
                 reasons.append(f"no successful {kind} poll for {now - since:.0f} s")
     return reasons
+
+
+def _taken_at(parts: Parts, kind: str) -> float | None:
+    """Since when this process polls ``kind`` (loop time; None: it does not)."""
+    if parts.coordinator is None:
+        return parts.started_at
+    return parts.coordinator.active_since(kind)
 
 
 async def _refresh_gauges(parts: Parts) -> None:

@@ -211,7 +211,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """``tcbridge status``."""
     settings = _quiet_settings(args, read_only=True)
-    report = asyncio.run(_with_store(settings, lambda s: s.status()))
+    report = asyncio.run(_with_store(settings, lambda s: _status(s, settings)))
     report = {"mode": settings.mode, **report}
     report["cursors"] = {
         kind: value | {"ageSeconds": _age_s(value["value"])}
@@ -222,6 +222,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(status_text(report))
     return 0
+
+
+async def _status(store: StoreBackend, settings: Settings) -> dict[str, Any]:
+    report = await store.status()
+    if settings.store.backend == "postgresql":
+        replicas = await store.replicas(settings.node.seen_within_s)
+        report["replicas"] = replicas
+        # kind -> the replica polling it (None: nobody seen recently holds its lock)
+        report["pollers"] = {kind: next((r["id"] for r in replicas if kind in r["polls"]),
+                                        None)
+                             for kind in settings.poll.kinds}
+    return report
 
 
 def status_text(report: dict[str, Any]) -> str:
@@ -248,6 +260,14 @@ def status_text(report: dict[str, Any]) -> str:
                      f"{by_status.get('running', 0):>7}  {by_status.get('dead', 0):>4}")
     if not report["backlog"]:
         lines.append("            (nothing pending, running or dead)")
+    if "replicas" in report:
+        lines += ["", "replicas    id                   last seen  polls"]
+        lines += [f"            {r['id']:<20} {_human(r['lastSeenSecondsAgo']) + ' ago':>9}  "
+                  f"{', '.join(r['polls']) or 'standby'}" for r in report["replicas"]]
+        if not report["replicas"]:
+            lines.append("            (none seen recently)")
+        lines += [f"poller      {kind:<10} {who or '(nobody: no replica holds the lock)'}"
+                  for kind, who in sorted(report["pollers"].items())]
     return "\n".join(lines)
 
 

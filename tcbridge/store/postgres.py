@@ -615,6 +615,19 @@ class Store:
         """Everything ``tcbridge status`` shows, read in one transaction."""
         return await self.run(read_status)
 
+    async def replicas(self, within_s: float) -> list[dict[str, Any]]:
+        """The replicas whose heartbeat is at most ``within_s`` old, and what they poll."""
+        async def op(conn: Conn) -> list[dict[str, Any]]:
+            now = await conn.fetchval("SELECT now()")
+            return [{"id": r.id, "host": r.host, "pid": r.pid, "version": r.version,
+                     "startedAt": r.started_at.isoformat(),
+                     "lastSeenAt": r.last_seen_at.isoformat(),
+                     "lastSeenSecondsAgo": round((now - r.last_seen_at).total_seconds(), 1),
+                     "polls": list(r.holds_poller)}
+                    for r in await coordination.replicas_seen(conn, within_s)]
+
+        return await self.run(op)
+
     async def backlog(self) -> dict[str, dict[str, int]]:
         """handler -> status -> count of deliveries not done (pending, running, dead)."""
         return await self.run(backlog_counts)

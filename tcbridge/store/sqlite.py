@@ -654,6 +654,10 @@ class Store:
         """Everything ``tcbridge status`` shows, read in one transaction."""
         return await self.run(read_status)
 
+    async def replicas(self, within_s: float) -> list[dict[str, Any]]:
+        """Replicas sharing the store: none, a SQLite file has one daemon."""
+        return []
+
     async def backlog(self) -> dict[str, dict[str, int]]:
         """handler -> status -> count of deliveries not done (pending, running, dead)."""
         return await self.run(backlog_counts)
