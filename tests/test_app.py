@@ -72,3 +72,46 @@ async def test_a_port_in_use_fails_start_up(tmp_path: Path) -> None:
     finally:
         blocker.close()
         await blocker.wait_closed()
+
+
+class StandbyThenActive:
+    """A coordinator stand-in: standby until ``take`` is called."""
+
+    def __init__(self) -> None:
+        self.changed = asyncio.Event()
+        self.since: float | None = None
+
+    @property
+    def role(self) -> str:
+        return "standby" if self.since is None else "active"
+
+    def active_since(self, kind: str) -> float | None:
+        return self.since
+
+
+async def test_a_standby_replica_is_ready_and_says_so(tmp_path: Path) -> None:
+    from tcbridge.store import make_store
+    from tcbridge.supervisor import Supervisor
+
+    config = settings(tmp_path)
+    parts = app.Parts(store=make_store(config.store), supervisor=Supervisor(asyncio.Event()))
+    await parts.store.open()
+    try:
+        parts.poller = Poller(config.poll, None, parts.store, asyncio.Event(),  # type: ignore[arg-type]
+                              api="poll")
+        parts.started_at -= 3600  # no poll for an hour
+        assert any("no successful order poll" in r for r in await app.readiness(config, parts))
+        assert app.poller_role(config, parts) == "active"  # SQLite: always polls
+        coordinator = StandbyThenActive()
+        parts.coordinator = coordinator  # type: ignore[assignment]
+        assert await app.readiness(config, parts) == []  # another replica polls
+        assert app.poller_role(config, parts) == "standby"
+        coordinator.since = asyncio.get_running_loop().time()  # just taken over
+        assert await app.readiness(config, parts) == []
+        assert app.poller_role(config, parts) == "active"
+        coordinator.since -= 3 * 60 + 1  # taken over and never polled since
+        assert any("no successful order poll" in r for r in await app.readiness(config, parts))
+        webhook_only = settings(tmp_path, mode="webhook")
+        assert app.poller_role(webhook_only, parts) == "disabled"
+    finally:
+        await parts.store.close()

@@ -237,6 +237,7 @@ async def test_three_replicas_lose_nothing_when_one_and_then_the_poller_are_kill
         await asyncio.sleep(2.0)
         status = json.loads(await asyncio.to_thread(
             lambda: bridge.replicas[new_holder].cli("status", "--json").stdout))
+        text = await asyncio.to_thread(lambda: bridge.replicas[standby].cli("status").stdout)
     figures = await bridge.finish()
     assert bridge.proxy is not None
     print(figures.summary("replicas", kills=bridge.kills, failover_s=round(failover_s, 3),
@@ -244,6 +245,7 @@ async def test_three_replicas_lose_nothing_when_one_and_then_the_poller_are_kill
     assert new_holder != holder
     assert failover_s < 2 * POLL_INTERVAL_S, f"failover took {failover_s:.2f} s"
     assert status["pollers"] == {kind: f"r{new_holder + 1}" for kind in KINDS}
+    assert f"poller      order      r{new_holder + 1}" in text, text
     seen = {r["id"] for r in status["replicas"]}
     assert f"r{new_holder + 1}" in seen and f"r{standby + 1}" in seen
     assert all(n > 0 for n in bridge.proxy.served), bridge.proxy.served
