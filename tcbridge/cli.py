@@ -14,10 +14,11 @@ from typing import Any
 
 from tcbridge import __version__, app, logs, retention
 from tcbridge.backfill import backfill
-from tcbridge.config import PollKind, Settings, load_settings
+from tcbridge.config import PollKind, Settings, load_settings, redact_dsn
 from tcbridge.dispatch import explain_route
 from tcbridge.errors import ApiError, ConfigError, InvalidEvent, StoreError, UnknownName
 from tcbridge.store import StoreBackend, make_store
+from tcbridge.store.transfer import migrate_store
 from tcbridge.timefmt import instant_us, parse_instant
 
 EXIT_USAGE = 2
@@ -84,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--kinds", nargs="+", choices=["order", "shipment"],
                           help="default: the configured poll.kinds")
     _command(sub, "purge", "apply the retention policy now", cmd_purge)
+    move = _command(sub, "migrate-store", "copy the SQLite store (store.path) into an empty "
+                    "PostgreSQL store; stop the daemon first", cmd_migrate_store)
+    target = move.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to", metavar="DSN", help="postgresql://user@host:5432/database")
+    target.add_argument("--to-file", metavar="PATH", type=Path,
+                        help="a file holding the DSN (keeps a password off the command line)")
     _add_simulate(sub)
     return parser
 
@@ -323,6 +330,26 @@ def cmd_purge(args: argparse.Namespace) -> int:
     totals = asyncio.run(_with_store(settings, lambda s: retention.purge_all(
         s, retention.policy(settings.store))))
     print("purged: " + ", ".join(f"{k} {v}" for k, v in totals.items()))
+    return 0
+
+
+def cmd_migrate_store(args: argparse.Namespace) -> int:
+    """``tcbridge migrate-store``: SQLite to PostgreSQL, counts verified per table."""
+    settings = _quiet_settings(args)
+    if settings.store.backend != "sqlite":
+        raise ConfigError(f"{args.config}: store.backend is {settings.store.backend!r}; "
+                          "migrate-store copies the SQLite store of a configuration")
+    dsn = args.to if args.to is not None else args.to_file.read_text().strip()
+    if not dsn.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"--to: expected postgresql://user@host:5432/database, got "
+                          f"{redact_dsn(dsn)!r}")
+    copies = asyncio.run(migrate_store(settings.store.path, dsn, settings.store))
+    _table([{"table": c.table, "sqlite": c.source_rows, "postgresql": c.target_rows}
+            for c in copies], ["table", "sqlite", "postgresql"])
+    print(f"\ncopied {settings.store.path} into {redact_dsn(dsn)}: every count matches.")
+    print(f"Now set in {args.config}, [store] (and keep {settings.store.path} as a backup):")
+    print('  backend = "postgresql"')
+    print('  dsn_file = "/etc/tcbridge/pg-dsn"   # a file holding the DSN; or dsn = "..."')
     return 0
 
 

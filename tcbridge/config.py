@@ -70,7 +70,6 @@ class StoreSettings(_Section):
     path: Path = Path("var/tcbridge.db")
     dsn: SecretStr | None = None
     dsn_file: Path | None = None
-    pool_size: int = Field(default=4, ge=2, le=100)
     busy_timeout_s: float = Field(default=5.0, gt=0)
     commit_batch_max: int = Field(default=512, ge=1, le=10_000)
     retry_after_s: int = Field(default=5, ge=1, le=3600)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import os
+import re
 import secrets
 import sqlite3
 from collections.abc import Coroutine
@@ -77,13 +79,19 @@ async def truncate(dsn: str) -> None:
         await conn.close()
 
 
+def numbered(sql: str) -> str:
+    """SQLite's ``?`` placeholders as PostgreSQL's ``$1, $2, ...``."""
+    count = itertools.count(1)
+    return re.sub(r"\?", lambda _: f"${next(count)}", sql)
+
+
 async def query(store: StoreBackend, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    """Rows of ``sql`` read beside the store (its own connection; ? or $n placeholders as
-    the backend takes them)."""
+    """Rows of ``sql`` (a read, or a write committed at once) run beside the store, on a
+    connection of its own; ``?`` placeholders on both backends."""
     if isinstance(store, PostgresStore):
         conn = await asyncpg.connect(store.dsn, timeout=5)
         try:
-            return [tuple(row) for row in await conn.fetch(sql, *args)]
+            return [tuple(row) for row in await conn.fetch(numbered(sql), *args)]
         finally:
             await conn.close()
     assert isinstance(store, SqliteStore)
@@ -127,3 +135,11 @@ async def run_then_fail(store: StoreBackend, sql: str, error: Exception) -> None
         conn.execute(sql)
         raise error
     await store.run(sync_op)
+
+
+def store_config(store: StoreBackend) -> dict[str, Any]:
+    """The ``[store]`` section of a configuration that opens ``store``."""
+    if isinstance(store, PostgresStore):
+        return {"backend": "postgresql", "dsn": store.dsn}
+    assert isinstance(store, SqliteStore)
+    return {"path": str(store.path)}

@@ -279,3 +279,28 @@ def test_oauth2_errors(tmp_path: Path, change: tuple[str, str], message: str) ->
     with pytest.raises(ConfigError, match="webhook") as info:
         load_settings(write(tmp_path, OAUTH2.replace(*change)))
     assert message in str(info.value)
+
+
+def test_store_backend_postgresql_needs_a_dsn_and_keeps_it_secret(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, MINIMAL)).store.backend == "sqlite"
+    with pytest.raises(ConfigError, match="needs dsn"):
+        load_settings(write(tmp_path, MINIMAL + '[store]\nbackend = "postgresql"\n'))
+    with pytest.raises(ConfigError, match="needs dsn"):
+        load_settings(write(tmp_path, MINIMAL + '[store]\nbackend = "postgresql"\n'
+                                                'dsn = "mysql://x@y/z"\n'))
+    dsn = "postgresql://tcb:s3cret-pw@db.example:5432/tcbridge"
+    settings = load_settings(write(tmp_path, MINIMAL + f'[store]\nbackend = "postgresql"\n'
+                                                       f'dsn = "{dsn}"\n'))
+    assert settings.store.dsn is not None and settings.store.dsn.get_secret_value() == dsn
+    assert "s3cret" not in repr(settings.store)
+    assert settings.store.location == "postgresql://tcb:<redacted>@db.example:5432/tcbridge"
+    (tmp_path / "dsn").write_text(dsn + "\n")
+    from_file = load_settings(write(tmp_path, MINIMAL + '[store]\nbackend = "postgresql"\n'
+                                                        f'dsn_file = "{tmp_path / "dsn"}"\n'))
+    assert from_file.store.dsn is not None and from_file.store.dsn.get_secret_value() == dsn
+    with pytest.raises(ConfigError, match="not both"):
+        load_settings(write(tmp_path, MINIMAL + f'[store]\ndsn = "{dsn}"\n'
+                                                f'dsn_file = "{tmp_path / "dsn"}"\n'))
+    # sqlite ignores a dsn (one may be kept while moving between backends)
+    assert load_settings(write(tmp_path, MINIMAL + f'[store]\ndsn = "{dsn}"\n')).store.location \
+        .endswith("tcbridge.db")

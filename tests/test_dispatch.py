@@ -32,6 +32,7 @@ from tcbridge.errors import StoreUnavailable, describe
 from tcbridge.handlers import Outcome, build_handler
 from tcbridge.metrics import Metrics
 from tcbridge.store import Store
+from tests.backends import query
 from tests.conftest import order_event_body, order_obj, until
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
@@ -60,6 +61,10 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 Rig = tuple[Store, Dispatcher]
 
+pytestmark = pytest.mark.backends()
+SQLITE_LOCK = "locks the SQLite file from another connection"
+SQLITE_JSON = "edits a stored envelope with SQLite's JSON functions"
+
 
 @pytest.fixture
 async def rig(
@@ -86,15 +91,13 @@ async def ingest(store: Store, entity: str, stamp: str, **kw: Any) -> str:
     return result.event_id
 
 
-def statuses(store: Store) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(store.path) as conn:
-        return conn.execute(
-            "SELECT handler, entity_id, status, attempts FROM deliveries ORDER BY id").fetchall()
+async def statuses(store: Store) -> list[tuple[Any, ...]]:
+    return await query(
+        store, "SELECT handler, entity_id, status, attempts FROM deliveries ORDER BY id")
 
 
-def make_due(store: Store) -> None:
-    with sqlite3.connect(store.path) as conn:
-        conn.execute("UPDATE deliveries SET next_attempt_at = 0 WHERE status = 'pending'")
+async def make_due(store: Store) -> None:
+    await query(store, "UPDATE deliveries SET next_attempt_at = 0 WHERE status = 'pending'")
 
 
 def test_decide() -> None:
@@ -127,12 +130,12 @@ async def test_deliveries_are_created_with_the_event_per_matching_handler(
     await ingest(store, "o2", "2024-05-01T00:00:00Z", event_name="OrderIssuedByBuyer")
     await store.ingest(parse_snapshot("order", order_obj("o3"), "poll"))
     await ingest(store, "o1", "2024-05-01T00:00:00Z")  # a duplicate: no new deliveries
-    assert [(h, e) for h, e, *_ in statuses(store)] == [
+    assert [(h, e) for h, e, *_ in await statuses(store)] == [
         ("orders", "o1"), ("all", "o1"), ("all", "o2"), ("all", "o3")]
     assert await dispatcher.run_once() == 4
     assert len(list((tmp_path / "o").glob("*.json"))) == 1
     assert len(list((tmp_path / "a").glob("*.json"))) == 3
-    assert {s for *_, s, _ in statuses(store)} == {"done"}
+    assert {s for *_, s, _ in await statuses(store)} == {"done"}
     delivered = json.loads(next((tmp_path / "o").glob("*.json")).read_text())
     assert delivered["entityId"] == "o1" and delivered["eventName"].startswith("OrderLines")
 
@@ -143,13 +146,12 @@ async def test_failing_handler_retries_then_succeeds(rig: Callable[..., Any]) ->
     target.FAILURES["o1"] = 2
     for expected_attempts in (1, 2):
         await dispatcher.run_once()
-        assert statuses(store) == [("erp", "o1", "pending", expected_attempts)]
+        assert await statuses(store) == [("erp", "o1", "pending", expected_attempts)]
         assert await dispatcher.run_once() == 0  # not due yet: backoff is a row, not a sleep
-        make_due(store)  # the backoff has passed (without waiting a minute)
+        await make_due(store)  # the backoff has passed (without waiting a minute)
     await dispatcher.run_once()
-    assert statuses(store) == [("erp", "o1", "done", 3)]
-    with sqlite3.connect(store.path) as conn:
-        attempts = conn.execute("SELECT attempt, outcome, error FROM delivery_attempts").fetchall()
+    assert await statuses(store) == [("erp", "o1", "done", 3)]
+    attempts = await query(store, "SELECT attempt, outcome, error FROM delivery_attempts")
     assert [a[:2] for a in attempts] == [(1, "retry"), (2, "retry"), (3, "done")]
     assert "ERP down" in attempts[0][2]
 
@@ -163,13 +165,13 @@ async def test_out_of_attempts_is_dead_and_replay_dead_delivers(
     await dispatcher.run_once()
     await asyncio.sleep(0.03)
     await dispatcher.run_once()
-    assert statuses(store) == [("erp", "o1", "dead", 2)]
+    assert await statuses(store) == [("erp", "o1", "dead", 2)]
     (dead,) = await store.deliveries(status="dead")
     assert "ERP down" in dead["lastError"]
     target.FAILURES.clear()
     assert await store.requeue_dead("erp") == 1
     await dispatcher.run_once()
-    assert statuses(store) == [("erp", "o1", "done", 1)]
+    assert await statuses(store) == [("erp", "o1", "done", 1)]
     assert [e for e, _ in target.DELIVERED] == ["o1"]
 
 
@@ -178,7 +180,7 @@ async def test_permanent_failure_is_dead_at_once(rig: Callable[..., Any]) -> Non
     await ingest(store, "o1", "2024-05-01T00:00:00Z")
     target.PERMANENT.add("o1")
     await dispatcher.run_once()
-    assert statuses(store) == [("erp", "o1", "dead", 1)]
+    assert await statuses(store) == [("erp", "o1", "dead", 1)]
 
 
 async def test_order_per_entity_while_other_entities_proceed(rig: Callable[..., Any]) -> None:
@@ -258,13 +260,13 @@ async def test_interrupted_deliveries_are_released_at_start(
     (claim,) = await store.claim("erp", 4)  # the crash happens now: the row stays running
     await store.close()
     store2, dispatcher = await rig(python_handler())
-    assert statuses(store2) == [("erp", "o1", "running", 0)]
+    assert await statuses(store2) == [("erp", "o1", "running", 0)]
     with capture_logs() as logs:
         assert await dispatcher.start() == 1
     assert {"event": "dispatch.resumed_interrupted", "deliveries": 1,
             "log_level": "warning"} in logs
     await dispatcher.run_once()
-    assert statuses(store2) == [("erp", "o1", "done", 1)]
+    assert await statuses(store2) == [("erp", "o1", "done", 1)]
     assert target.DELIVERED == [("o1", claim.event_id)]
 
 
@@ -298,12 +300,13 @@ async def test_a_handler_that_raises_is_retried_not_fatal(store: Store) -> None:
     await ingest(store, "o1", "2024-05-01T00:00:00Z")
     with capture_logs() as logs:
         assert await lane.run_once() == 1
-    assert statuses(store) == [("buggy", "o1", "pending", 1)]
+    assert await statuses(store) == [("buggy", "o1", "pending", 1)]
     (row,) = await store.deliveries()
     assert row["lastError"] == "KeyError: 'oops'"
     assert any(line["event"] == "dispatch.handler_raised" for line in logs)
 
 
+@pytest.mark.sqlite_only(SQLITE_LOCK)
 async def test_outcome_is_recorded_once_the_store_is_writable_again(
     rig: Callable[..., Any],
 ) -> None:
@@ -320,11 +323,12 @@ async def test_outcome_is_recorded_once_the_store_is_writable_again(
         blocker.execute("ROLLBACK")
         blocker.close()
         await delivering
-    assert statuses(store) == [("erp", "o1", "done", 1)]
+    assert await statuses(store) == [("erp", "o1", "done", 1)]
     failed = next(e for e in logs if e["event"] == "dispatch.record_failed")
     assert "locked" in failed["error"]
 
 
+@pytest.mark.sqlite_only(SQLITE_LOCK)
 async def test_lane_keeps_running_while_the_store_is_locked(rig: Callable[..., Any]) -> None:
     store, dispatcher = await rig(python_handler())
     blocker = sqlite3.connect(store.path, isolation_level=None)
@@ -353,12 +357,12 @@ async def test_an_envelope_the_dispatcher_cannot_read_is_dead_not_stuck(
     store, dispatcher = await rig(python_handler())
     bad = await ingest(store, "o1", "2024-05-01T00:00:00Z")
     good = await ingest(store, "o1", "2024-05-01T00:00:01Z")
-    with sqlite3.connect(store.path) as conn:  # as a bug or an old version might have left it
-        conn.execute("UPDATE events SET envelope = ? WHERE id = ?", (stored, bad))
+    # as a bug or an old version might have left it
+    await query(store, "UPDATE events SET envelope = ? WHERE id = ?", stored, bad)
     with capture_logs():
         await dispatcher.run_once()
         await dispatcher.run_once()  # the entity's lane is free: the next event goes
-    assert statuses(store) == [("erp", "o1", "dead", 1), ("erp", "o1", "done", 1)]
+    assert await statuses(store) == [("erp", "o1", "dead", 1), ("erp", "o1", "done", 1)]
     dead = (await store.deliveries(status="dead"))[0]
     assert "stored envelope" in dead["lastError"]
     if stored == "[1, 2]":
@@ -399,7 +403,7 @@ async def test_a_handler_failing_in_an_unexpected_way_is_a_failed_attempt(
     await ingest(store, "o1", "2024-05-01T00:00:00Z")
     with capture_logs():
         assert await lane.run_once() == 1
-    assert statuses(store) == [("odd", "o1", "pending", 1)]
+    assert await statuses(store) == [("odd", "o1", "pending", 1)]
     (row,) = await store.deliveries()
     expected = "Unprintable: <unprintable>" if mode == "unprintable" else "bad value \\ud800"
     assert expected in row["lastError"]
@@ -475,7 +479,7 @@ async def test_drain_waits_for_a_claim_in_flight_and_starts_nothing(
     assert await draining == 0
     await running
     # The claim came back after drain began: released unstarted, nothing runs unwatched.
-    assert statuses(store) == [("erp", "o1", "pending", 0)]
+    assert await statuses(store) == [("erp", "o1", "pending", 0)]
     await asyncio.sleep(0.05)
     assert target.STARTED == []
 
@@ -541,7 +545,7 @@ async def test_a_delivery_binds_its_context_and_is_counted(store: Store) -> None
     event_id = await ingest(store, "o1", "2024-05-01T00:00:00Z")
     with capture_logs():
         await lane.run_once()
-        make_due(store)
+        await make_due(store)
         await lane.run_once()
         await ingest(store, "o2", "2024-05-01T00:00:00Z")
         await lane.run_once()
@@ -557,6 +561,7 @@ async def test_a_delivery_binds_its_context_and_is_counted(store: Store) -> None
     assert 0.0 <= latency_s < 60.0
 
 
+@pytest.mark.sqlite_only(SQLITE_JSON)
 async def test_a_delivery_without_receipt_time_is_counted_without_latency(store: Store) -> None:
     settings = python_handler("ctx")
     store._route = make_route([settings])
@@ -584,7 +589,7 @@ async def test_an_attempt_that_fails_outside_the_handler_is_recorded(store: Stor
     await ingest(store, "o1", "2024-05-01T00:00:00Z")
     with capture_logs() as logs:
         await lane.run_once()
-    assert statuses(store) == [("ctx", "o1", "pending", 1)]
+    assert await statuses(store) == [("ctx", "o1", "pending", 1)]
     (row,) = await store.deliveries()
     assert row["lastError"] == "RuntimeError: between claim and outcome"
     assert any(e["event"] == "dispatch.attempt_failed" for e in logs)
@@ -596,11 +601,11 @@ async def test_a_purged_payload_is_dead_with_the_reason(store: Store) -> None:
     handler = ScriptedHandler(Outcome("done"))
     lane = Lane(settings, handler, store)
     await ingest(store, "o1", "2024-05-01T00:00:00Z")
-    with sqlite3.connect(store.path) as conn:  # as an older version's retention left it
-        conn.execute("UPDATE events SET envelope = NULL")
+    # as an older version's retention left it
+    await query(store, "UPDATE events SET envelope = NULL")
     with capture_logs():
         await lane.run_once()
-    assert statuses(store) == [("ctx", "o1", "dead", 1)]
+    assert await statuses(store) == [("ctx", "o1", "dead", 1)]
     (row,) = await store.deliveries()
     assert row["lastError"] == "the event's payload was purged by retention"
     assert handler.seen == []
@@ -613,8 +618,7 @@ async def test_outputs_are_stored_escaped(store: Store) -> None:
     await ingest(store, "o1", "2024-05-01T00:00:00Z")
     with capture_logs():
         await lane.run_once()
-    with sqlite3.connect(store.path) as conn:
-        assert conn.execute("SELECT error, output FROM delivery_attempts").fetchall() == [
+    assert await query(store, "SELECT error, output FROM delivery_attempts") == [
             ("bad value \\ud800 in field", "out \\udcff")]
 
 
@@ -647,7 +651,7 @@ async def test_drain_lets_a_running_delivery_finish(rig: Callable[..., Any]) -> 
         gate.set()
         assert await draining == 0
         await running
-    assert statuses(store) == [("erp", "o1", "done", 1)]
+    assert await statuses(store) == [("erp", "o1", "done", 1)]
     assert not any(e["event"] == "dispatch.delivery_task_died" for e in logs)
 
 
@@ -657,7 +661,8 @@ async def test_drain_cuts_off_what_runs_past_the_deadline_and_releases_it(
     store, dispatcher, _, running = await start_gated(rig)
     with capture_logs() as logs:
         assert await dispatcher.drain(0.05) == 1
-        assert statuses(store) == [("erp", "o1", "pending", 0)]  # released before drain returns
+        # released before drain returns
+        assert await statuses(store) == [("erp", "o1", "pending", 0)]
         await running
     assert not any(e["event"] == "dispatch.delivery_task_died" for e in logs)
 
@@ -676,7 +681,7 @@ async def test_a_failed_release_is_logged_and_left_for_start_up(rig: Callable[..
         await running
     assert {"event": "dispatch.release_failed", "error": "disk gone",
             "log_level": "warning"} in logs
-    assert statuses(store) == [("erp", "o1", "running", 0)]
+    assert await statuses(store) == [("erp", "o1", "running", 0)]
 
 
 @pytest.mark.parametrize("release", ["works", "fails"])
@@ -692,16 +697,16 @@ async def test_drain_does_not_wait_for_ever_for_a_hung_claim(
     running = asyncio.create_task(dispatcher.run(stop))
     await held.entered.wait()
     stop.set()
-    with sqlite3.connect(store.path) as conn:  # another process's claim, still running
-        conn.execute("INSERT INTO deliveries (event_seq, event_id, handler, entity_id, status,"
-                     " next_attempt_at, created_at) SELECT event_seq, event_id, 'other',"
-                     " 'o9', 'running', 0, created_at FROM deliveries")
+    # another process's claim, still running
+    await query(store, "INSERT INTO deliveries (event_seq, event_id, handler, entity_id, status,"
+                " next_attempt_at, created_at) SELECT event_seq, event_id, 'other',"
+                " 'o9', 'running', 0, created_at FROM deliveries")
     with capture_logs() as logs:
         assert await dispatcher.drain(0.05) == 0  # the claim never came back in time
         held.go.set()  # it does now: released unstarted (or left for start-up)
         await running
     if release == "works":
-        assert statuses(store) == [("erp", "o1", "pending", 0), ("other", "o9", "running", 0)]
+        assert await statuses(store) == [("erp", "o1", "pending", 0), ("other", "o9", "running", 0)]
     else:
         assert {"event": "dispatch.release_failed", "error": "disk gone",
                 "log_level": "warning"} in logs
@@ -768,7 +773,7 @@ async def test_each_decision_is_logged_with_what_an_operator_needs(store: Store)
     with capture_logs() as logs:
         await ingest(store, "o1", "2024-05-01T00:00:00Z")
         await lane.run_once()
-        make_due(store)
+        await make_due(store)
         await lane.run_once()
         await ingest(store, "o2", "2024-05-01T00:00:00Z")
         await lane.run_once()
@@ -808,9 +813,8 @@ async def test_an_outcome_the_store_refuses_is_recorded_without_its_texts(store:
     await ingest(store, "o1", "2024-05-01T00:00:00Z")
     with capture_logs() as logs:
         await lane.run_once()
-    assert statuses(store) == [("ctx", "o1", "pending", 1)]
-    with sqlite3.connect(store.path) as conn:
-        assert conn.execute("SELECT error, output FROM delivery_attempts").fetchall() == [
+    assert await statuses(store) == [("ctx", "o1", "pending", 1)]
+    assert await query(store, "SELECT error, output FROM delivery_attempts") == [
             ("the outcome could not be recorded: ValueError", None)]
     assert any(e["event"] == "dispatch.record_refused" for e in logs)
 
@@ -827,7 +831,7 @@ async def test_either_text_is_dropped_when_the_store_refuses_it(
     await ingest(store, "o1", "2024-05-01T00:00:00Z")
     with capture_logs():
         await lane.run_once()
-    assert statuses(store) == [("ctx", "o1", "pending", 1)]
+    assert await statuses(store) == [("ctx", "o1", "pending", 1)]
 
 
 async def test_an_outcome_without_texts_the_store_refuses_is_a_bug_that_stops_the_lane(
@@ -843,16 +847,17 @@ async def test_an_outcome_without_texts_the_store_refuses_is_a_bug_that_stops_th
 
 async def test_a_cut_off_delivery_releases_only_its_own_row(rig: Callable[..., Any]) -> None:
     store, dispatcher, _, running = await start_gated(rig)
-    with sqlite3.connect(store.path) as conn:  # another process's claim, still running
-        conn.execute("INSERT INTO deliveries (event_seq, event_id, handler, entity_id, status,"
-                     " next_attempt_at, created_at) SELECT event_seq, event_id, 'other',"
-                     " entity_id, 'running', 0, created_at FROM deliveries")
+    # another process's claim, still running
+    await query(store, "INSERT INTO deliveries (event_seq, event_id, handler, entity_id, status,"
+                " next_attempt_at, created_at) SELECT event_seq, event_id, 'other',"
+                " entity_id, 'running', 0, created_at FROM deliveries")
     with capture_logs():
         assert await dispatcher.drain(0.05) == 1
         await running
-    assert statuses(store) == [("erp", "o1", "pending", 0), ("other", "o1", "running", 0)]
+    assert await statuses(store) == [("erp", "o1", "pending", 0), ("other", "o1", "running", 0)]
 
 
+@pytest.mark.sqlite_only(SQLITE_JSON)
 async def test_a_receipt_time_in_the_future_or_unreadable_gives_no_negative_latency(
     store: Store,
 ) -> None:
@@ -873,6 +878,7 @@ async def test_a_receipt_time_in_the_future_or_unreadable_gives_no_negative_late
     assert samples(metrics, "tcbridge_delivery_latency_seconds_sum") == {("ctx",): 0.0}
 
 
+@pytest.mark.sqlite_only(SQLITE_JSON)
 async def test_latency_is_counted_from_receipt_in_seconds(store: Store) -> None:
     settings = python_handler("ctx")
     store._route = make_route([settings])
@@ -910,17 +916,15 @@ async def test_each_attempt_is_recorded_with_its_outcome_and_the_end_with_its_ti
     await ingest(store, "o1", "2024-05-01T00:00:00Z")
     with capture_logs():
         await lane.run_once()
-        with sqlite3.connect(store.path) as conn:
-            assert conn.execute("SELECT finished_at FROM deliveries").fetchall() == [(None,)]
-        make_due(store)
+        assert await query(store, "SELECT finished_at FROM deliveries") == [(None,)]
+        await make_due(store)
         await lane.run_once()
         await ingest(store, "o2", "2024-05-01T00:00:00Z")
         await lane.run_once()
-    with sqlite3.connect(store.path) as conn:
-        attempts = conn.execute("SELECT delivery_id, attempt, outcome, error"
-                                " FROM delivery_attempts ORDER BY id").fetchall()
-        ends = conn.execute("SELECT status, finished_at IS NOT NULL FROM deliveries"
-                            " ORDER BY id").fetchall()
+    attempts = await query(store, "SELECT delivery_id, attempt, outcome, error"
+                           " FROM delivery_attempts ORDER BY id")
+    ends = await query(store, "SELECT status, finished_at IS NOT NULL FROM deliveries"
+                       " ORDER BY id")
     assert attempts == [(1, 1, "retry", "busy"), (1, 2, "done", None), (2, 1, "dead", "unknown")]
     assert ends == [("done", 1), ("dead", 1)]
 

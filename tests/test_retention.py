@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,14 @@ from tcbridge.envelope import parse_order_webhook
 from tcbridge.errors import StoreError
 from tcbridge.retention import policy, purge_all
 from tcbridge.store import Rejected, Retention, Store
+from tests.backends import query, store_config
 from tests.conftest import order_event_body
 from tests.support import write_config
 
 LONG_AGO = "2001-01-01T00:00:00.000Z"
 
 
-def execute(store: Store, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(store.path) as conn:
-        return conn.execute(sql, params).fetchall()
+pytestmark = pytest.mark.backends()
 
 
 async def ingest(store: Store, entity: str) -> str:
@@ -38,19 +36,19 @@ async def test_payloads_go_keys_stay_then_rows_go(store: Store) -> None:
     first = await ingest(store, "o1")
     await ingest(store, "o1")  # a duplicate sighting
     await store.reject(Rejected(source="webhook", reason="bad"))
-    execute(store, "UPDATE events SET received_at = ?", LONG_AGO)
-    execute(store, "UPDATE sightings SET received_at = ?", LONG_AGO)
-    execute(store, "UPDATE rejected SET received_at = ?", LONG_AGO)
+    await query(store, "UPDATE events SET received_at = ?", LONG_AGO)
+    await query(store, "UPDATE sightings SET received_at = ?", LONG_AGO)
+    await query(store, "UPDATE rejected SET received_at = ?", LONG_AGO)
     keep_keys = Retention(payload_days=30, dedup_days=1e9)
     totals = await purge_all(store, keep_keys)
     assert totals["payloads"] == 1 and totals["events"] == 0 and totals["rejected"] == 1
-    assert execute(store, "SELECT id, envelope FROM events") == [(first, None)]
+    assert await query(store, "SELECT id, envelope FROM events") == [(first, None)]
     again = await store.ingest(parse_order_webhook(order_event_body(
         "o1", stamp="2024-05-01T10:00:00.000Z")))
     assert again.status == "duplicate"  # a late duplicate is still recognised
     totals = await purge_all(store, Retention(payload_days=30, dedup_days=30))
     assert totals["events"] == 1
-    assert execute(store, "SELECT count(*) FROM events") == [(0,)]
+    assert await query(store, "SELECT count(*) FROM events") == [(0,)]
 
 
 async def test_undelivered_and_dead_events_keep_their_payload(
@@ -63,13 +61,13 @@ async def test_undelivered_and_dead_events_keep_their_payload(
         await ingest(store, "pending")
         await ingest(store, "dead")
         await ingest(store, "done")
-        execute(store, "UPDATE deliveries SET status = 'dead' WHERE entity_id = 'dead'")
-        execute(store, "UPDATE deliveries SET status = 'done' WHERE entity_id = 'done'")
-        execute(store, "UPDATE events SET received_at = ?", LONG_AGO)
+        await query(store, "UPDATE deliveries SET status = 'dead' WHERE entity_id = 'dead'")
+        await query(store, "UPDATE deliveries SET status = 'done' WHERE entity_id = 'done'")
+        await query(store, "UPDATE events SET received_at = ?", LONG_AGO)
         await purge_all(store, Retention(payload_days=1, dedup_days=1))
-        rows = execute(store, "SELECT entity_id, envelope IS NULL FROM events ORDER BY seq")
+        rows = await query(store, "SELECT entity_id, envelope IS NULL FROM events ORDER BY seq")
         assert rows == [("pending", 0), ("dead", 0)]
-        assert execute(store, "SELECT entity_id FROM deliveries ORDER BY id") == [
+        assert await query(store, "SELECT entity_id FROM deliveries ORDER BY id") == [
             ("pending",), ("dead",)]
 
 
@@ -77,20 +75,21 @@ async def test_recent_rows_are_kept(store: Store) -> None:
     await ingest(store, "o1")
     assert await purge_all(store, policy(StoreSettings())) == {
         "payloads": 0, "events": 0, "sightings": 0, "rejected": 0, "fetches": 0}
-    assert execute(store, "SELECT envelope IS NOT NULL FROM events") == [(1,)]
+    assert await query(store, "SELECT envelope IS NOT NULL FROM events") == [(1,)]
 
 
+@pytest.mark.sqlite_only("the SQLite file's size; PostgreSQL reuses space by autovacuum")
 async def test_file_size_stays_bounded_under_constant_load(store: Store) -> None:
     sizes = []
     for round_number in range(8):
         for i in range(400):  # the same orders change again and again
             await store.ingest(parse_order_webhook(order_event_body(
                 f"o{i}", stamp=f"2024-05-01T10:00:{round_number:02d}.000Z")))
-        execute(store, "UPDATE events SET received_at = ?", LONG_AGO)
+        await query(store, "UPDATE events SET received_at = ?", LONG_AGO)
         await purge_all(store, Retention(payload_days=1, dedup_days=1, batch=100))
-        execute(store, "PRAGMA wal_checkpoint(TRUNCATE)")
+        await query(store, "PRAGMA wal_checkpoint(TRUNCATE)")
         sizes.append(store.path.stat().st_size)
-    assert execute(store, "SELECT count(*) FROM events") == [(0,)]
+    assert await query(store, "SELECT count(*) FROM events") == [(0,)]
     # Freed pages are reused: no growth. (The entities table keeps one row per order, so
     # it grows with the number of orders, not with the number of events.)
     assert sizes[-1] <= sizes[1] * 1.05, sizes
@@ -107,44 +106,46 @@ async def test_open_or_dead_deliveries_keep_the_row_of_a_purged_event(
     async with store:
         for entity in ("pending", "running", "dead", "done"):
             await ingest(store, entity)
-        execute(store, "UPDATE deliveries SET status = 'done'")
-        execute(store, "UPDATE events SET received_at = ?", LONG_AGO)
+        await query(store, "UPDATE deliveries SET status = 'done'")
+        await query(store, "UPDATE events SET received_at = ?", LONG_AGO)
         assert (await purge_all(store, Retention(payload_days=1, dedup_days=1e9)))[
             "payloads"] == 4
         for status in ("pending", "running", "dead"):
-            execute(store, "UPDATE deliveries SET status = ? WHERE entity_id = ?", status, status)
+            await query(store, "UPDATE deliveries SET status = ? WHERE entity_id = ?",
+                        status, status)
         totals = await purge_all(store, Retention(payload_days=1, dedup_days=1))
         assert totals["events"] == 1
-        assert execute(store, "SELECT entity_id, status FROM deliveries ORDER BY id") == [
+        assert await query(store, "SELECT entity_id, status FROM deliveries ORDER BY id") == [
             ("pending", "pending"), ("running", "running"), ("dead", "dead")]
-        assert len(execute(store, "SELECT seq FROM events")) == 3
+        assert len(await query(store, "SELECT seq FROM events")) == 3
 
 
 async def test_replaying_a_purged_event_says_why_it_cannot(store: Store) -> None:
     event_id = await ingest(store, "o1")
-    execute(store, "UPDATE events SET received_at = ?", LONG_AGO)
+    await query(store, "UPDATE events SET received_at = ?", LONG_AGO)
     await purge_all(store, Retention(payload_days=1, dedup_days=1e9))
     with pytest.raises(StoreError, match="payload was purged by retention"):
         await store.replay(event_id, ["drop"])
-    assert execute(store, "SELECT count(*) FROM deliveries") == [(0,)]
+    assert await query(store, "SELECT count(*) FROM deliveries") == [(0,)]
 
 
 def test_cli_replay_of_a_purged_event_exits_non_zero_with_the_reason(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    store_factory: Callable[..., Store],
 ) -> None:
     # The CLI would point the logging at this test's captured stderr, closed after it.
     monkeypatch.setattr(logs, "configure", lambda *args, **kwargs: None)
-    db = tmp_path / "db.sqlite"
+    store = store_factory("db.sqlite")
 
     async def prepare() -> str:
-        async with Store(db, StoreSettings()) as store:
+        async with store:
             event_id = await ingest(store, "o1")
-            execute(store, "UPDATE events SET received_at = ?", LONG_AGO)
+            await query(store, "UPDATE events SET received_at = ?", LONG_AGO)
             await purge_all(store, Retention(payload_days=1, dedup_days=1e9))
             return event_id
 
     event_id = asyncio.run(prepare())
-    config = write_config(tmp_path / "c.toml", {"mode": "webhook", "store": {"path": db},
+    config = write_config(tmp_path / "c.toml", {"mode": "webhook", "store": store_config(store),
                                                 "webhook": {"auth": "none",
                                                             "allow_unauthenticated": True}})
     code = main(["replay", "--event", event_id, "--config", str(config)])
