@@ -968,7 +968,8 @@ async def test_leases_are_renewed_while_the_handler_runs_and_no_more_after(
         renewals.lose = {renewals.calls[0][1][0]}
         await until(lambda: any(e["event"] == "dispatch.lease_lost" for e in logs))
         target.GATES["o1"].set()
-        await until(lambda: statuses(store) == [("erp", "o1", "done", 1)])
+        while await statuses(store) != [("erp", "o1", "done", 1)]:
+            await asyncio.sleep(0.02)
         stop.set()
         await running
     assert all(call == ("erp", renewals.calls[0][1]) for call in renewals.calls)
@@ -979,5 +980,6 @@ async def test_leases_are_renewed_while_the_handler_runs_and_no_more_after(
     assert lane._renewal is None
 
 
+@pytest.mark.sqlite_only("PostgreSQL's renewals: tests/test_replicas.py")
 async def test_a_sqlite_store_keeps_every_claim(store: Store) -> None:
     assert await store.renew("erp", [3, 1]) == [3, 1]
