@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from tcbridge.cli import main
-from tcbridge.config import load_settings
+from tcbridge.config import Settings, load_settings
 from tcbridge.errors import ConfigError
 
 TOKEN = "tok-9f3a-0123456789abcdef0123456789"
@@ -304,3 +305,18 @@ def test_store_backend_postgresql_needs_a_dsn_and_keeps_it_secret(tmp_path: Path
     # sqlite ignores a dsn (one may be kept while moving between backends)
     assert load_settings(write(tmp_path, MINIMAL + f'[store]\ndsn = "{dsn}"\n')).store.location \
         .endswith("tcbridge.db")
+
+
+def test_node_and_delivery_sections_for_replicas() -> None:
+    defaults = Settings(mode="webhook", webhook={"auth": "none", "allow_unauthenticated": True})
+    assert defaults.node.id is None and defaults.node.lock_check_s == 5.0
+    assert defaults.delivery.lease_s == 60.0
+    named = Settings(mode="webhook", webhook={"auth": "none", "allow_unauthenticated": True},
+                     node={"id": "tcbridge-a", "lock_check_s": 0.5}, delivery={"lease_s": 5})
+    assert (named.node.id, named.node.lock_check_s, named.delivery.lease_s) == (
+        "tcbridge-a", 0.5, 5.0)
+    for bad in ({"node": {"id": ""}}, {"node": {"lock_check_s": 0}},
+                {"delivery": {"lease_s": 0.5}}, {"node": {"unknown": 1}}):
+        with pytest.raises(ValidationError):
+            Settings(mode="webhook", webhook={"auth": "none", "allow_unauthenticated": True},
+                     **bad)
