@@ -35,6 +35,11 @@ log = structlog.get_logger(__name__)
 
 Connect = Callable[..., Awaitable[Any]]
 CLOSE_TIMEOUT_S = 2.0
+# A round (or a connect) slower than this on a busy machine is not a lost connection:
+# dropping the locks for it would make the poller flap between replicas.
+MIN_ROUND_TIMEOUT_S = 2.0
+CONNECT_TIMEOUT_S = 5.0
+FORGET_AFTER_S = 7 * 86_400.0  # heartbeat rows of replicas gone this long are deleted
 # Server-side keepalives of the lock session: a replica cut off from the database loses
 # its locks after about idle + interval * count seconds (or the unacknowledged-data
 # timeout), not after the kernel's two hours.
@@ -60,6 +65,7 @@ class Coordinator:
         self.changed = asyncio.Event()  # set whenever a kind is taken or lost
         self._dsn = dsn
         self._check_s = lock_check_s
+        self._round_timeout_s = max(lock_check_s, MIN_ROUND_TIMEOUT_S)
         self._heartbeat_s = heartbeat_s
         self._connect_fn = connect
         self._conn: Any = None
@@ -108,7 +114,7 @@ class Coordinator:
         try:
             if self._conn is None:
                 await self._open()
-            await asyncio.wait_for(self._round(), timeout=self._check_s)
+            await asyncio.wait_for(self._round(), timeout=self._round_timeout_s)
             self.last_error = None
         except LOST as e:
             self._lost(f"{type(e).__name__}: {e}")
@@ -116,9 +122,11 @@ class Coordinator:
     async def _open(self) -> None:
         settings = {"application_name": f"tcbridge {self.node_id} coordinator"[:63],
                     **LOCK_SESSION_SETTINGS}
+        timeout_s = max(self._check_s, CONNECT_TIMEOUT_S)
         self._conn = await asyncio.wait_for(
-            self._connect_fn(self._dsn, timeout=self._check_s, server_settings=settings),
-            timeout=self._check_s * 2)
+            self._connect_fn(self._dsn, timeout=timeout_s, server_settings=settings),
+            timeout=timeout_s + 1)
+        await co.forget(self._conn, FORGET_AFTER_S)
         log.info("leader.connected", node=self.node_id)
 
     async def _round(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,12 +11,13 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from tcbridge.errors import Fenced
-from tcbridge.leader import Coordinator
+from tcbridge.leader import MIN_ROUND_TIMEOUT_S, Coordinator
 from tcbridge.store import Fence
 from tcbridge.store import coordination as co
 
@@ -182,9 +184,79 @@ async def test_run_stops_and_releases_on_stop(
     assert b.active("order")
 
 
+class Cuttable:
+    """A TCP relay to the PostgreSQL server that a test can cut like a network partition:
+    no byte passes any more, the client's socket stays open (it hears only silence), and
+    the server's side is closed (as the server's keepalives end the session, later)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._pipes: list[asyncio.Task[None]] = []
+        self._upstreams: list[asyncio.StreamWriter] = []
+        self._clients: list[asyncio.StreamWriter] = []
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+        self._upstreams.append(up_writer)
+        self._clients.append(writer)
+        self._pipes += [asyncio.create_task(self._pipe(reader, up_writer)),
+                        asyncio.create_task(self._pipe(up_reader, writer))]
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+
+    async def cut(self) -> None:
+        for task in self._pipes:
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+        for up in self._upstreams:
+            up.close()
+
+    async def stop(self) -> None:
+        await self.cut()
+        for client in self._clients:
+            client.close()
+        self._server.close()
+        await self._server.wait_closed()
+
+
+async def test_a_cut_network_stops_the_holder_and_hands_the_kind_over(
+    coordinators: Callable[..., Coordinator], dsn: str,
+) -> None:
+    server = urlsplit(dsn)
+    relay = Cuttable(server.hostname or "127.0.0.1", server.port or 5432)
+    await relay.start()
+    try:
+        a = coordinators("a", kinds=("order",), dsn=urlunsplit(
+            server._replace(netloc=f"{server.username}@127.0.0.1:{relay.port}")))
+        b = coordinators("b", kinds=("order",))
+        await a.run_once()
+        await b.run_once()
+        assert a.active("order") and not b.active("order")
+        await relay.cut()
+        started = time.monotonic()
+        await a.run_once()  # its check hangs: after the round timeout, it stops polling
+        stopped_s = time.monotonic() - started
+        assert a.role == "standby" and "TimeoutError" in str(a.last_error)
+        assert stopped_s < MIN_ROUND_TIMEOUT_S + 1.0
+        await b.run_once()
+        assert b.fence("order") == Fence("order", 2)
+    finally:
+        await relay.stop()
+
+
 HOLDER = """
 import asyncio, sys
-from tcbridge.leader import Coordinator
+from tcbridge.leader import MIN_ROUND_TIMEOUT_S, Coordinator
 
 async def main() -> None:
     c = Coordinator(sys.argv[1], node_id="victim", kinds=["order"], lock_check_s=0.3,

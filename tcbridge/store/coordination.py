@@ -138,6 +138,14 @@ async def leave(conn: Any, replica_id: str) -> None:
     await conn.execute("UPDATE replicas SET holds_poller = '{}' WHERE id = $1", replica_id)
 
 
+async def forget(conn: Any, older_than_s: float) -> int:
+    """Delete the heartbeat rows of replicas not seen for ``older_than_s``."""
+    result = await conn.execute(
+        "DELETE FROM replicas WHERE last_seen_at < now() - make_interval(secs => $1)",
+        older_than_s)
+    return int(str(result).rsplit(" ", 1)[-1])
+
+
 async def replicas_seen(conn: Any, within_s: float) -> list[Replica]:
     """Replicas whose heartbeat is at most ``within_s`` old, by id."""
     rows = await conn.fetch(
