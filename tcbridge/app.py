@@ -7,6 +7,7 @@ import contextlib
 import os
 import resource
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -74,13 +75,21 @@ class Parts:
     notifier: Notifier = field(default_factory=lambda: Notifier(None))
 
 
+def replica_id(settings: Settings) -> str:
+    """This daemon's name in a shared store's claims: its host and listening port (stable
+    across restarts, distinct for two daemons on one host)."""
+    port = settings.webhook.port if settings.webhook_enabled else settings.admin.port
+    return f"{socket.gethostname()}:{port}"
+
+
 async def serve(
     settings: Settings, stop: asyncio.Event, *, notifier: Notifier | None = None
 ) -> int:
     """Run the daemon until ``stop`` is set or a part crashes; returns the exit code."""
     metrics = Metrics()
     route = make_route(settings.handlers, on_skip=metrics.count_skip)
-    parts = Parts(store=make_store(settings.store, route=route),
+    parts = Parts(store=make_store(settings.store, route=route,
+                                               replica_id=replica_id(settings)),
                   supervisor=Supervisor(stop), metrics=metrics)
     if notifier is not None:
         parts.notifier = notifier

@@ -39,11 +39,16 @@ def _no_routes(envelope: object) -> list[str]:
     return []
 
 
-def make_store(settings: StoreSettings, *, route: Route = _no_routes) -> StoreBackend:
-    """The (unopened) store ``settings.backend`` names."""
+def make_store(
+    settings: StoreSettings, *, route: Route = _no_routes, replica_id: str | None = None
+) -> StoreBackend:
+    """The (unopened) store ``settings.backend`` names. ``replica_id`` names this daemon in
+    a shared store's delivery claims (PostgreSQL): the same after a restart, so the claims
+    a crash cut off are released at once on start-up rather than when their lease ends."""
     if settings.backend == "postgresql":
         assert settings.dsn is not None  # the settings' validator made sure
-        return postgres.Store(settings.dsn.get_secret_value(), settings, route=route)
+        return postgres.Store(settings.dsn.get_secret_value(), settings, route=route,
+                              replica_id=replica_id)
     return Store(settings.path, settings, route=route)
 
 
