@@ -32,6 +32,7 @@ from bench.common import (
 )
 from bench.load import LoadResult, closed_loop, fixed_rate, percentile
 from bench.prefill import prefill
+from tests.backends import create_database, drop_database, run_sync, server_problem, store_rows
 
 PARKED = {"name": "erp", "type": "python", "callable": "bench.handlers:park", "concurrency": 1}
 NOOP = {"name": "erp", "type": "python", "callable": "bench.handlers:noop"}
@@ -124,10 +125,17 @@ def _baseline_load(ctx: Context, connections: int, duration_s: float) -> LoadRes
         return ctx.load(f"http://127.0.0.1:{port}/webhook/order", connections, duration_s)
 
 
+def _count(daemon: Daemon, sql: str) -> int:
+    """One count from the daemon's store, read beside it (SQLite file or PostgreSQL)."""
+    if daemon.config["store"].get("backend") == "postgresql":
+        return int(store_rows(daemon.config["store"], sql)[0][0])
+    return int(db_query(daemon.db_path, sql)[0][0])
+
+
 def _check_unique(daemon: Daemon, result: LoadResult) -> dict[str, int]:
     """Every request must have become a new event: no duplicates, nothing lost."""
-    events = db_query(daemon.db_path, "SELECT count(*) FROM events")[0][0]
-    duplicates = db_query(daemon.db_path, "SELECT count(*) FROM sightings")[0][0]
+    events = _count(daemon, "SELECT count(*) FROM events")
+    duplicates = _count(daemon, "SELECT count(*) FROM sightings")
     if duplicates:
         raise RuntimeError(f"{daemon.name}: {duplicates} duplicate sightings: bodies not unique")
     if result.errors:
@@ -136,12 +144,15 @@ def _check_unique(daemon: Daemon, result: LoadResult) -> dict[str, int]:
 
 
 def _tcbridge_load(ctx: Context, name: str, connections: int, duration_s: float,
-                   *, db: Path | None = None) -> tuple[LoadResult, dict[str, int]]:
+                   *, db: Path | None = None, dsn: str | None = None,
+                   ) -> tuple[LoadResult, dict[str, int]]:
     config: dict[str, Any] = {"handlers": [PARKED]}
     if db is not None:
         config["store"] = {"path": str(db)}
+    if dsn is not None:
+        config["store"] = {"backend": "postgresql", "dsn": dsn}
     with _fresh_daemon(ctx, name, config).start_and_wait() as daemon:
-        before = db_query(daemon.db_path, "SELECT count(*) FROM events")[0][0]
+        before = _count(daemon, "SELECT count(*) FROM events")
         result = ctx.load(daemon.url + "/webhook/order", connections, duration_s)
         counts = _check_unique(daemon, result)
     counts["events"] -= before
@@ -171,6 +182,39 @@ def ingest_throughput(ctx: Context) -> Row:
         ratio, ">= 0.80 x", ratio >= 0.80,
         {"tcbridge": [r.as_dict() for r in tcb], "baseline": [r.as_dict() for r in base],
          "body_bytes": {"min": low, "mean": round(mean), "max": high}},
+    )
+
+
+# -- 1b. ingest on PostgreSQL -------------------------------------------------------------------
+
+
+def ingest_postgresql(ctx: Context) -> Row:
+    """Benchmark 1's load on the daemon with backend = postgresql (a database of its own,
+    created and dropped, on the machine's server) against the same daemon on SQLite."""
+    s = ctx.scale
+    problem = server_problem()
+    if problem is not None:
+        raise RuntimeError(problem)
+    sqlite_runs: list[LoadResult] = []
+    pg_runs: list[LoadResult] = []
+    for i in range(s.rounds):
+        sqlite_runs.append(_tcbridge_load(ctx, f"pg-sqlite{i}", s.connections, s.ingest_s)[0])
+        dsn = run_sync(create_database("tcb_bench"))
+        try:
+            pg_runs.append(_tcbridge_load(ctx, f"pg{i}", s.connections, s.ingest_s,
+                                          dsn=dsn)[0])
+        finally:
+            run_sync(drop_database(dsn))
+    best_sqlite = max(sqlite_runs, key=lambda r: r.rps)
+    best = max(pg_runs, key=lambda r: r.rps)
+    ratio = best.rps / best_sqlite.rps
+    return Row(
+        f"1b ingest on PostgreSQL, {s.connections} conn",
+        f"{fmt_rate(best.rps)} (p99 {best.p99_ms:.0f} ms)",
+        f"{fmt_rate(best_sqlite.rps)} on SQLite (p99 {best_sqlite.p99_ms:.0f} ms)",
+        ratio, "reported", None,
+        {"postgresql": [r.as_dict() for r in pg_runs],
+         "sqlite": [r.as_dict() for r in sqlite_runs]},
     )
 
 
@@ -435,6 +479,7 @@ def profile_ingest(ctx: Context) -> str:
 
 BENCHMARKS: dict[str, Callable[[Context], Row | list[Row]]] = {
     "ingest": ingest_throughput,
+    "ingest-pg": ingest_postgresql,
     "latency": ack_latency,
     "e2e": end_to_end,
     "backfill": backfill,

@@ -7,6 +7,7 @@ import contextlib
 import os
 import resource
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -78,13 +79,21 @@ class Parts:
     notifier: Notifier = field(default_factory=lambda: Notifier(None))
 
 
+def replica_id(settings: Settings) -> str:
+    """This daemon's default name (``[node] id`` unset) in a shared store's claims and
+    heartbeats: its host and listening port (stable across restarts, distinct for two
+    daemons on one host)."""
+    port = settings.webhook.port if settings.webhook_enabled else settings.admin.port
+    return f"{socket.gethostname()}:{port}"
+
+
 async def serve(
     settings: Settings, stop: asyncio.Event, *, notifier: Notifier | None = None
 ) -> int:
     """Run the daemon until ``stop`` is set or a part crashes; returns the exit code."""
     metrics = Metrics()
     route = make_route(settings.handlers, on_skip=metrics.count_skip)
-    node_id = settings.node.id or default_node_id()
+    node_id = settings.node.id or replica_id(settings)
     parts = Parts(store=make_store(settings.store, route=route, replica_id=node_id,
                                    lease_s=settings.delivery.lease_s),
                   supervisor=Supervisor(stop), metrics=metrics, node_id=node_id)

@@ -382,7 +382,7 @@ class NodeSettings(_Section):
     """This replica, among several on one PostgreSQL store (ignored on SQLite)."""
 
     # How the replica is named in `status`, the heartbeat row and its claims; default
-    # "<hostname>-<pid>". Give each replica its own stable name.
+    # "<hostname>:<port>" (app.replica_id). Names must differ between replicas.
     id: str | None = Field(default=None, min_length=1, max_length=200)
     heartbeat_s: float = Field(default=5.0, gt=0, le=3600)
     # How often a standby tries to take the poller lock and the holder checks its

@@ -143,3 +143,18 @@ def store_config(store: StoreBackend) -> dict[str, Any]:
         return {"backend": "postgresql", "dsn": store.dsn}
     assert isinstance(store, SqliteStore)
     return {"path": str(store.path)}
+
+
+def store_rows(section: dict[str, Any], sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` in the store a ``[store]`` section names (blocking; for tests of a
+    daemon in a subprocess). ``?`` placeholders on both backends."""
+    if section.get("backend") == "postgresql":
+        async def fetch() -> list[tuple[Any, ...]]:
+            conn = await asyncpg.connect(section["dsn"], timeout=5)
+            try:
+                return [tuple(row) for row in await conn.fetch(numbered(sql), *args)]
+            finally:
+                await conn.close()
+        return run_sync(fetch())
+    with sqlite3.connect(section["path"], timeout=5) as db:
+        return db.execute(sql, args).fetchall()

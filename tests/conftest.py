@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from tests.backends import (
     drop_database,
     run_sync,
     server_problem,
+    store_rows,
     truncate,
 )
 from tests.support import free_port, write_config
@@ -190,6 +191,7 @@ class Daemon:
     admin_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    store: dict[str, Any] = field(default_factory=dict)  # its [store] section
 
     @property
     def url(self) -> str:
@@ -244,6 +246,11 @@ class Daemon:
             assert result.returncode == expect, result.stderr
         return result
 
+    def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        """Rows of ``sql`` read from the daemon's store beside it (SQLite file or PostgreSQL
+        database; ``?`` placeholders on both)."""
+        return store_rows(self.store, sql, *args)
+
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
@@ -275,17 +282,27 @@ DAEMON_ENV = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(HELPERS)}
 
 
 @pytest.fixture
-async def daemon_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Daemon]]:
-    """Build daemons on tmp_path; each gets a free port, its own store and log file."""
+async def daemon_factory(
+    tmp_path: Path, backend: str
+) -> AsyncIterator[Callable[..., Daemon]]:
+    """Build daemons on tmp_path; each gets a free port, its own store (a SQLite file, or a
+    PostgreSQL database of its own, dropped after the test) and log file."""
     daemons: list[Daemon] = []
+    databases: dict[str, str] = {}
+    if backend == "postgresql" and (problem := server_problem()) is not None:
+        pytest.skip(problem)
 
     def make(config: dict[str, Any], name: str = "tcbridge") -> Daemon:
         port = free_port()
+        store: dict[str, Any] = {"path": str(tmp_path / f"{name}.db")}
+        if backend == "postgresql":
+            if name not in databases:
+                databases[name] = run_sync(create_database())
+            store |= {"backend": "postgresql", "dsn": databases[name]}
         base: dict[str, Any] = {
             "mode": "webhook",
             "shutdown_timeout_s": 5,
-            "store": {"path": str(tmp_path / f"{name}.db"), "busy_timeout_s": 0.5,
-                      "retry_after_s": 1},
+            "store": store | {"busy_timeout_s": 0.5, "retry_after_s": 1},
             "webhook": {"host": "127.0.0.1", "port": port, "auth": "bearer",
                         "bearer_token": "hook-token-1-for-tests-0123456789ab"},
             "admin": {"host": "127.0.0.1", "port": free_port()},
@@ -298,7 +315,7 @@ async def daemon_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Daemon]]
                 base[key] = value
         path = write_config(tmp_path / f"{name}.toml", base)
         daemon = Daemon(config_path=path, log_path=tmp_path / f"{name}.log", port=port,
-                        admin_port=base["admin"]["port"])
+                        admin_port=base["admin"]["port"], store=base["store"])
         daemons.append(daemon)
         return daemon
 
@@ -307,6 +324,8 @@ async def daemon_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Daemon]]
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.proc.kill()
             daemon.proc.wait()
+    for dsn in databases.values():
+        await drop_database(dsn)
 
 
 SIM_USER, SIM_PASSWORD = "integration@example.com", "sim-password-1"

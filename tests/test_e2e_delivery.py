@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import DAEMON_ENV, Daemon, Receiver, order_event_body, until
 
 TOKEN = {"Authorization": "Bearer hook-token-1-for-tests-0123456789ab"}
+pytestmark = pytest.mark.backends()
 
 
 async def post_events(daemon: Daemon, bodies: list[dict[str, Any]]) -> list[str]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tcbridge.timefmt import instant_us
 from tests.conftest import Daemon, tradecloud_config, until
@@ -17,9 +17,11 @@ TOKEN = {"Authorization": "Bearer hook-token-1-for-tests-0123456789ab"}
 START = "2020-01-01T00:00:00.000Z"
 
 
+pytestmark = pytest.mark.backends()
+
+
 def query(daemon: Daemon, sql: str) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(daemon.config_path.parent / "tcbridge.db", timeout=5) as conn:
-        return conn.execute(sql).fetchall()
+    return daemon.rows(sql)
 
 
 def poll_config(url: str, mode: str = "poll", **poll: Any) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""End to end: the real daemon in a subprocess, real HTTP, a real SQLite file."""
+"""End to end: the real daemon in a subprocess, real HTTP, a real store (a SQLite file or
+a PostgreSQL database)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from tests.conftest import Daemon, order_event_body
 TOKEN = {"Authorization": "Bearer hook-token-1-for-tests-0123456789ab"}
 
 
+pytestmark = pytest.mark.backends()
+
+
 def query(daemon: Daemon, sql: str) -> list[tuple[object, ...]]:
-    path = daemon.config_path.parent / "tcbridge.db"
-    with sqlite3.connect(path, timeout=5) as conn:
-        return conn.execute(sql).fetchall()
+    return daemon.rows(sql)
 
 
 async def test_posted_event_is_stored_once_and_duplicate_recorded(
@@ -41,6 +43,7 @@ async def test_posted_event_is_stored_once_and_duplicate_recorded(
     assert query(daemon, "SELECT reason, source FROM sightings") == [("duplicate", "webhook")]
 
 
+@pytest.mark.sqlite_only("locks the SQLite file from another process")
 async def test_bad_json_wrong_credentials_and_locked_store(
     daemon_factory: Callable[..., Daemon],
 ) -> None:

@@ -13,7 +13,7 @@ from tcbridge.cli import main
 from tcbridge.config import FileHandlerSettings, StoreSettings
 from tcbridge.dispatch import make_route
 from tcbridge.envelope import parse_order_webhook, parse_snapshot
-from tcbridge.store import PostgresStore, Rejected, SqliteStore
+from tcbridge.store import PostgresStore, Rejected, SqliteStore, transfer
 from tests.backends import query
 from tests.conftest import order_event_body, order_obj
 from tests.support import write_config
@@ -107,3 +107,24 @@ def test_a_missing_sqlite_store_or_a_wrong_target_is_refused(
     assert not (tmp_path / "missing.sqlite").exists()
     assert main(["migrate-store", "--config", config, "--to", "mysql://x"]) == 2
     assert "expected postgresql://" in capsys.readouterr().err
+
+
+def test_a_copy_that_does_not_add_up_leaves_the_target_empty(
+    tmp_path: Path, pg_fresh_dsn: str, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    db = tmp_path / "db.sqlite"
+    asyncio.run(fill(db, tmp_path / "out"))
+    real = transfer.sqlite.table_counts
+    monkeypatch.setattr(transfer.sqlite, "table_counts",
+                        lambda conn: real(conn) | {"events": 99})
+    assert main(["migrate-store", "--config", str(config_for(tmp_path, db)),
+                 "--to", pg_fresh_dsn]) == 1
+    assert "events: 99 in SQLite, 2 copied" in capsys.readouterr().err
+
+    async def counts() -> dict[str, int]:
+        settings = StoreSettings(backend="postgresql", dsn=pg_fresh_dsn)
+        async with PostgresStore(pg_fresh_dsn, settings) as store:
+            return await store.table_counts()
+
+    assert set(asyncio.run(counts()).values()) == {0}  # rolled back whole

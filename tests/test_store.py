@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
@@ -497,3 +498,48 @@ async def test_an_unreachable_server_is_unavailable_then_keeps_trying() -> None:
         assert store.writer_alive and not store.health().connected
     finally:
         await store.close()
+
+
+@pg_only
+async def test_a_lost_connection_is_unavailable_then_the_writer_reconnects(
+    store: PostgresStore,
+) -> None:
+    await store.ingest(parse_order_webhook(order_event_body("o1")))
+    await query(store, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid != pg_backend_pid()")
+    with pytest.raises(StoreUnavailable):
+        await store.ingest(parse_order_webhook(order_event_body("o2")))
+    assert store.health().errors == 1 and not store.health().connected
+    store._next_connect_at = 0.0  # no need to wait for the reconnect pause
+    assert (await store.ingest(parse_order_webhook(order_event_body("o3")))).status == "stored"
+    assert store.health().connected and store.health().last_error is None
+    assert (await store.counts())["events"] == 2
+
+
+@pg_only
+async def test_a_deadlocked_operation_is_run_again_in_its_savepoint(
+    store: PostgresStore,
+) -> None:
+    tries: list[int] = []
+
+    async def deadlocks_once(conn: Any) -> str:
+        tries.append(1)
+        await conn.execute("INSERT INTO cursors VALUES ('x', 'y', 'z')")
+        if len(tries) <= 2:  # in the batch's fast path, then in its savepoint
+            raise asyncpg.DeadlockDetectedError("deadlock detected")
+        return "ok"
+
+    results = await asyncio.gather(
+        store.run(deadlocks_once), store.ingest(parse_order_webhook(order_event_body())))
+    assert results[0] == "ok" and len(tries) == 3  # the savepoint's retry went through
+    assert await query(store, "SELECT count(*) FROM cursors WHERE kind = 'x'") == [(1,)]
+
+
+@pg_only
+async def test_a_deadlock_that_persists_is_unavailable_not_a_bug(store: PostgresStore) -> None:
+    async def always(conn: Any) -> None:
+        raise asyncpg.DeadlockDetectedError("deadlock detected")
+
+    with pytest.raises(StoreUnavailable, match="deadlock"):
+        await store.run(always)
+    assert (await store.ingest(parse_order_webhook(order_event_body()))).status == "stored"

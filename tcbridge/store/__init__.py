@@ -43,7 +43,9 @@ def _no_routes(envelope: object) -> list[str]:
 def make_store(settings: StoreSettings, *, route: Route = _no_routes,
                replica_id: str | None = None, lease_s: float | None = None) -> StoreBackend:
     """The (unopened) store ``settings.backend`` names. On PostgreSQL, claims are leased to
-    ``replica_id`` (``[node] id``) for ``lease_s`` (``[delivery] lease_s``) at a time."""
+    ``replica_id`` (``[node] id``) for ``lease_s`` (``[delivery] lease_s``) at a time;
+    the same id after a restart releases the claims a crash cut off at once on start-up
+    rather than when their lease ends."""
     if settings.backend == "postgresql":
         assert settings.dsn is not None  # the settings' validator made sure
         return postgres.Store(settings.dsn.get_secret_value(), settings, route=route,

@@ -831,6 +831,33 @@ async def lock_entity(conn: Conn, kind: str, entity_id: str) -> None:
                        ENTITY_LOCK, f"{kind}:{entity_id}")
 
 
+_LOOKUP_SQL = (
+    # the stored event with the candidate's id (if any) and the entity's newest instant
+    "SELECT e.source, e.envelope, n.newest_us FROM (SELECT 1) AS one"
+    " LEFT JOIN events e ON e.id = $1"
+    " LEFT JOIN entities n ON n.kind = $2 AND n.entity_id = $3"
+)
+
+# The event, the entity's newest instant and the outbox rows in one statement (one round
+# trip): nothing of it is written when the event id is taken already (ON CONFLICT).
+_STORE_SQL = (
+    "WITH ev AS (INSERT INTO events (id, kind, entity_id, version_key, last_updated_at,"
+    "  instant_us, event_name, source, received_at, late, envelope, recovered)"
+    "  VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)"
+    "  ON CONFLICT (id) DO NOTHING RETURNING seq),"
+    " ent AS (INSERT INTO entities (kind, entity_id, newest_us, newest_last_updated_at)"
+    "  SELECT $2, $3, $6, $5 FROM ev WHERE $13::boolean"
+    # the newest instant only ever moves forward, even if the entity lock were bypassed
+    "  ON CONFLICT (kind, entity_id) DO UPDATE SET newest_us = excluded.newest_us,"
+    "  newest_last_updated_at = excluded.newest_last_updated_at"
+    "  WHERE entities.newest_us <= excluded.newest_us),"
+    " dl AS (INSERT INTO deliveries (event_seq, event_id, handler, entity_id,"
+    "  next_attempt_at, created_at, replay)"
+    "  SELECT ev.seq, $1, h.name, $3, $14, $9, 0 FROM ev, unnest($15::text[]) AS h (name))"
+    " SELECT seq FROM ev"
+)
+
+
 async def ingest_one(
     conn: Conn,
     candidate: Candidate,
@@ -839,11 +866,14 @@ async def ingest_one(
     *,
     recovered: bool = False,
 ) -> IngestResult:
-    """The dedup rules (tcbridge.store.rules), inside the caller's transaction."""
+    """The dedup rules (tcbridge.store.rules), inside the caller's transaction: lock the
+    entity (its own statement, so the next one's snapshot sees what another replica
+    committed before we got the lock), look up, decide, write."""
     await lock_entity(conn, candidate.kind, candidate.entity_id)
     event_id, sibling = candidate.event_id, None
-    stored = await conn.fetchrow("SELECT source, envelope FROM events WHERE id = $1", event_id)
-    if stored is not None:
+    stored = await conn.fetchrow(_LOOKUP_SQL, event_id, candidate.kind, candidate.entity_id)
+    assert stored is not None  # the LEFT JOIN on one row always gives one row
+    if stored[0] is not None:
         sibling = rules.sibling_id(candidate, stored[0], stored[1])
         if sibling is None or await conn.fetchval(
                 "SELECT 1 FROM events WHERE id = $1", sibling):
@@ -851,10 +881,7 @@ async def ingest_one(
             await _sighting(conn, candidate, duplicate_of, "duplicate", received_at)
             return IngestResult("duplicate", duplicate_of)
         event_id = sibling
-    newest_value = await conn.fetchval(
-        "SELECT newest_us FROM entities WHERE kind = $1 AND entity_id = $2",
-        candidate.kind, candidate.entity_id)
-    newest = None if newest_value is None else int(newest_value)
+    newest = None if stored[2] is None else int(stored[2])
     late = rules.is_late(candidate, newest)
     if rules.is_stale(candidate, late):
         await _sighting(conn, candidate, None, "stale", received_at)
@@ -864,49 +891,17 @@ async def ingest_one(
         changed_line_ids=changed_lines(candidate, newest), late=late,
         sibling=sibling is not None,
     )
-    seq = await _insert_event(conn, candidate, envelope, received_at, late, recovered)
+    routes = list(route(envelope))
+    seq = await conn.fetchval(
+        _STORE_SQL, envelope["id"], candidate.kind, candidate.entity_id, candidate.version_key,
+        candidate.last_updated_at, candidate.instant_us, candidate.event_name,
+        candidate.source, received_at, int(late), envelope_json(envelope), int(recovered),
+        rules.moves_newest(candidate, late), time.time(), routes)
     if seq is None:  # stored meanwhile under the unique key: the other one is the event
         await _sighting(conn, candidate, event_id, "duplicate", received_at)
         return IngestResult("duplicate", event_id)
-    routes = route(envelope)
-    if routes:
-        await insert_deliveries(conn, seq, event_id, candidate.entity_id, routes, received_at)
     return IngestResult("stored", event_id, late=late, deliveries=len(routes),
                         recovered=recovered)
-
-
-async def _insert_event(
-    conn: Conn,
-    candidate: Candidate,
-    envelope: Mapping[str, Any],
-    received_at: str,
-    late: bool,
-    recovered: bool,
-) -> int | None:
-    seq = await conn.fetchval(
-        "INSERT INTO events (id, kind, entity_id, version_key, last_updated_at, instant_us,"
-        " event_name, source, received_at, late, envelope, recovered)"
-        " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)"
-        " ON CONFLICT (id) DO NOTHING RETURNING seq",
-        envelope["id"], candidate.kind, candidate.entity_id, candidate.version_key,
-        candidate.last_updated_at, candidate.instant_us, candidate.event_name,
-        candidate.source, received_at, int(late), envelope_json(envelope), int(recovered),
-    )
-    if seq is None:
-        return None
-    if rules.moves_newest(candidate, late):
-        # Conditional upsert: the newest instant only ever moves forward, even if the entity
-        # lock were bypassed (a second line of defence, not the first).
-        await conn.execute(
-            "INSERT INTO entities (kind, entity_id, newest_us, newest_last_updated_at)"
-            " VALUES ($1,$2,$3,$4) ON CONFLICT (kind, entity_id) DO UPDATE SET"
-            " newest_us = excluded.newest_us,"
-            " newest_last_updated_at = excluded.newest_last_updated_at"
-            " WHERE entities.newest_us <= excluded.newest_us",
-            candidate.kind, candidate.entity_id, candidate.instant_us,
-            candidate.last_updated_at,
-        )
-    return int(seq)
 
 
 async def _sighting(
