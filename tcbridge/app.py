@@ -171,6 +171,15 @@ def poller_role(settings: Settings, parts: Parts) -> str:
     return "active" if parts.coordinator is None else parts.coordinator.role
 
 
+def polled_kinds(settings: Settings, parts: Parts) -> list[str]:
+    """The kinds this process polls now (each kind has one poller among the replicas)."""
+    if not settings.poll_enabled:
+        return []
+    if parts.coordinator is None:
+        return list(settings.poll.kinds)
+    return parts.coordinator.polling
+
+
 async def _watch_store(store: StoreBackend, stop: asyncio.Event) -> None:
     """Raises (a part crashed: the daemon exits non-zero) when the writer thread dies."""
     assert store.failed is not None
@@ -248,6 +257,7 @@ async def _start_admin(settings: Settings, parts: Parts) -> None:
                           lambda: _refresh_gauges(parts),
                           alive=lambda: parts.store.writer_alive or parts.draining.is_set(),
                           about=lambda: {"poller": poller_role(settings, parts),
+                                         "polls": polled_kinds(settings, parts),
                                          "node": parts.node_id})
     parts.admin = await _listen(app, settings.admin.host, settings.admin.port, 1.0, None)
     parts.admin_bound.extend(_addresses(parts.admin))

@@ -89,6 +89,11 @@ class Coordinator:
         return self._since.get(kind)
 
     @property
+    def polling(self) -> list[str]:
+        """The kinds this replica polls now."""
+        return sorted(self._held)
+
+    @property
     def role(self) -> str:
         """``active`` when this replica polls any kind, else ``standby``."""
         return "active" if self._held else "standby"

@@ -83,11 +83,15 @@ async def test_a_lost_session_stops_the_holder_at_once_and_the_other_takes_over(
     await a.run_once()
     await b.run_once()
     admin = await asyncpg.connect(dsn)
-    try:  # the server ends a's session: as after a network cut noticed by keepalives
+    try:
+        assert await co.pollers(admin) == {"order": "a", "shipment": "a"}
+        # the server ends a's session: as after a network cut noticed by keepalives
         await admin.execute("SELECT pg_terminate_backend($1, 5000)", await _backend_pid(dsn, "a"))
+        assert await co.pollers(admin) == {}  # a's heartbeat may still say so: the locks don't
+        await b.run_once()
+        assert await co.pollers(admin) == {"order": "b", "shipment": "b"}
     finally:
         await admin.close()
-    await b.run_once()
     assert b.active("order") and b.fence("order") == Fence("order", 2)
     a.changed.clear()
     await a.run_once()  # notices the lost connection: active no more, at once

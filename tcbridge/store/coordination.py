@@ -138,6 +138,21 @@ async def leave(conn: Any, replica_id: str) -> None:
     await conn.execute("UPDATE replicas SET holds_poller = '{}' WHERE id = $1", replica_id)
 
 
+async def pollers(conn: Any) -> dict[str, str]:
+    """kind -> the replica polling it now: the last taker (``poller_leases.holder``) of
+    each kind whose lock some session holds (``pg_locks``). A kind whose holder died and
+    that nobody took over yet is absent; a dead replica's heartbeat row may still say it
+    polls, this does not."""
+    rows = await conn.fetch(
+        """SELECT p.kind, p.holder, l.objid::bigint AS objid FROM poller_leases p
+           JOIN pg_locks l ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+             AND l.classid = $1::bigint::oid
+             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+        """, NAMESPACE)
+    return {str(r["kind"]): str(r["holder"]) for r in rows
+            if int(r["objid"]) == lock_key(str(r["kind"])) % (1 << 32)}
+
+
 async def forget(conn: Any, older_than_s: float) -> int:
     """Delete the heartbeat rows of replicas not seen for ``older_than_s``."""
     result = await conn.execute(

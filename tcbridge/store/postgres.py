@@ -619,11 +619,12 @@ class Store:
         """The replicas whose heartbeat is at most ``within_s`` old, and what they poll."""
         async def op(conn: Conn) -> list[dict[str, Any]]:
             now = await conn.fetchval("SELECT now()")
+            polling = await coordination.pollers(conn)  # the locks, not the heartbeats
             return [{"id": r.id, "host": r.host, "pid": r.pid, "version": r.version,
                      "startedAt": r.started_at.isoformat(),
                      "lastSeenAt": r.last_seen_at.isoformat(),
                      "lastSeenSecondsAgo": round((now - r.last_seen_at).total_seconds(), 1),
-                     "polls": list(r.holds_poller)}
+                     "polls": sorted(k for k, holder in polling.items() if holder == r.id)}
                     for r in await coordination.replicas_seen(conn, within_s)]
 
         return await self.run(op)
