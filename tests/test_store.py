@@ -564,3 +564,15 @@ async def test_two_replicas_writing_the_same_entities_in_opposite_orders_do_not_
             statuses = [r.status for page in results for r in page]
             assert statuses.count("stored") == 30 and statuses.count("duplicate") == 30
         assert (await first.counts())["events"] == 150
+
+
+@pg_only
+async def test_a_database_holding_other_tables_of_those_names_is_refused_at_once(
+    pg_fresh_dsn: str,
+) -> None:
+    settings = StoreSettings(backend="postgresql", dsn=pg_fresh_dsn)
+    store = PostgresStore(pg_fresh_dsn, settings)
+    await execute(store, "CREATE TABLE events (x integer)")  # another application's table
+    with pytest.raises(StoreError, match="cannot migrate") as caught:
+        await store.open(keep_trying=True)  # no point in retrying: not a 503 loop
+    assert not isinstance(caught.value, StoreUnavailable)

@@ -317,6 +317,8 @@ class Store:
             raise
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             await _close_quietly(conn)
+            if not is_transient(e):  # e.g. tables of another application: no retry helps
+                raise StoreError(f"cannot migrate {self.location}: {e}") from e
             raise StoreUnavailable(f"cannot migrate {self.location}: {e}") from e
         self._connected = True
         return conn
