@@ -13,7 +13,11 @@ Deliveries are claimed with ``FOR UPDATE SKIP LOCKED``, only the head open deliv
 (handler, entity), with a lease (``claimed_until``, ``claimed_by``).
 
 The schema is :data:`MIGRATIONS` below (one list of statements per version, each version
-one transaction, the version in ``schema_version``).
+one transaction, the version in ``schema_version``): a new table or column is a new version
+appended at the end, never an edit of a released one. Advisory locks: the entity locks and
+the migration lock use the two-int4 key space with ``ENTITY_LOCK`` as the first key; other
+locks (e.g. one active poller per kind) belong in the single-bigint key space. A claim
+leases a delivery to ``Store.replica_id`` until ``now + CLAIM_LEASE_S``.
 """
 
 from __future__ import annotations
