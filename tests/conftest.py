@@ -298,7 +298,9 @@ async def daemon_factory(
         if backend == "postgresql":
             if name not in databases:
                 databases[name] = run_sync(create_database())
-            store |= {"backend": "postgresql", "dsn": databases[name]}
+            # with a password (the test server trusts any): the logs must never show it
+            dsn = databases[name].replace("postgres@", f"postgres:{PG_PASSWORD}@", 1)
+            store |= {"backend": "postgresql", "dsn": dsn}
         base: dict[str, Any] = {
             "mode": "webhook",
             "shutdown_timeout_s": 5,
@@ -328,6 +330,7 @@ async def daemon_factory(
         await drop_database(dsn)
 
 
+PG_PASSWORD = "pg-pass-Wq31"
 SIM_USER, SIM_PASSWORD = "integration@example.com", "sim-password-1"
 
 

@@ -7,22 +7,28 @@ import asyncio
 import contextlib
 import json
 import socket
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
-from tests.conftest import DAEMON_ENV, Daemon, order_event_body, tradecloud_config, until
+from tests.conftest import (
+    DAEMON_ENV,
+    PG_PASSWORD,
+    Daemon,
+    order_event_body,
+    tradecloud_config,
+    until,
+)
 
 TOKEN = {"Authorization": "Bearer hook-token-1-for-tests-0123456789ab"}
 START = "2020-01-01T00:00:00.000Z"
 
 
 def query(daemon: Daemon, sql: str) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(daemon.config_path.parent / "tcbridge.db", timeout=5) as conn:
-        return conn.execute(sql).fetchall()
+    return daemon.rows(sql)
 
 
 async def get(url: str) -> tuple[int, str]:
@@ -162,6 +168,7 @@ def _toml_section(name: str, values: dict[str, Any]) -> str:
     return f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
 
 
+@pytest.mark.backends()
 async def test_status_backfill_and_purge_commands(
     daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any], tmp_path: Path
 ) -> None:
@@ -184,18 +191,19 @@ async def test_status_backfill_and_purge_commands(
     assert report["counts"]["duplicates"] == {"poll": 1}
     assert "order" not in report["cursors"]  # the main cursor is untouched
     assert report["backlog"] == {}
-    query(daemon, "SELECT 1")
-    with sqlite3.connect(daemon.config_path.parent / "tcbridge.db", timeout=5) as conn:
-        conn.execute("UPDATE events SET received_at = '2001-01-01T00:00:00.000Z'")
+    query(daemon, "UPDATE events SET received_at = '2001-01-01T00:00:00.000Z'")
     assert "payloads 130" in daemon.cli("purge").stdout
     assert await daemon.stop() == 0
 
 
+@pytest.mark.backends()
 async def test_secrets_never_appear_in_logs(
-    daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any]
+    daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any], backend: str,
 ) -> None:
     secrets = {"tradecloud": "tc-pass-Zq81", "hook": "hook-token-1-for-tests-0123456789ab",
                "erp": "erp-token-Xy7"}
+    if backend == "postgresql":  # the DSN's password (trust auth on the test server)
+        secrets["dsn"] = PG_PASSWORD
     sim, url = await simulator_factory(password=secrets["tradecloud"])
     (order,) = sim.add_orders(1)
     daemon = daemon_factory({
@@ -221,6 +229,8 @@ async def test_secrets_never_appear_in_logs(
     assert "delivery.dead" in log_text and "poll.done" in log_text
     for name, secret in secrets.items():
         assert secret not in log_text, f"the {name} secret is in the log"
+    if backend == "postgresql":
+        assert "<redacted>" in log_text  # the store's location, without its password
 
 
 async def test_systemd_notify_ready_watchdog_and_stopping(

@@ -543,3 +543,36 @@ async def test_a_deadlock_that_persists_is_unavailable_not_a_bug(store: Postgres
     with pytest.raises(StoreUnavailable, match="deadlock"):
         await store.run(always)
     assert (await store.ingest(parse_order_webhook(order_event_body()))).status == "stored"
+
+
+@pg_only
+async def test_two_replicas_writing_the_same_entities_in_opposite_orders_do_not_deadlock(
+    store_factory: Callable[..., PostgresStore],
+) -> None:
+    """Each batch takes its entities' locks at once, in one sorted order: pages that name
+    the same orders in opposite orders, on two replicas at once, all commit."""
+    first, second = store_factory(), store_factory()
+    names = [f"o{i}" for i in range(30)]
+    async with first, second:
+        for round_number in range(5):
+            stamp = f"2024-05-01T10:00:{round_number:02d}.000Z"
+            pages = [[parse_snapshot("order", order_obj(n, stamp), "poll") for n in order]
+                     for order in (names, names[::-1])]
+            results = await asyncio.gather(
+                first.ingest_page("order", pages[0], [], None),
+                second.ingest_page("order", pages[1], [], None))
+            statuses = [r.status for page in results for r in page]
+            assert statuses.count("stored") == 30 and statuses.count("duplicate") == 30
+        assert (await first.counts())["events"] == 150
+
+
+@pg_only
+async def test_a_database_holding_other_tables_of_those_names_is_refused_at_once(
+    pg_fresh_dsn: str,
+) -> None:
+    settings = StoreSettings(backend="postgresql", dsn=pg_fresh_dsn)
+    store = PostgresStore(pg_fresh_dsn, settings)
+    await execute(store, "CREATE TABLE events (x integer)")  # another application's table
+    with pytest.raises(StoreError, match="cannot migrate") as caught:
+        await store.open(keep_trying=True)  # no point in retrying: not a 503 loop
+    assert not isinstance(caught.value, StoreUnavailable)

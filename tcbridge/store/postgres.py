@@ -13,7 +13,13 @@ Deliveries are claimed with ``FOR UPDATE SKIP LOCKED``, only the head open deliv
 (handler, entity), with a lease (``claimed_until``, ``claimed_by``).
 
 The schema is :data:`MIGRATIONS` below (one list of statements per version, each version
-one transaction, the version in ``schema_version``).
+one transaction, the version in ``schema_version``): a new table or column is a new version
+appended at the end, never an edit of a released one. Advisory locks: the entity locks and
+the migration lock use the two-int4 key space with ``ENTITY_LOCK`` as the first key; the
+poller locks (one active poller per kind, ``coordination``) the same space with
+``coordination.NAMESPACE`` as the first key. A claim leases a delivery to
+``Store.replica_id`` until ``now + lease_s`` (``[delivery] lease_s``), renewed by
+``renew`` while its handler runs; an expired one is claimable again.
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
-from typing import Any, TypeVar
+from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 import structlog
@@ -202,6 +208,25 @@ MIGRATIONS: list[list[str]] = [
 ]
 
 
+@dataclass(frozen=True, slots=True)
+class Locked(Generic[T]):
+    """An operation with the entities it writes (``kind:entity_id``). The batch takes their
+    advisory locks before it runs: the fast path all of them in one statement, in one sorted
+    order (so two replicas' batches never deadlock on each other), the savepoint path each
+    operation's own in its savepoint."""
+
+    keys: tuple[str, ...]
+    op: Callable[[Conn], Awaitable[T]]
+
+    async def __call__(self, conn: Conn) -> T:
+        return await self.op(conn)
+
+
+def entity_key(kind: str, entity_id: str) -> str:
+    """The name of an entity's advisory lock (hashed by ``hashtext``)."""
+    return f"{kind}:{entity_id}"
+
+
 def default_replica_id() -> str:
     """This process, as named in ``claimed_by``: host and pid."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -303,6 +328,8 @@ class Store:
             raise
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             await _close_quietly(conn)
+            if not is_transient(e):  # e.g. tables of another application: no retry helps
+                raise StoreError(f"cannot migrate {self.location}: {e}") from e
             raise StoreUnavailable(f"cannot migrate {self.location}: {e}") from e
         self._connected = True
         return conn
@@ -414,7 +441,9 @@ class Store:
     async def ingest(self, candidate: Candidate) -> IngestResult:
         """Store one candidate as an event, a duplicate or a stale sighting, durably."""
         received_at = utc_now_iso()
-        return await self.run(lambda conn: ingest_one(conn, candidate, received_at, self._route))
+        return await self.run(Locked(
+            (entity_key(candidate.kind, candidate.entity_id),),
+            lambda conn: ingest_one(conn, candidate, received_at, self._route, locked=True)))
 
     async def ingest_page(
         self,
@@ -434,7 +463,8 @@ class Store:
         async def op(conn: Conn) -> list[IngestResult]:
             if fence is not None:
                 await coordination.check_fence(conn, fence)
-            results = [await ingest_one(conn, c, received_at, self._route, recovered=recovered)
+            results = [await ingest_one(conn, c, received_at, self._route,
+                                        recovered=recovered, locked=True)
                        for c in candidates]
             for rejected in rejects:
                 await self._keep_rejected(conn, rejected, received_at)
@@ -442,7 +472,8 @@ class Store:
                 await advance_cursor(conn, kind, cursor)
             return results
 
-        return await self.run(op)
+        keys = tuple(dict.fromkeys(entity_key(c.kind, c.entity_id) for c in candidates))
+        return await self.run(Locked(keys, op))
 
     async def reject(self, rejected: Rejected) -> int:
         """Keep a rejected request for inspection; returns its row id."""
@@ -512,11 +543,11 @@ class Store:
         received_at = utc_now_iso()
 
         async def op(conn: Conn) -> IngestResult:
-            result = await ingest_one(conn, candidate, received_at, self._route)
+            result = await ingest_one(conn, candidate, received_at, self._route, locked=True)
             await finish_fetch(conn, request, "done", None, received_at)
             return result
 
-        return await self.run(op)
+        return await self.run(Locked((entity_key(candidate.kind, candidate.entity_id),), op))
 
     async def fail_fetch(
         self, request: FetchRequest, error: str, *, retry_at: float | None
@@ -728,6 +759,7 @@ async def run_batch(conn: Conn, batch: Sequence[tuple[Op, asyncio.Future[Any]]])
     except Exception as e:
         return _fail_all(batch, StoreUnavailable(f"cannot begin a transaction: {e}"))
     try:
+        await lock_keys(conn, sorted({k for op, _ in batch for k in _keys(op)}))
         outcomes: list[Outcome] = [(future, await op(conn), None) for op, future in batch]
     except Exception as e:
         if not await _rolled_back(transaction):
@@ -753,6 +785,7 @@ async def _run_in_savepoint(conn: Conn, op: Op) -> tuple[Any, BaseException | No
     for attempt in range(OP_RETRIES + 1):
         try:
             async with conn.transaction():  # nested: a savepoint
+                await lock_keys(conn, sorted(_keys(op)))
                 return await op(conn), None
         except Exception as e:  # one failing operation must not spoil its neighbours
             if conn.is_closed():
@@ -826,10 +859,25 @@ async def migrate(conn: Conn) -> int:
 # -- ingest ------------------------------------------------------------------------------
 
 
+def _keys(op: Op) -> tuple[str, ...]:
+    return op.keys if isinstance(op, Locked) else ()
+
+
+async def lock_keys(conn: Conn, keys: Sequence[str]) -> None:
+    """Take the entities' transaction-level advisory locks, in the order given (sorted, by
+    every caller that takes several)."""
+    if len(keys) == 1:
+        await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", ENTITY_LOCK, keys[0])
+    elif keys:
+        await conn.execute(
+            "SELECT count(pg_advisory_xact_lock($1, hashtext(k)))"
+            " FROM (SELECT k FROM unnest($2::text[]) AS u (k) ORDER BY k) AS sorted", ENTITY_LOCK,
+            list(keys))
+
+
 async def lock_entity(conn: Conn, kind: str, entity_id: str) -> None:
     """Serialise the entity's look-ups and writes with other replicas' until commit."""
-    await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))",
-                       ENTITY_LOCK, f"{kind}:{entity_id}")
+    await lock_keys(conn, [entity_key(kind, entity_id)])
 
 
 _LOOKUP_SQL = (
@@ -866,11 +914,14 @@ async def ingest_one(
     route: Route,
     *,
     recovered: bool = False,
+    locked: bool = False,
 ) -> IngestResult:
     """The dedup rules (tcbridge.store.rules), inside the caller's transaction: lock the
-    entity (its own statement, so the next one's snapshot sees what another replica
-    committed before we got the lock), look up, decide, write."""
-    await lock_entity(conn, candidate.kind, candidate.entity_id)
+    entity (a statement before the look-up, so the look-up's snapshot sees what another
+    replica committed before we got the lock; ``locked``: the batch took it), look up,
+    decide, write."""
+    if not locked:
+        await lock_entity(conn, candidate.kind, candidate.entity_id)
     event_id, sibling = candidate.event_id, None
     stored = await conn.fetchrow(_LOOKUP_SQL, event_id, candidate.kind, candidate.entity_id)
     assert stored is not None  # the LEFT JOIN on one row always gives one row
