@@ -13,6 +13,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,96 @@ def ingest_postgresql(ctx: Context) -> Row:
         {"postgresql": [r.as_dict() for r in pg_runs],
          "sqlite": [r.as_dict() for r in sqlite_runs]},
     )
+
+
+# -- 1c. one replica against three on one PostgreSQL -------------------------------------------
+
+
+def replicas(ctx: Context) -> Row:
+    """Benchmark 1's load on one replica, then spread over three replicas on the same
+    PostgreSQL database (one closed loop per replica, a third of the connections each);
+    a new database each round."""
+    s = ctx.scale
+    problem = server_problem()
+    if problem is not None:
+        raise RuntimeError(problem)
+    one: list[LoadResult] = []
+    three: list[LoadResult] = []
+    for i in range(s.rounds):
+        alone, spread = _replicas_round(ctx, f"rep{i}", s.connections, s.ingest_s)
+        one.append(alone)
+        three.append(spread)
+    best_one = max(one, key=lambda r: r.rps)
+    best = max(three, key=lambda r: r.rps)
+    ratio = best.rps / best_one.rps
+    return Row(
+        f"1c ingest, 3 replicas on one PostgreSQL, {s.connections} conn",
+        f"{fmt_rate(best.rps)} (p99 {best.p99_ms:.0f} ms)",
+        f"{fmt_rate(best_one.rps)} one replica (p99 {best_one.p99_ms:.0f} ms)",
+        ratio, "reported", None,
+        {"three": [r.as_dict() for r in three], "one": [r.as_dict() for r in one],
+         "cpus": os.cpu_count()},
+    )
+
+
+def _replicas_round(ctx: Context, name: str, connections: int,
+                    duration_s: float) -> tuple[LoadResult, LoadResult]:
+    """One round on a new database: the first replica alone, then all three together
+    (starting the other two only then keeps the smoke run short)."""
+    dsn = run_sync(create_database("tcb_bench"))
+    daemons = [_fresh_daemon(ctx, f"{name}-{n}", {
+        "handlers": [PARKED], "store": {"backend": "postgresql", "dsn": dsn},
+        "node": {"id": f"{name}-{n}"}}) for n in range(3)]
+    try:
+        daemons[0].start_and_wait()
+        alone = _load_replicas(ctx, daemons[:1], connections, duration_s)
+        for daemon in daemons[1:]:
+            daemon.start()
+        for daemon in daemons[1:]:
+            daemon.probe()
+        spread = _load_replicas(ctx, daemons, connections, duration_s)
+    finally:
+        with ThreadPoolExecutor(len(daemons)) as pool:  # stopped together: 1 s drain each
+            list(pool.map(lambda d: d.stop(), daemons))
+        run_sync(drop_database(dsn))
+    return alone, spread
+
+
+def _load_replicas(ctx: Context, daemons: list[Daemon], connections: int,
+                   duration_s: float) -> LoadResult:
+    """A closed loop on each replica at once; the sum of their requests (latencies: the
+    worst replica's), checked against the events the shared store gained."""
+    before = _count(daemons[0], "SELECT count(*) FROM events")
+    # Prefixes drawn here, not in the threads: every body stays unique.
+    loads = [(d.url + "/webhook/order", ctx.prefix()) for d in daemons]
+    per = max(1, connections // len(daemons))
+    with ThreadPoolExecutor(len(daemons)) as pool:
+        results = list(pool.map(lambda load: closed_loop(
+            load[0], ctx.templates_path, load[1], connections=per,
+            duration_s=duration_s, force_python=ctx.force_python), loads))
+    combined = _combined(results)
+    _check_replicas(daemons[0], combined, before)
+    return combined
+
+
+def _combined(results: list[LoadResult]) -> LoadResult:
+    return LoadResult(results[0].tool, sum(r.requests for r in results),
+                      max(r.duration_s for r in results), sum(r.errors for r in results),
+                      max(r.p50_ms for r in results), max(r.p90_ms for r in results),
+                      max(r.p99_ms for r in results), max(r.max_ms for r in results))
+
+
+def _check_replicas(daemon: Daemon, result: LoadResult, before: int) -> None:
+    """Every answered request is one new event in the shared store, none a duplicate."""
+    events = _count(daemon, "SELECT count(*) FROM events") - before
+    # A start-up probe answered after its client's 2 s timeout is posted again: a duplicate
+    # of a probe, not of the load.
+    duplicates = _count(daemon, "SELECT count(*) FROM sightings"
+                                " WHERE entity_id NOT LIKE 'probe-%'")
+    if duplicates or result.errors:
+        raise RuntimeError(f"replicas: {duplicates} duplicates, {result.errors} errors")
+    if events < result.requests:
+        raise RuntimeError(f"replicas: {result.requests} answered, {events} events stored")
 
 
 # -- 2. ack latency ----------------------------------------------------------------------------
@@ -480,6 +571,7 @@ def profile_ingest(ctx: Context) -> str:
 BENCHMARKS: dict[str, Callable[[Context], Row | list[Row]]] = {
     "ingest": ingest_throughput,
     "ingest-pg": ingest_postgresql,
+    "replicas": replicas,
     "latency": ack_latency,
     "e2e": end_to_end,
     "backfill": backfill,
