@@ -266,6 +266,8 @@ async def test_the_same_event_at_two_replicas_at_once_is_one_event_and_one_dupli
 ) -> None:
     bridge: Replicas = await replicas_factory(count=2, mode="webhook")
     await asyncio.gather(*(bridge.start_replica(i) for i in range(2)))
+    answer = await readyz(bridge.replicas[0])
+    assert (answer["status"], answer["poller"], answer["node"]) == ("ready", "disabled", "r1")
     bodies = [order_event_body(f"same-{i}", stamp="2024-05-01T10:00:00.000Z")
               for i in range(20)]
     headers = {"Authorization": f"Bearer {TOKEN}"}
