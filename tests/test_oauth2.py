@@ -125,7 +125,8 @@ async def test_audience_list_and_claim_alternatives() -> None:
     ("overrides", "reason"),
     [
         ({"exp": int(time.time()) - 120}, "expired"),
-        ({"nbf": int(time.time()) + 600}, "not_yet_valid"),
+        # a day ahead: computed at collection, it must still be ahead when a long suite runs it
+        ({"nbf": int(time.time()) + 86_400}, "not_yet_valid"),
         ({"aud": "api://someone-else"}, "audience"),
         ({"iss": "https://login.example.com/tenant-2/v2.0"}, "issuer"),
         ({"appid": None}, "claim"),
