@@ -12,13 +12,15 @@ import json
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
 from bench.bodies import BodyMaker
-from bench.common import BENCH, TOKEN
+from bench.common import BENCH, TOKEN, CpuCost, CpuMeter
 
 WRK_TIMEOUT_S = 10
 
@@ -35,15 +37,31 @@ class LoadResult:
     p90_ms: float
     p99_ms: float
     max_ms: float
+    cpu: CpuCost | None = None  # the server's CPU over the run, per answered request
 
     @property
     def rps(self) -> float:
         return self.requests / self.duration_s if self.duration_s else 0.0
 
-    def as_dict(self) -> dict[str, float | int | str]:
+    @property
+    def answered(self) -> int:
+        """Requests that got an answer and were not counted as errors."""
+        return max(0, self.requests - self.errors)
+
+    def as_dict(self) -> dict[str, Any]:
         return {"tool": self.tool, "requests": self.requests, "duration_s": self.duration_s,
                 "rps": round(self.rps, 1), "errors": self.errors, "p50_ms": self.p50_ms,
-                "p90_ms": self.p90_ms, "p99_ms": self.p99_ms, "max_ms": self.max_ms}
+                "p90_ms": self.p90_ms, "p99_ms": self.p99_ms, "max_ms": self.max_ms,
+                "cpu": None if self.cpu is None else self.cpu.as_dict()}
+
+
+def metered(pid: int | None, run: Callable[[], LoadResult]) -> LoadResult:
+    """``run()``, with the CPU that process ``pid`` used meanwhile per answered request."""
+    if pid is None:
+        return run()
+    meter = CpuMeter(pid)
+    result = run()
+    return replace(result, cpu=meter.cost(result.answered))
 
 
 def wrk_path() -> str | None:
