@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import json
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -85,17 +87,46 @@ def closed_loop(url: str, templates_path: Path, prefix: str, *, connections: int
     return asyncio.run(_python_closed(url, templates, prefix, connections, duration_s, token))
 
 
+def closed_until(url: str, templates_path: Path, prefix: str, *, connections: int,
+                 stop: threading.Event, max_s: float, token: str | None = TOKEN,
+                 force_python: bool = False) -> LoadResult:
+    """``closed_loop`` that ends when ``stop`` is set (or after ``max_s``): wrk gets SIGINT,
+    which makes it stop and print its summary as at the end of its duration."""
+    wrk = wrk_path()
+    if wrk and not force_python:
+        proc = subprocess.Popen(_wrk_argv(wrk, url, templates_path, prefix, connections,
+                                          max_s, token),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while proc.poll() is None and not stop.wait(0.1):
+            pass
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+        return _wrk_result(proc.returncode, stdout, stderr)
+    templates = templates_path.read_text(encoding="utf-8").splitlines()
+    return asyncio.run(_python_closed(url, templates, prefix, connections, max_s, token, stop))
+
+
+def _wrk_argv(wrk: str, url: str, templates_path: Path, prefix: str, connections: int,
+              duration_s: float, token: str | None) -> list[str]:
+    return [wrk, "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
+            f"--timeout={WRK_TIMEOUT_S}s", "--latency", "-s", str(BENCH / "post.lua"), url,
+            "--", str(templates_path), token or "", prefix]
+
+
 def _run_wrk(wrk: str, url: str, templates_path: Path, prefix: str, connections: int,
              duration_s: float, token: str | None) -> LoadResult:
-    duration = max(1, round(duration_s))
-    argv = [wrk, "-t1", f"-c{connections}", f"-d{duration}s", f"--timeout={WRK_TIMEOUT_S}s",
-            "--latency", "-s", str(BENCH / "post.lua"), url, "--",
-            str(templates_path), token or "", prefix]
+    argv = _wrk_argv(wrk, url, templates_path, prefix, connections, duration_s, token)
     out = subprocess.run(argv, capture_output=True, text=True, check=False,
-                         timeout=duration + 60)
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
-    if out.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+                         timeout=max(1, round(duration_s)) + 60)
+    return _wrk_result(out.returncode, out.stdout, out.stderr)
+
+
+def _wrk_result(returncode: int, stdout: str, stderr: str) -> LoadResult:
+    """The LoadResult of post.lua's BENCH_JSON line."""
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({returncode}):\n{stdout}\n{stderr}")
     data = json.loads(line.removeprefix("BENCH_JSON "))
     errors = sum(data["errors"].values())
     lat = data["latency_us"]
@@ -120,7 +151,8 @@ def _headers(token: str | None) -> dict[str, str]:
 
 
 async def _python_closed(url: str, templates: list[str], prefix: str, connections: int,
-                         duration_s: float, token: str | None) -> LoadResult:
+                         duration_s: float, token: str | None,
+                         stop: threading.Event | None = None) -> LoadResult:
     latencies: list[float] = []
     errors = 0
     headers = _headers(token)
@@ -130,7 +162,7 @@ async def _python_closed(url: str, templates: list[str], prefix: str, connection
     async def worker(number: int, session: aiohttp.ClientSession, end: float) -> None:
         nonlocal errors
         maker = BodyMaker(templates, prefix, number + 1)
-        while time.monotonic() < end:
+        while time.monotonic() < end and not (stop is not None and stop.is_set()):
             _, body = maker.next()
             started = time.monotonic()
             try:
