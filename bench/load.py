@@ -101,7 +101,11 @@ def closed_until(url: str, templates_path: Path, prefix: str, *, connections: in
             pass
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
         return _wrk_result(proc.returncode, stdout, stderr)
     templates = templates_path.read_text(encoding="utf-8").splitlines()
     return asyncio.run(_python_closed(url, templates, prefix, connections, max_s, token, stop))
