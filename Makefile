@@ -50,7 +50,7 @@ bench-smoke: $(STAMP)
 	$(BIN)/python -m bench --smoke
 	$(BIN)/python -m bench.long --smoke
 
-## a million webhooks through the daemon (not in CI; 6-12 minutes here): ingest rate, RSS and
+## a million webhooks through the daemon (not in CI; 6-18 minutes here): ingest rate, RSS and
 ## CPU in the first and the last 10 % of the events; `make bench-long EVENTS=100000` for less
 EVENTS ?= 1000000
 bench-long: $(STAMP)
