@@ -35,7 +35,7 @@ from bench.run import _clean, _row_dict, describe_machine, format_table
 from bench.suite import PARKED, Row
 
 FULL_EVENTS = 1_000_000
-SMOKE_EVENTS = 2_000
+SMOKE_EVENTS = 1_000
 SHARE = 0.10  # the first and the last 10 % of the events are compared
 FLAT_RATE = 0.90  # last / first rate at least this
 FLAT_RSS = 1.10  # last / first RSS median at most this
