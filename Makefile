@@ -38,7 +38,7 @@ clean:
 
 ## the benchmark suite of issue 6 (about 10 minutes): a table of ratios against baselines
 ## measured in the same run, written into bench/README.md
-.PHONY: bench-smoke
+.PHONY: bench-smoke bench-long
 bench: $(STAMP)
 	@sh bench/ensure_wrk.sh
 	@$(BIN)/python -m pip install --quiet py-spy || echo "bench: py-spy not installed: no profile"
@@ -48,6 +48,14 @@ bench: $(STAMP)
 bench-smoke: $(STAMP)
 	@sh bench/ensure_wrk.sh
 	$(BIN)/python -m bench --smoke
+	$(BIN)/python -m bench.long --smoke
+
+## a million webhooks through the daemon (not in CI; 6-18 minutes here): ingest rate, RSS and
+## CPU in the first and the last 10 % of the events; `make bench-long EVENTS=100000` for less
+EVENTS ?= 1000000
+bench-long: $(STAMP)
+	@sh bench/ensure_wrk.sh
+	$(BIN)/python -m bench.long --events $(EVENTS)
 
 ## mutation testing (mutmut 3) of the core modules with the in-process tests, one module
 ## at a time: `make mutation MUTATE=poller`; results in mutants/, `mutmut browse` to read

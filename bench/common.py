@@ -50,6 +50,101 @@ def rss_kb(pid: int) -> int | None:
     return None
 
 
+def parse_stat_cpu_ticks(stat: str) -> int:
+    """utime + stime + cutime + cstime (fields 14-17 of ``/proc/PID/stat``) in clock ticks.
+
+    The command name (field 2) may hold spaces and parentheses, so the fields are counted
+    from the last ``)``. utime and stime already sum every thread of the process; cutime and
+    cstime add children it has waited for, so a helper process that exits mid-window still
+    counts (proc(5))."""
+    rest = stat[stat.rindex(")") + 2:].split()
+    # rest[0] is field 3 (state): field n is rest[n - 3].
+    return sum(int(value) for value in rest[11:15])
+
+
+def _children(pid: int) -> list[int]:
+    """Live child pids of every thread of ``pid`` (``/proc/PID/task/TID/children``)."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.scandir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                text = Path(task.path, "children").read_text(encoding="ascii")
+                found.extend(int(child) for child in text.split())
+    return found
+
+
+def cpu_s(pid: int, *, tree: bool = True) -> float | None:
+    """CPU seconds (user + sys, all threads) a process has used so far; with ``tree``, its
+    live descendants too (a writer or listener process of its own counts). None when the
+    process is gone."""
+    ticks = 0
+    pending, seen = [pid], set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            stat = Path(f"/proc/{current}/stat").read_text(encoding="ascii", errors="replace")
+        except OSError:
+            if current == pid:
+                return None
+            continue
+        ticks += parse_stat_cpu_ticks(stat)
+        if tree:
+            pending.extend(_children(current))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True, slots=True)
+class CpuCost:
+    """CPU seconds a process spent on ``events`` events: the cost per 1,000 of them."""
+
+    cpu_s: float
+    events: int
+
+    @property
+    def per_1000_s(self) -> float | None:
+        return self.cpu_s / self.events * 1000 if self.events > 0 else None
+
+    def text(self) -> str:
+        """``0.412`` (CPU s per 1,000 events), ``-`` without events."""
+        value = self.per_1000_s
+        return "-" if value is None else f"{value:.3f}"
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        value = self.per_1000_s
+        return {"cpu_s": round(self.cpu_s, 3), "events": self.events,
+                "cpu_s_per_1000": None if value is None else round(value, 4)}
+
+
+@dataclass(slots=True)
+class CpuMeter:
+    """Reads a process's CPU seconds at the start of a measured window (when made) and at its
+    end (``cost``). Clock ticks are 10 ms, so windows of a few seconds are what it is for."""
+
+    pid: int
+    started_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.started_s = cpu_s(self.pid) or 0.0
+
+    def used_s(self) -> float:
+        """CPU seconds since the start of the window (0 once the process is gone)."""
+        now = cpu_s(self.pid)
+        return 0.0 if now is None else max(0.0, now - self.started_s)
+
+    def cost(self, events: int) -> CpuCost:
+        """The window's CPU seconds against ``events`` events done in it."""
+        return CpuCost(self.used_s(), events)
+
+
+def lowest_cost(costs: list[CpuCost | None]) -> CpuCost | None:
+    """The round with the lowest CPU per event (interference from other work only adds)."""
+    known = [c for c in costs if c is not None and c.per_1000_s is not None]
+    return min(known, key=lambda c: c.per_1000_s or 0.0, default=None)
+
+
 @dataclass
 class RssSampler:
     """Samples a process's RSS every ``interval_s`` in a thread: [(monotonic s, KiB)]."""

@@ -10,15 +10,19 @@ import asyncio
 import contextlib
 import json
 import shutil
+import signal
 import subprocess
+import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
 from bench.bodies import BodyMaker
-from bench.common import BENCH, TOKEN
+from bench.common import BENCH, TOKEN, CpuCost, CpuMeter
 
 WRK_TIMEOUT_S = 10
 
@@ -35,15 +39,31 @@ class LoadResult:
     p90_ms: float
     p99_ms: float
     max_ms: float
+    cpu: CpuCost | None = None  # the server's CPU over the run, per answered request
 
     @property
     def rps(self) -> float:
         return self.requests / self.duration_s if self.duration_s else 0.0
 
-    def as_dict(self) -> dict[str, float | int | str]:
+    @property
+    def answered(self) -> int:
+        """Requests that got an answer and were not counted as errors."""
+        return max(0, self.requests - self.errors)
+
+    def as_dict(self) -> dict[str, Any]:
         return {"tool": self.tool, "requests": self.requests, "duration_s": self.duration_s,
                 "rps": round(self.rps, 1), "errors": self.errors, "p50_ms": self.p50_ms,
-                "p90_ms": self.p90_ms, "p99_ms": self.p99_ms, "max_ms": self.max_ms}
+                "p90_ms": self.p90_ms, "p99_ms": self.p99_ms, "max_ms": self.max_ms,
+                "cpu": None if self.cpu is None else self.cpu.as_dict()}
+
+
+def metered(pid: int | None, run: Callable[[], LoadResult]) -> LoadResult:
+    """``run()``, with the CPU that process ``pid`` used meanwhile per answered request."""
+    if pid is None:
+        return run()
+    meter = CpuMeter(pid)
+    result = run()
+    return replace(result, cpu=meter.cost(result.answered))
 
 
 def wrk_path() -> str | None:
@@ -67,17 +87,50 @@ def closed_loop(url: str, templates_path: Path, prefix: str, *, connections: int
     return asyncio.run(_python_closed(url, templates, prefix, connections, duration_s, token))
 
 
+def closed_until(url: str, templates_path: Path, prefix: str, *, connections: int,
+                 stop: threading.Event, max_s: float, token: str | None = TOKEN,
+                 force_python: bool = False) -> LoadResult:
+    """``closed_loop`` that ends when ``stop`` is set (or after ``max_s``): wrk gets SIGINT,
+    which makes it stop and print its summary as at the end of its duration."""
+    wrk = wrk_path()
+    if wrk and not force_python:
+        proc = subprocess.Popen(_wrk_argv(wrk, url, templates_path, prefix, connections,
+                                          max_s, token),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while proc.poll() is None and not stop.wait(0.1):
+            pass
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        return _wrk_result(proc.returncode, stdout, stderr)
+    templates = templates_path.read_text(encoding="utf-8").splitlines()
+    return asyncio.run(_python_closed(url, templates, prefix, connections, max_s, token, stop))
+
+
+def _wrk_argv(wrk: str, url: str, templates_path: Path, prefix: str, connections: int,
+              duration_s: float, token: str | None) -> list[str]:
+    return [wrk, "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
+            f"--timeout={WRK_TIMEOUT_S}s", "--latency", "-s", str(BENCH / "post.lua"), url,
+            "--", str(templates_path), token or "", prefix]
+
+
 def _run_wrk(wrk: str, url: str, templates_path: Path, prefix: str, connections: int,
              duration_s: float, token: str | None) -> LoadResult:
-    duration = max(1, round(duration_s))
-    argv = [wrk, "-t1", f"-c{connections}", f"-d{duration}s", f"--timeout={WRK_TIMEOUT_S}s",
-            "--latency", "-s", str(BENCH / "post.lua"), url, "--",
-            str(templates_path), token or "", prefix]
+    argv = _wrk_argv(wrk, url, templates_path, prefix, connections, duration_s, token)
     out = subprocess.run(argv, capture_output=True, text=True, check=False,
-                         timeout=duration + 60)
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
-    if out.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+                         timeout=max(1, round(duration_s)) + 60)
+    return _wrk_result(out.returncode, out.stdout, out.stderr)
+
+
+def _wrk_result(returncode: int, stdout: str, stderr: str) -> LoadResult:
+    """The LoadResult of post.lua's BENCH_JSON line."""
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({returncode}):\n{stdout}\n{stderr}")
     data = json.loads(line.removeprefix("BENCH_JSON "))
     errors = sum(data["errors"].values())
     lat = data["latency_us"]
@@ -102,7 +155,8 @@ def _headers(token: str | None) -> dict[str, str]:
 
 
 async def _python_closed(url: str, templates: list[str], prefix: str, connections: int,
-                         duration_s: float, token: str | None) -> LoadResult:
+                         duration_s: float, token: str | None,
+                         stop: threading.Event | None = None) -> LoadResult:
     latencies: list[float] = []
     errors = 0
     headers = _headers(token)
@@ -112,7 +166,7 @@ async def _python_closed(url: str, templates: list[str], prefix: str, connection
     async def worker(number: int, session: aiohttp.ClientSession, end: float) -> None:
         nonlocal errors
         maker = BodyMaker(templates, prefix, number + 1)
-        while time.monotonic() < end:
+        while time.monotonic() < end and not (stop is not None and stop.is_set()):
             _, body = maker.next()
             started = time.monotonic()
             try:

@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 
 from bench.bodies import make_templates, write_templates
-from bench.common import BENCH, ROOT
+from bench.common import BENCH, ROOT, CpuCost
 from bench.load import tool_name
 from bench.suite import BENCHMARKS, FULL, SMOKE, Context, Row, profile_ingest
 
@@ -131,14 +131,36 @@ def _run_all(ctx: Context, names: list[str]) -> tuple[list[Row], list[str], floa
 
 def _row_dict(row: Row) -> dict[str, Any]:
     return {"name": row.name, "measured": row.measured, "baseline": row.baseline,
-            "ratio": row.ratio, "target": row.target, "met": row.met, "data": row.data}
+            "ratio": row.ratio, "target": row.target, "met": row.met,
+            "cpu_s_per_1000": _per_1000(row.cost),
+            "baseline_cpu_s_per_1000": _per_1000(row.baseline_cost),
+            "cpu": None if row.cost is None else row.cost.as_dict(),
+            "baseline_cpu": None if row.baseline_cost is None else row.baseline_cost.as_dict(),
+            "data": row.data}
+
+
+def _per_1000(cost: CpuCost | None) -> float | None:
+    value = None if cost is None else cost.per_1000_s
+    return None if value is None else round(value, 4)
+
+
+def cost_cell(row: Row) -> str:
+    """The CPU column: tcbridge's CPU s per 1,000 events, the baseline's in brackets."""
+    if row.cost is None and row.baseline_cost is None:
+        return "-"
+    mine = "-" if row.cost is None else row.cost.text()
+    if row.baseline_cost is None:
+        return mine
+    return f"{mine} (bare {row.baseline_cost.text()})"
 
 
 def format_table(rows: list[Row], markdown: bool = False) -> str:
-    """name, measured, baseline, ratio, target, met? as aligned text or Markdown."""
-    head = ["benchmark", "measured", "baseline (same run)", "ratio", "target", "met?"]
+    """name, measured, baseline, ratio, target, met?, CPU as aligned text or Markdown."""
+    head = ["benchmark", "measured", "baseline (same run)", "ratio", "target", "met?",
+            "CPU s / 1k events"]
     body = [[r.name, r.measured, r.baseline, "-" if r.ratio is None else f"{r.ratio:.2f}",
-             r.target, {True: "yes", False: "NO", None: "-"}[r.met]] for r in rows]
+             r.target, {True: "yes", False: "NO", None: "-"}[r.met], cost_cell(r)]
+            for r in rows]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(cell.replace("|", "/") for cell in line) + " |"

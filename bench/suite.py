@@ -22,16 +22,19 @@ from bench import profile
 from bench.backfill import SimServer, fetch_only, tradecloud_section
 from bench.bodies import sizes
 from bench.common import (
+    CpuCost,
+    CpuMeter,
     Daemon,
     RssSampler,
     baseline_app,
     db_query,
     file_size,
     log_time,
+    lowest_cost,
     rss_kb,
     wait_http,
 )
-from bench.load import LoadResult, closed_loop, fixed_rate, percentile
+from bench.load import LoadResult, closed_loop, fixed_rate, metered, percentile
 from bench.prefill import prefill
 from tests.backends import create_database, drop_database, run_sync, server_problem, store_rows
 
@@ -77,6 +80,8 @@ class Row:
     target: str
     met: bool | None
     data: dict[str, Any] = field(default_factory=dict)
+    cost: CpuCost | None = None  # tcbridge's CPU s per 1,000 events (the "CPU" column)
+    baseline_cost: CpuCost | None = None  # the same for the baseline, when it has one
 
 
 @dataclass(slots=True)
@@ -101,9 +106,13 @@ class Context:
     def templates(self) -> list[str]:
         return self.templates_path.read_text(encoding="utf-8").splitlines()
 
-    def load(self, url: str, connections: int, duration_s: float) -> LoadResult:
-        return closed_loop(url, self.templates_path, self.prefix(), connections=connections,
-                           duration_s=duration_s, force_python=self.force_python)
+    def load(self, url: str, connections: int, duration_s: float,
+             pid: int | None = None) -> LoadResult:
+        """The closed-loop load; with ``pid``, that server's CPU per answered request too."""
+        prefix = self.prefix()
+        return metered(pid, lambda: closed_loop(
+            url, self.templates_path, prefix, connections=connections,
+            duration_s=duration_s, force_python=self.force_python))
 
 
 def fmt_rate(value: float, unit: str = "req/s") -> str:
@@ -123,7 +132,8 @@ def _baseline_load(ctx: Context, connections: int, duration_s: float) -> LoadRes
     proc, port = baseline_app(ctx.workdir)
     with proc.start():
         wait_http(port, "GET", "/readyz", None, {}, proc)
-        return ctx.load(f"http://127.0.0.1:{port}/webhook/order", connections, duration_s)
+        return ctx.load(f"http://127.0.0.1:{port}/webhook/order", connections, duration_s,
+                        pid=proc.pid)
 
 
 def _count(daemon: Daemon, sql: str) -> int:
@@ -154,7 +164,8 @@ def _tcbridge_load(ctx: Context, name: str, connections: int, duration_s: float,
         config["store"] = {"backend": "postgresql", "dsn": dsn}
     with _fresh_daemon(ctx, name, config).start_and_wait() as daemon:
         before = _count(daemon, "SELECT count(*) FROM events")
-        result = ctx.load(daemon.url + "/webhook/order", connections, duration_s)
+        result = ctx.load(daemon.url + "/webhook/order", connections, duration_s,
+                          pid=daemon.pid)
         counts = _check_unique(daemon, result)
     counts["events"] -= before
     return result, counts
@@ -183,6 +194,7 @@ def ingest_throughput(ctx: Context) -> Row:
         ratio, ">= 0.80 x", ratio >= 0.80,
         {"tcbridge": [r.as_dict() for r in tcb], "baseline": [r.as_dict() for r in base],
          "body_bytes": {"min": low, "mean": round(mean), "max": high}},
+        cost=lowest_cost([r.cpu for r in tcb]), baseline_cost=lowest_cost([r.cpu for r in base]),
     )
 
 
@@ -460,16 +472,18 @@ def memory(ctx: Context) -> list[Row]:
     with daemon.start_and_wait():
         idle_kb = rss_kb(daemon.pid) or 0
         sampler = RssSampler(daemon.pid).start()
+        meter = CpuMeter(daemon.pid)
         started = time.monotonic()
         load = ctx.load(daemon.url + "/webhook/order", s.connections, s.memory_s)
         ingest_end = time.monotonic()
+        ingest_cpu_s, done_at_end = meter.used_s(), _done(daemon)
         open_left = _wait_delivered(daemon, s.memory_drain_s)
         finished = time.monotonic()
+        window_cpu_s = meter.used_s()
         samples = sampler.stop()
         final_kb = rss_kb(daemon.pid) or 0
         events = db_query(daemon.db_path, "SELECT count(*) FROM events")[0][0]
-        done = db_query(daemon.db_path,
-                        "SELECT count(*) FROM deliveries WHERE status = 'done'")[0][0]
+        done = _done(daemon)
         db_bytes = file_size(daemon.db_path)
     mid_kb = _median_between(samples, started, finished, 0.45, 0.55)
     end_kb = _median_between(samples, started, finished, 0.90, 1.00)
@@ -482,18 +496,40 @@ def memory(ctx: Context) -> list[Row]:
             "drain_s": round(finished - ingest_end, 1), "idle_kb": idle_kb, "mid_kb": mid_kb,
             "end_kb": end_kb, "peak_kb": peak_kb, "final_kb": final_kb, "db_bytes": db_bytes,
             "samples": [(round(t - started, 1), kb) for t, kb in samples]}
+    cost = CpuCost(window_cpu_s, done)  # ingest + delivery, per delivered event
+    drain = CpuCost(window_cpu_s - ingest_cpu_s, done - done_at_end)  # delivery alone
+    data["cpu"] = {"window": cost.as_dict(), "drain": drain.as_dict(),
+                   "ingest_phase": CpuCost(ingest_cpu_s, load.answered).as_dict()}
     delivered = f"{done:,} delivered" + (f", {open_left:,} still open" if open_left else "")
     return [
         Row(f"6 RSS after {events:,} events ({delivered})",
             f"{final_kb / 1024:.0f} MB (peak {peak_kb / 1024:.0f})",
             f"{idle_kb / 1024:.0f} MB at start", final_kb / idle_kb if idle_kb else None,
-            "<= 150 MB", final_kb / 1024 <= 150 and not open_left, data),
+            "<= 150 MB", final_kb / 1024 <= 150 and not open_left, data, cost=cost),
         Row("6 RSS growth over 2nd half", f"{growth * 100:+.1f} %",
             f"{mid_kb / 1024:.0f} MB at half-time", end_kb / mid_kb if mid_kb else None,
             "<= +5 %", growth <= 0.05, {}),
-        Row("6 store size per event", f"{per_event:,.0f} B",
+        _drain_row(drain, finished - ingest_end),
+        Row("cost: store bytes per event (6)", f"{per_event:,.0f} B",
             f"{mean_body:,.0f} B mean body", per_event / mean_body, "report", None, {}),
     ]
+
+
+def _drain_row(drain: CpuCost, drain_s: float) -> Row:
+    """Delivery alone: the no-op handler's backlog after the load, if there was one."""
+    if drain.events < 1000:  # delivery kept up: too few left for 10 ms clock ticks
+        measured = f"- ({drain.events:,} left after the load)"
+    else:
+        measured = (f"{drain.events / max(drain_s, 1e-9):,.0f} deliveries/s "
+                    f"({drain.events:,} in {drain_s:.1f} s)")
+    return Row("6 delivery after the load (no-op)", measured, "-", None, "report", None,
+               {"drain_s": round(drain_s, 1), **drain.as_dict()},
+               cost=drain if drain.events >= 1000 else None)
+
+
+def _done(daemon: Daemon) -> int:
+    return int(db_query(daemon.db_path,
+                        "SELECT count(*) FROM deliveries WHERE status = 'done'")[0][0])
 
 
 def _wait_delivered(daemon: Daemon, limit_s: float) -> int:
