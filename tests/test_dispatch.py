@@ -784,7 +784,7 @@ async def test_each_decision_is_logged_with_what_an_operator_needs(store: Store)
 
 
 class RefusingFinish:
-    """The store, but ``finish`` raises a non-store error the first ``times`` calls."""
+    """The store, but ``finish_many`` raises a non-store error the first ``times`` calls."""
 
     def __init__(self, store: Store, times: int) -> None:
         self._store = store
@@ -793,11 +793,11 @@ class RefusingFinish:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    async def finish(self, claim: Any, status: Any, **kwargs: Any) -> None:
+    async def finish_many(self, outcomes: Any) -> None:
         if self.times > 0:
             self.times -= 1
             raise ValueError("row refused")
-        await self._store.finish(claim, status, **kwargs)
+        await self._store.finish_many(outcomes)
 
 
 async def test_an_outcome_the_store_refuses_is_recorded_without_its_texts(store: Store) -> None:
