@@ -299,7 +299,7 @@ def backlog_drain(ctx: Context) -> Row:
         f"3b drain a {backlog:,}-event backlog, no-op handler",
         f"{fmt_rate(drain_rate, 'events/s')} ({per_1000:.2f} CPU s/1000 deliveries)"
         + (f", {open_left:,} still open" if open_left else ""),
-        f"{fmt_rate(ingest_rate, 'events/s')} ingested (64 conn)",
+        f"{fmt_rate(ingest_rate, 'events/s')} ingested ({s.connections} conn)",
         ratio, ">= 1.0 x", ratio >= 1.0 and not open_left,
         {"backlog": backlog, "done": done, "open_left": open_left, "drain_s": round(drain_s, 2),
          "fill_requests": requests, "fill_s": round(fill_s, 1), "daemon_cpu_s": round(cpu, 2),
