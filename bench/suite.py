@@ -27,6 +27,7 @@ from bench.common import (
     Daemon,
     RssSampler,
     baseline_app,
+    cpu_s,
     db_query,
     file_size,
     log_time,
@@ -52,9 +53,13 @@ class Scale:
     connections: int = 64
     latency_s: float = 10
     e2e_rate: float = 1000
-    e2e_s: float = 30
+    e2e_s: float = 60
     e2e_baseline_s: float = 10
     e2e_drain_s: float = 60
+    e2e_grace_s: float = 5  # every file must be in place by the load's end + this
+    drain_events: int = 50_000
+    drain_fill_s: float = 10  # one closed-loop fill; repeated until drain_events are in
+    drain_limit_s: float = 300
     backfill_orders: int = 50_000  # 100,000 takes 2.5 min here (see README)
     dedup_events: int = 1_000_000
     memory_s: float = 30
@@ -65,7 +70,8 @@ class Scale:
 
 FULL = Scale()
 SMOKE = Scale(ingest_s=1, rounds=1, connections=8, latency_s=1, e2e_rate=100, e2e_s=1,
-              e2e_baseline_s=1, e2e_drain_s=20, backfill_orders=500, dedup_events=3000,
+              e2e_baseline_s=1, e2e_drain_s=20, drain_events=1500, drain_fill_s=1,
+              drain_limit_s=60, backfill_orders=500, dedup_events=3000,
               memory_s=1.5, memory_drain_s=30, startup_runs=1, profile_s=1)
 
 
@@ -355,11 +361,14 @@ def end_to_end(ctx: Context) -> Row:
     shutil.rmtree(drop, ignore_errors=True)
     handler = {"name": "erp-drop", "type": "file", "directory": str(drop)}
     with _fresh_daemon(ctx, "e2e", {"handlers": [handler]}).start_and_wait() as daemon:
+        cpu_before = cpu_s(daemon.pid) or 0.0
         run = fixed_rate(f"{daemon.url}/webhook/order", ctx.templates_path,
                          ctx.prefix(), rate_per_s=s.e2e_rate, duration_s=s.e2e_s)
         ok = [x for x in run.ok if x.event_id]
         waited = _wait_files(drop, {x.event_id for x in ok if x.event_id}, s.e2e_drain_s)
-    latencies = []
+        cpu = (cpu_s(daemon.pid) or cpu_before) - cpu_before
+    load_end = max((x.sent_at for x in run.sent), default=time.time())
+    latencies, placed_at = [], []
     for sent in ok:
         try:
             ctime_ns = (drop / f"{sent.event_id}.json").stat().st_ctime_ns
@@ -367,23 +376,83 @@ def end_to_end(ctx: Context) -> Row:
             latencies.append(float("inf"))
             continue
         latencies.append(ctime_ns / 1e6 - sent.sent_at * 1e3)
+        placed_at.append(ctime_ns / 1e9)
     missing = sum(1 for x in latencies if x == float("inf"))
+    late = missing + sum(1 for t in placed_at if t > load_end + s.e2e_grace_s)
+    last_s = max(placed_at, default=load_end) - load_end
     p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
     acks = [x.ack_ms for x in ok]
     failed = len(run.sent) - len(ok)
-    measured = (f"p50 {_ms(p50)} / p99 {_ms(p99)}" + (f", {missing} not written" if missing
-                                                      else "")
-                + f" (ack p99 {percentile(acks, 99):.0f} ms)")
+    measured = (f"p50 {_ms(p50)} / p99 {_ms(p99)}"
+                + (f", {late} late ({missing} not written)" if late else "")
+                + f", last file {last_s:+.1f} s after the load"
+                + f" (ack p99 {percentile(acks, 99):.0f} ms, {cpu / max(len(ok), 1) * 1e3:.2f}"
+                " CPU s/1000)")
     return Row(
         f"3 end to end, {s.e2e_rate:.0f}/s for {s.e2e_s:.0f} s",
         measured, f"ack p99 {base_p99:.1f} ms bare aiohttp",
         p99 / base_p99 if base_p99 and p99 != float("inf") else None,
-        "p99 <= 50 ms", p99 <= 50.0 and not failed,
+        f"all by end + {s.e2e_grace_s:.0f} s, p99 <= 100 ms (goal 50)",
+        p99 <= 100.0 and not failed and not late,
         {"sent": len(run.sent), "ok": len(ok), "failed": failed, "missing": missing,
+         "late": late, "last_file_after_load_s": round(last_s, 2),
          "p50_ms": p50, "p99_ms": p99, "max_lag_ms": round(run.max_lag_ms, 1),
          "ack_p50_ms": percentile(acks, 50), "ack_p99_ms": percentile(acks, 99),
          "drain_wait_s": round(waited, 1), "baseline_ack_p99_ms": base_p99,
+         "daemon_cpu_s": round(cpu, 2),
+         "cpu_s_per_1000_events": round(cpu / max(len(ok), 1) * 1e3, 3),
          "method": "client time.time() before the POST -> st_ctime of the renamed file"},
+    )
+
+
+# -- 3b. backlog drain -------------------------------------------------------------------------
+
+
+def backlog_drain(ctx: Context) -> Row:
+    """A backlog ingested with the handler parked, then drained by a no-op handler: the
+    drain rate against the ingest rate of the same run, and the delivery CPU cost."""
+    s = ctx.scale
+    db = ctx.workdir / "backlog.db"  # not "drain.*": _fresh_daemon("drain") removes those
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    fill_config = {"handlers": [PARKED], "store": {"path": str(db)}}
+    requests, fill_s = 0, 0.0
+    with _fresh_daemon(ctx, "drain-fill", fill_config).start_and_wait() as daemon:
+        while requests < s.drain_events:
+            result = ctx.load(daemon.url + "/webhook/order", s.connections, s.drain_fill_s)
+            if result.errors:
+                raise RuntimeError(f"drain fill: {result.errors} failed requests")
+            requests += result.requests
+            fill_s += result.duration_s
+    backlog = db_query(db, "SELECT count(*) FROM deliveries WHERE status != 'done'")[0][0]
+    ingest_rate = requests / fill_s
+    drain_config = {"handlers": [NOOP], "store": {"path": str(db)}}
+    daemon = _fresh_daemon(ctx, "drain", drain_config)
+    with daemon.start():
+        # The lanes start before the daemon logs tcbridge.started: the clock starts at the
+        # first delivery's log line instead (one delivery early, so a hair conservative).
+        started = daemon.wait_log("delivery.done")
+        open_left = _wait_delivered(daemon, s.drain_limit_s, interval_s=0.1)
+        drained_at = time.time()
+        cpu = cpu_s(daemon.pid) or 0.0
+        done = db_query(db, "SELECT count(*) FROM deliveries WHERE status = 'done'")[0][0]
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    drain_s = drained_at - log_time(started)
+    drain_rate = (backlog - open_left) / drain_s
+    ratio = drain_rate / ingest_rate
+    per_1000 = cpu / max(backlog - open_left, 1) * 1e3
+    return Row(
+        f"3b drain a {backlog:,}-event backlog, no-op handler",
+        f"{fmt_rate(drain_rate, 'events/s')} ({per_1000:.2f} CPU s/1000 deliveries)"
+        + (f", {open_left:,} still open" if open_left else ""),
+        f"{fmt_rate(ingest_rate, 'events/s')} ingested ({s.connections} conn)",
+        ratio, ">= 1.0 x", ratio >= 1.0 and not open_left,
+        {"backlog": backlog, "done": done, "open_left": open_left, "drain_s": round(drain_s, 2),
+         "fill_requests": requests, "fill_s": round(fill_s, 1), "daemon_cpu_s": round(cpu, 2),
+         "cpu_s_per_1000_deliveries": round(per_1000, 3),
+         "method": "drain: first delivery.done log line -> no delivery pending or running (polled"
+                   " every 0.1 s); CPU: utime+stime of the whole drain daemon, start-up included"},
     )
 
 
@@ -532,7 +601,7 @@ def _done(daemon: Daemon) -> int:
                         "SELECT count(*) FROM deliveries WHERE status = 'done'")[0][0])
 
 
-def _wait_delivered(daemon: Daemon, limit_s: float) -> int:
+def _wait_delivered(daemon: Daemon, limit_s: float, interval_s: float = 0.5) -> int:
     """Wait until no delivery is pending or running; returns how many are still open."""
     deadline = time.monotonic() + limit_s
     while True:
@@ -540,7 +609,7 @@ def _wait_delivered(daemon: Daemon, limit_s: float) -> int:
                         " WHERE status IN ('pending', 'running')")[0][0]
         if not left or time.monotonic() > deadline:
             return int(left)
-        time.sleep(0.5)
+        time.sleep(interval_s)
 
 
 def _median_between(samples: list[tuple[float, int]], start: float, end: float,
@@ -610,6 +679,7 @@ BENCHMARKS: dict[str, Callable[[Context], Row | list[Row]]] = {
     "replicas": replicas,
     "latency": ack_latency,
     "e2e": end_to_end,
+    "drain": backlog_drain,
     "backfill": backfill,
     "dedup": dedup_at_scale,
     "memory": memory,

@@ -123,11 +123,13 @@ class BlockingPool:
                 with self._lock:
                     self._busy.pop(me, None)
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                job.loop.call_soon_threadsafe(_settle, job.future, value, error)
-                job.loop.call_soon_threadsafe(self._progress.set)
+                # One wake-up of the loop per call, not two (each is a write to its pipe).
+                job.loop.call_soon_threadsafe(_settle, job.future, value, error, self._progress)
 
 
-def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None,
+            progress: asyncio.Event) -> None:
+    progress.set()
     if future.done():  # the caller timed out meanwhile
         return
     if error is not None:

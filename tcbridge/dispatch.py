@@ -2,9 +2,13 @@
 
 Each handler has its own lane with its own concurrency, so a failing or slow handler
 never delays another. A lane claims due deliveries from the store (which keeps them in
-order per entity), runs them, and writes each outcome back, shielded from cancellation.
-Retries are rows, not sleeps: the next attempt time lives in the store, so a restart
-resumes the schedule.
+order per entity), runs them, and writes the outcomes back, shielded from cancellation:
+outcomes that end while the previous write is in flight go to the store together, in one
+operation (an outcome buffer per lane). A delivery's row stays ``running`` until its
+outcome is committed, so the next delivery of its entity cannot be claimed before; a crash
+in between leaves it ``running``, and start-up makes it pending again (redelivered, never
+lost). Retries are rows, not sleeps: the next attempt time lives in the store, so a
+restart resumes the schedule.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -27,7 +31,7 @@ from tcbridge.errors import InvalidEvent, StoreError, describe
 from tcbridge.filters import SkipReason, skip_reason
 from tcbridge.handlers import Handler, Outcome
 from tcbridge.metrics import Metrics
-from tcbridge.store import Claim, DeliveryStatus, StoreBackend
+from tcbridge.store import Claim, DeliveryStatus, Finished, StoreBackend
 from tcbridge.timefmt import instant_us
 
 log = structlog.get_logger(__name__)
@@ -36,6 +40,7 @@ IDLE_CHECK_S = 2.0  # also notice work queued by another process (`tcbridge repl
 STORE_RETRY_S = 1.0
 DEFAULT_LEASE_S = 60.0  # [delivery] lease_s
 RENEWALS_PER_LEASE = 3  # a lease survives two failed renewals in a row
+OUTCOME_BATCH_MAX = 500  # outcomes per store operation (one transaction's worth)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +113,9 @@ class Lane:
         self._renewal: asyncio.Task[None] | None = None
         self._metrics = metrics or Metrics()
         self.wake = asyncio.Event()
-        self._running: dict[int, asyncio.Task[None]] = {}
+        self._running: dict[int, asyncio.Task[None]] = {}  # every delivery not yet recorded
+        self._busy: set[int] = set()  # deliveries whose handler call runs: the slots taken
+        self._outcomes = OutcomeBuffer(store)
         self._draining = False
         self._idle = asyncio.Event()  # clear while a claim is in flight
         self._idle.set()
@@ -152,7 +159,7 @@ class Lane:
     async def _fill(self) -> float | None:
         """Claim what fits; returns when the next pending delivery is due (None: nothing
         to do until woken, or every slot is busy and a finishing one will wake us)."""
-        free = self.settings.concurrency - len(self._running)
+        free = self.settings.concurrency - len(self._busy)
         if free <= 0 or self._draining:
             return None
         self._idle.clear()
@@ -164,6 +171,7 @@ class Lane:
             for claim in claims:
                 task = asyncio.create_task(self._deliver(claim), name=f"deliver-{claim.id}")
                 self._running[claim.id] = task
+                self._busy.add(claim.id)
                 task.add_done_callback(functools.partial(self._done, claim.id))
             if claims:
                 self._keep_leases()
@@ -198,9 +206,16 @@ class Lane:
                                 message="the lease ran out: another replica may deliver "
                                         "it again")
 
+    def _free(self, claim_id: int) -> None:
+        # The handler call ended: its slot is free while the outcome is being written (the
+        # row stays running until then, so its entity's next delivery still waits).
+        self._busy.discard(claim_id)
+        self.wake.set()
+
     def _done(self, claim_id: int, task: asyncio.Task[None]) -> None:
-        # A finished delivery frees a slot and may unblock the next one of its entity.
+        # A recorded delivery may unblock the next one of its entity.
         self._running.pop(claim_id, None)
+        self._busy.discard(claim_id)
         if not self._running and self._renewal is not None:
             self._renewal.cancel()  # nothing left to renew (claimed again: a new one)
             self._renewal = None
@@ -212,8 +227,9 @@ class Lane:
 
     async def drain(self, timeout_s: float) -> int:
         """Start nothing new, wait for a claim in flight, then for running deliveries up to
-        ``timeout_s``, then cancel the rest (they stay pending); returns how many were
-        cancelled. A claim that returns after drain began is released unstarted."""
+        ``timeout_s``, then cancel the rest (they stay pending), then for the outcome
+        buffer to be written; returns how many were cancelled. A claim that returns after
+        drain began is released unstarted."""
         self._draining = True
         self.wake.set()
         loop = asyncio.get_running_loop()
@@ -221,12 +237,14 @@ class Lane:
         with contextlib.suppress(TimeoutError):  # a hung store: start-up releases the rows
             await asyncio.wait_for(self._idle.wait(), timeout_s)
         tasks = list(self._running.values())
-        if not tasks:
-            return 0
-        _, late = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
+        late: set[asyncio.Task[None]] = set()
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
         for task in late:
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
+        # A cancelled delivery whose outcome was handed in is still written: wait for it.
+        await self._outcomes.flushed(max(STORE_RETRY_S, deadline - loop.time()))
         return len(late)
 
     async def _deliver(self, claim: Claim) -> None:
@@ -245,8 +263,14 @@ class Lane:
             except Exception as e:  # a bug of ours between claim and outcome: still an attempt
                 log.exception("dispatch.attempt_failed")
                 outcome = Outcome("retry", error=describe(e))
+            finally:
+                self._free(claim.id)
             decision = decide(self.settings, outcome, claim.attempt, time.time())
-            await asyncio.shield(self._record(claim, outcome, decision))
+            finished = Finished(claim, decision.status, _storable(outcome.error),
+                                _storable(outcome.output), decision.next_attempt_at)
+            # The buffer's own task writes it: a cancelled delivery never cancels the write.
+            await asyncio.shield(self._outcomes.record(finished))
+            _log_decision(decision, outcome)
             self._observe(decision, envelope)
 
     def _observe(self, decision: Decision, envelope: Mapping[str, Any]) -> None:
@@ -268,26 +292,6 @@ class Lane:
             log.exception("dispatch.handler_raised")
             return Outcome("retry", error=describe(e))
 
-    async def _record(self, claim: Claim, outcome: Outcome, decision: Decision) -> None:
-        """Write the outcome; keep trying while the store is unavailable. Text the store
-        refuses (a lone surrogate in a handler's error) is escaped; if the store still
-        refuses the row, the attempt is recorded without its texts."""
-        error, output = _storable(outcome.error), _storable(outcome.output)
-        while True:
-            try:
-                await self._store.finish(claim, decision.status, error=error, output=output,
-                                         next_attempt_at=decision.next_attempt_at)
-                break
-            except StoreError as e:
-                log.warning("dispatch.record_failed", error=str(e))
-                await asyncio.sleep(STORE_RETRY_S)
-            except Exception as e:
-                if error is None and output is None:
-                    raise
-                log.exception("dispatch.record_refused")
-                error, output = f"the outcome could not be recorded: {type(e).__name__}", None
-        _log_decision(decision, outcome)
-
     async def _release(self, claim: Claim) -> None:
         try:
             await self._store.release([claim.id])
@@ -301,6 +305,95 @@ class Lane:
             await self._store.release([claim.id for claim in claims])
         except StoreError as e:  # start-up releases them anyway
             log.warning("dispatch.release_failed", error=str(e))
+
+
+class OutcomeBuffer:
+    """A lane's outcomes on their way to the store: those handed in while a write is in
+    flight go together in the next one (group commit, one level above the store's). Each
+    caller's future is answered once its outcome is committed, so "recorded" keeps its
+    meaning; the writes run in the buffer's own task, never cancelled with a delivery."""
+
+    def __init__(self, store: StoreBackend, batch_max: int = OUTCOME_BATCH_MAX) -> None:
+        self._store = store
+        self._batch_max = batch_max
+        self._waiting: list[tuple[Finished, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    def record(self, finished: Finished) -> asyncio.Future[None]:
+        """Hand in one outcome; the future is done once it is committed."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((finished, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_all(), name="outcome-writer")
+        return future
+
+    async def flushed(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` until every outcome handed in is written."""
+        if self._writer is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._writer), timeout_s)
+
+    async def _write_all(self) -> None:
+        try:
+            while self._waiting:
+                batch = self._waiting[: self._batch_max]
+                del self._waiting[: self._batch_max]
+                await self._write(batch)
+        finally:
+            self._writer = None
+
+    async def _write(self, batch: list[tuple[Finished, asyncio.Future[None]]]) -> None:
+        """One operation for the batch; if the store refuses it (not a StoreError: a row it
+        cannot take), each outcome on its own, so one bad row spoils no other."""
+        if len(batch) > 1:
+            try:
+                await self._store_many([finished for finished, _ in batch])
+            except Exception:
+                log.exception("dispatch.record_batch_refused", outcomes=len(batch))
+            else:
+                for _, future in batch:
+                    _answer(future, None)
+                return
+        for finished, future in batch:
+            try:
+                await self._write_one(finished)
+            except Exception as e:  # a bug: the delivery task dies and fails its lane
+                _answer(future, e)
+            else:
+                _answer(future, None)
+
+    async def _store_many(self, outcomes: list[Finished]) -> None:
+        """Write; keep trying while the store is unavailable."""
+        while True:
+            try:
+                await self._store.finish_many(outcomes)
+                return
+            except StoreError as e:
+                log.warning("dispatch.record_failed", error=str(e), outcomes=len(outcomes))
+                await asyncio.sleep(STORE_RETRY_S)
+
+    async def _write_one(self, finished: Finished) -> None:
+        """Write one outcome; text the store still refuses (after the escaping) is dropped
+        and the attempt recorded without its texts."""
+        while True:
+            try:
+                await self._store_many([finished])
+                return
+            except Exception as e:
+                if finished.error is None and finished.output is None:
+                    raise
+                log.exception("dispatch.record_refused")
+                error = f"the outcome could not be recorded: {type(e).__name__}"
+                finished = replace(finished, error=error, output=None)
+
+
+def _answer(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 class LaneFailed(Exception):

@@ -134,8 +134,58 @@ def _timeout_error(timeout_s: float) -> Outcome:
 # --- file -------------------------------------------------------------------------------------
 
 
+class DirectorySync:
+    """One fsync of a directory for all the renames that happened before it started.
+
+    A caller renames its file into place, then awaits :meth:`sync`: if no fsync is waiting
+    to start, it opens the next round; rounds run one after the other, so every caller of a
+    round renamed before that round's fsync began. A failed fsync fails every caller of
+    its round (each delivery is retried: none is done without a durable rename)."""
+
+    def __init__(self, run: Callable[[], Awaitable[None]]) -> None:
+        self._run = run  # one fsync of the directory (in a worker thread)
+        self._next: asyncio.Future[None] | None = None  # the round not yet started
+        self._rounds: asyncio.Task[None] | None = None
+
+    async def sync(self) -> None:
+        """Return once an fsync of the directory that began after this call has ended."""
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        round_done = self._next
+        if self._rounds is None:
+            self._rounds = asyncio.create_task(self._run_rounds(), name="directory-fsync")
+        # Shielded: a caller's timeout must not cancel the round the others wait for.
+        await asyncio.shield(round_done)
+
+    async def _run_rounds(self) -> None:
+        try:
+            while self._next is not None:
+                round_done, self._next = self._next, None
+                try:
+                    await self._run()
+                except BaseException as e:
+                    _settle(round_done, e)
+                    if not isinstance(e, Exception):
+                        raise
+                else:
+                    _settle(round_done, None)
+        finally:
+            self._rounds = None
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+        future.exception()  # retrieved: a round nobody waits for any more logs nothing
+
+
 class FileHandler:
-    """Writes each envelope atomically into a drop folder."""
+    """Writes each envelope atomically into a drop folder; the renames of concurrent
+    deliveries share one fsync of the folder (:class:`DirectorySync`)."""
 
     def __init__(self, settings: FileHandlerSettings) -> None:
         self.name = settings.name
@@ -145,9 +195,12 @@ class FileHandler:
         if removed:
             log.warning("handler.stale_temp_files_removed", handler=self.name, files=removed,
                         directory=str(settings.directory))
-        # Its own threads, at most one per delivery slot: a write hung on a dead disk
-        # neither blocks shutdown nor lets hung threads pile up.
-        self._pool = BlockingPool(f"tcbridge-file-{settings.name}", settings.concurrency)
+        # Its own threads, at most one per delivery slot and one for the folder's fsync: a
+        # write hung on a dead disk neither blocks shutdown nor lets hung threads pile up.
+        self._pool = BlockingPool(f"tcbridge-file-{settings.name}", settings.concurrency + 1)
+        directory = settings.directory
+        self._directory_sync = DirectorySync(lambda: self._pool.run(
+            f"fsync {str(directory)!r}", lambda: fsync_directory(directory)))
 
     async def deliver(self, envelope: Mapping[str, Any], body: bytes, attempt: int) -> Outcome:
         """Write ``body`` to ``directory/filename``; an OS error is retried."""
@@ -157,7 +210,8 @@ class FileHandler:
             async with asyncio.timeout(self._settings.timeout_s):
                 # The thread cannot be stopped on timeout; it finishes (or hangs) on its own.
                 await self._pool.run(f"write {name!r} in {str(directory)!r}",
-                                     lambda: write_atomically(directory, name, body))
+                                     lambda: write_atomically(directory, name, body, False))
+                await self._directory_sync.sync()  # done only once the rename is durable
         except TimeoutError:
             return _timeout_error(self._settings.timeout_s)
         except (OSError, ValueError) as e:
@@ -220,8 +274,9 @@ def _safe_value(value: object) -> str:
     return text or "_"
 
 
-def write_atomically(directory: Path, name: str, body: bytes) -> None:
-    """Temp file (dot-prefixed) in the same directory, fsync, rename, fsync the directory."""
+def write_atomically(directory: Path, name: str, body: bytes, sync_directory: bool = True) -> None:
+    """Temp file (dot-prefixed) in the same directory, fsync, rename, fsync the directory
+    (``sync_directory=False``: the caller fsyncs it, once for many renames)."""
     directory.mkdir(parents=True, exist_ok=True)
     temp = directory / f".{name}.{secrets.token_hex(_TEMP_RANDOM_HEX // 2)}.tmp"
     # os.open honours the umask (unlike mkstemp's 0600), so importers can read the file.
@@ -235,7 +290,8 @@ def write_atomically(directory: Path, name: str, body: bytes) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    fsync_directory(directory)
+    if sync_directory:
+        fsync_directory(directory)
 
 
 def remove_stale_temp_files(directory: Path) -> int:

@@ -31,7 +31,7 @@ from tcbridge.envelope import parse_order_webhook, parse_snapshot
 from tcbridge.errors import StoreUnavailable, describe
 from tcbridge.handlers import Outcome, build_handler
 from tcbridge.metrics import Metrics
-from tcbridge.store import Store
+from tcbridge.store import Finished, Store
 from tests.backends import query
 from tests.conftest import order_event_body, order_obj, until
 
@@ -789,7 +789,7 @@ async def test_each_decision_is_logged_with_what_an_operator_needs(store: Store)
 
 
 class RefusingFinish:
-    """The store, but ``finish`` raises a non-store error the first ``times`` calls."""
+    """The store, but ``finish_many`` raises a non-store error the first ``times`` calls."""
 
     def __init__(self, store: Store, times: int) -> None:
         self._store = store
@@ -798,11 +798,11 @@ class RefusingFinish:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    async def finish(self, claim: Any, status: Any, **kwargs: Any) -> None:
+    async def finish_many(self, outcomes: Any) -> None:
         if self.times > 0:
             self.times -= 1
             raise ValueError("row refused")
-        await self._store.finish(claim, status, **kwargs)
+        await self._store.finish_many(outcomes)
 
 
 async def test_an_outcome_the_store_refuses_is_recorded_without_its_texts(store: Store) -> None:
@@ -983,3 +983,172 @@ async def test_leases_are_renewed_while_the_handler_runs_and_no_more_after(
 @pytest.mark.sqlite_only("PostgreSQL's renewals: tests/test_replicas.py")
 async def test_a_sqlite_store_keeps_every_claim(store: Store) -> None:
     assert await store.renew("erp", [3, 1]) == [3, 1]
+
+
+# -- batches: claims and outcomes -------------------------------------------------------------
+
+
+class HeldOutcomes:
+    """The store, but ``finish_many`` waits for ``gate`` (then writes, unless ``lose``: the
+    process died before its outcome write); the sizes of the writes are kept."""
+
+    def __init__(self, store: Store, *, lose: bool = False) -> None:
+        self._store = store
+        self.gate = asyncio.Event()
+        self.lose = lose
+        self.sizes: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def finish_many(self, outcomes: Any) -> None:
+        self.sizes.append(len(outcomes))
+        await self.gate.wait()
+        if not self.lose:
+            await self._store.finish_many(outcomes)
+
+
+async def test_a_batch_claim_takes_only_the_head_of_each_entity(store: Store) -> None:
+    store._route = make_route([python_handler()])
+    a1 = await ingest(store, "A", "2024-05-01T00:00:01Z")
+    a2 = await ingest(store, "A", "2024-05-01T00:00:02Z")
+    b1 = await ingest(store, "B", "2024-05-01T00:00:01Z")
+    c1 = await ingest(store, "C", "2024-05-01T00:00:01Z")
+    claims, due = await store.claim_and_next_due("erp", 10)
+    assert [c.event_id for c in claims] == [a1, b1, c1]  # A2 waits for A1, in id order
+    assert due is not None and due <= time.time()
+    assert await store.claim("erp", 10) == []  # A1 is running: A2 still blocked
+    await store.finish_many([Finished(c, "done") for c in claims])
+    (claim,) = await store.claim("erp", 10)
+    assert claim.event_id == a2
+
+
+async def test_a_claim_that_fills_its_limit_says_more_may_be_due_now(store: Store) -> None:
+    store._route = make_route([python_handler()])
+    await ingest(store, "A", "2024-05-01T00:00:01Z")
+    await ingest(store, "B", "2024-05-01T00:00:01Z")
+    before = time.time()
+    claims, due = await store.claim_and_next_due("erp", 1)
+    assert len(claims) == 1 and due is not None and before <= due <= time.time()
+    claims, due = await store.claim_and_next_due("erp", 5)
+    assert len(claims) == 1 and due is None  # nothing else pending
+
+
+async def test_outcomes_of_a_batch_are_written_together_a_failure_in_the_middle_its_own_row(
+    rig: Callable[..., Any],
+) -> None:
+    store, dispatcher = await rig(python_handler(concurrency=3, retry_initial_s=60,
+                                                 retry_max_s=60))
+    (lane,) = dispatcher.lanes
+    held = HeldOutcomes(store)
+    held.gate.set()
+    lane._store = held  # type: ignore[assignment]
+    lane._outcomes._store = held  # type: ignore[assignment]
+    for entity in ("o1", "o2", "o3"):
+        await ingest(store, entity, "2024-05-01T00:00:00Z")
+    target.FAILURES["o2"] = 1
+    assert await lane.run_once() == 3
+    assert held.sizes == [3]  # one store operation for the three outcomes
+    assert await statuses(store) == [("erp", "o1", "done", 1), ("erp", "o2", "pending", 1),
+                               ("erp", "o3", "done", 1)]
+    rows = await query(store, "SELECT d.entity_id, a.outcome, a.error FROM delivery_attempts a"
+                       " JOIN deliveries d ON d.id = a.delivery_id ORDER BY d.id")
+    assert [r[:2] for r in rows] == [("o1", "done"), ("o2", "retry"), ("o3", "done")]
+    assert "ERP down for o2" in rows[1][2]
+
+
+async def test_a_crash_between_handler_and_outcome_write_redelivers_never_loses(
+    store_factory: Callable[..., Store], session: aiohttp.ClientSession,
+) -> None:
+    settings = python_handler(concurrency=3)
+    first = store_factory("crash.db")
+    first._route = make_route([settings])
+    await first.open()
+    try:
+        for entity in ("o1", "o2", "o3"):
+            await ingest(first, entity, "2024-05-01T00:00:00Z")
+        lost = HeldOutcomes(first, lose=True)
+        lane = Lane(settings, build_handler(settings, session), lost)  # type: ignore[arg-type]
+        running = asyncio.create_task(lane.run_once())
+        await until(lambda: len(target.DELIVERED) == 3 and lost.sizes == [3])
+        # The process dies here: the handler ran, its outcomes are still in the buffer.
+        assert {s for *_, s, _ in await statuses(first)} == {"running"}
+        restarted = store_factory("crash.db")
+        await restarted.open()
+        try:
+            again = Dispatcher([Lane(settings, build_handler(settings, session), restarted)],
+                               restarted, asyncio.Event())
+            assert await again.start() == 3
+            assert await again.run_once() == 3
+            assert await statuses(restarted) == [("erp", e, "done", 1) for e in ("o1", "o2", "o3")]
+        finally:
+            await restarted.close()
+        assert sorted(e for e, _ in target.DELIVERED) == ["o1", "o1", "o2", "o2", "o3", "o3"]
+        lost.gate.set()
+        await running
+    finally:
+        await first.close()
+
+
+async def test_drain_waits_for_a_buffered_outcome(rig: Callable[..., Any]) -> None:
+    store, dispatcher = await rig(python_handler())
+    (lane,) = dispatcher.lanes
+    held = HeldOutcomes(store)
+    lane._store = held  # type: ignore[assignment]
+    lane._outcomes._store = held  # type: ignore[assignment]
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    stop = asyncio.Event()
+    running = asyncio.create_task(dispatcher.run(stop))
+    await until(lambda: held.sizes == [1])  # delivered; the outcome write is in flight
+    stop.set()
+    draining = asyncio.create_task(dispatcher.drain(30))
+    await asyncio.sleep(0.05)
+    assert not draining.done()
+    assert await statuses(store) == [("erp", "o1", "running", 0)]
+    held.gate.set()
+    assert await draining == 0
+    await running
+    assert await statuses(store) == [("erp", "o1", "done", 1)]
+
+
+async def test_a_batch_the_store_refuses_is_written_row_by_row(store: Store) -> None:
+    settings = python_handler("ctx", concurrency=2, retry_initial_s=60, retry_max_s=60)
+    store._route = make_route([settings])
+    refusing = RefusingFinish(store, 1)
+    lane = Lane(settings, ScriptedHandler(Outcome("done"), Outcome("retry", error="e")),
+                refusing)  # type: ignore[arg-type]
+    lane._outcomes._store = refusing  # type: ignore[assignment]
+    await ingest(store, "o1", "2024-05-01T00:00:00Z")
+    await ingest(store, "o2", "2024-05-01T00:00:00Z")
+    with capture_logs() as logs:
+        assert await lane.run_once() == 2
+    assert await statuses(store) == [("ctx", "o1", "done", 1), ("ctx", "o2", "pending", 1)]
+    assert any(e["event"] == "dispatch.record_batch_refused" for e in logs)
+
+
+async def test_a_failed_coalesced_directory_fsync_retries_every_delivery_of_its_round(
+    rig: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import tcbridge.handlers as handlers
+
+    calls: list[Path] = []
+
+    def failing_fsync(directory: Path) -> None:
+        calls.append(directory)
+        deadline = time.monotonic() + 5  # the first round lasts until all three renamed
+        while len(list(directory.glob("*.json"))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        raise OSError(5, "Input/output error")
+
+    settings = FileHandlerSettings(name="drop", type="file", directory=tmp_path / "drop",
+                                   concurrency=3, retry_initial_s=60, retry_max_s=60)
+    store, dispatcher = await rig(settings)
+    for entity in ("o1", "o2", "o3"):
+        await ingest(store, entity, "2024-05-01T00:00:00Z")
+    monkeypatch.setattr(handlers, "fsync_directory", failing_fsync)
+    with capture_logs():
+        assert await dispatcher.run_once() == 3
+    assert await statuses(store) == [("drop", e, "pending", 1) for e in ("o1", "o2", "o3")]
+    assert len(calls) <= 2  # the renames made during the first fsync share the second
+    errors = [e for (e,) in await query(store, "SELECT error FROM delivery_attempts")]
+    assert len(errors) == 3 and all("Input/output error" in e for e in errors)

@@ -787,3 +787,80 @@ def test_python_bad_callable_is_a_config_error(
     settings = PythonHandlerSettings(name="p", type="python", callable=spec)
     with pytest.raises(ConfigError, match=message):
         build_handler(settings, session)
+
+
+# -- one directory fsync for many renames -------------------------------------------------------
+
+
+class CountedFsync:
+    """A directory fsync whose first round waits for ``gate``; counts the rounds."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.rounds = 0
+        self.gate = asyncio.Event()
+        self.fail = fail
+
+    async def __call__(self) -> None:
+        self.rounds += 1
+        if self.rounds == 1:
+            await self.gate.wait()
+        if self.fail:
+            raise OSError(5, "Input/output error")
+
+
+async def test_callers_during_a_directory_fsync_share_the_next_one() -> None:
+    fsync = CountedFsync()
+    sync = handlers.DirectorySync(fsync)
+    first = asyncio.create_task(sync.sync())
+    await asyncio.sleep(0)  # the first round has begun: later renames are not covered by it
+    later = [asyncio.create_task(sync.sync()) for _ in range(4)]
+    await asyncio.sleep(0.01)
+    assert not any(t.done() for t in [first, *later])
+    fsync.gate.set()
+    await asyncio.gather(first, *later)
+    assert fsync.rounds == 2  # five renames, two fsyncs
+    await sync.sync()
+    assert fsync.rounds == 3  # a rename after the rounds ended gets its own
+
+
+async def test_a_failed_directory_fsync_fails_every_caller_of_its_round() -> None:
+    fsync = CountedFsync(fail=True)
+    sync = handlers.DirectorySync(fsync)
+    callers = [asyncio.create_task(sync.sync()) for _ in range(3)]
+    await asyncio.sleep(0)
+    fsync.gate.set()
+    results = await asyncio.gather(*callers, return_exceptions=True)
+    assert all(isinstance(r, OSError) for r in results)
+    assert fsync.rounds == 1
+
+
+async def test_a_caller_that_gives_up_does_not_cancel_the_round_of_the_others() -> None:
+    fsync = CountedFsync()
+    sync = handlers.DirectorySync(fsync)
+    impatient = asyncio.create_task(sync.sync())
+    patient = asyncio.create_task(sync.sync())
+    await asyncio.sleep(0)
+    impatient.cancel()
+    await asyncio.sleep(0)
+    fsync.gate.set()
+    await patient
+    assert impatient.cancelled() and fsync.rounds == 1
+
+
+async def test_concurrent_file_deliveries_are_all_in_place_after_their_fsyncs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    synced: list[set[str]] = []
+
+    def fsync_directory(directory: Path) -> None:
+        synced.append({p.name for p in directory.iterdir()})
+
+    monkeypatch.setattr(handlers, "fsync_directory", fsync_directory)
+    handler = handlers.FileHandler(FileHandlerSettings(
+        name="drop", type="file", directory=tmp_path, concurrency=8, filename="{id}.json"))
+    outcomes = await asyncio.gather(*(handler.deliver({"id": f"e{i}"}, b"{}", 1)
+                                      for i in range(8)))
+    await handler.close()
+    assert [o.status for o in outcomes] == ["done"] * 8
+    assert 1 <= len(synced) <= 8
+    assert synced[-1] == {f"e{i}.json" for i in range(8)}  # every rename before the last fsync

@@ -49,6 +49,7 @@ from tcbridge.store.types import (
     DeliveryStatus,
     Fence,
     FetchRequest,
+    Finished,
     IngestResult,
     Rejected,
     Retention,
@@ -575,10 +576,14 @@ class Store:
     async def claim_and_next_due(
         self, handler: str, limit: int
     ) -> tuple[list[Claim], float | None]:
-        """Claim due deliveries and say when the next pending one is due, in one step."""
+        """Claim due deliveries and say when the next pending one is due, in one step. A
+        claim that filled ``limit`` answers "now" without asking: more may be due."""
         async def op(conn: Conn) -> tuple[list[Claim], float | None]:
-            claims = await claim_deliveries(conn, handler, limit, time.time(), self.replica_id,
+            now = time.time()
+            claims = await claim_deliveries(conn, handler, limit, now, self.replica_id,
                                             self.lease_s)
+            if len(claims) >= limit:
+                return claims, now
             return claims, await next_delivery_due(conn, handler)
 
         return await self.run(op)
@@ -593,9 +598,18 @@ class Store:
         next_attempt_at: float | None = None,
     ) -> None:
         """Record the outcome of one attempt."""
-        await self.run(lambda conn: finish_delivery(
-            conn, claim, status, error=error, output=output, next_attempt_at=next_attempt_at,
-            replica_id=self.replica_id))
+        await self.finish_many([Finished(claim, status, error, output, next_attempt_at)])
+
+    async def finish_many(self, outcomes: Sequence[Finished]) -> None:
+        """Record the outcomes of many attempts in one transaction: all of them or none."""
+        async def op(conn: Conn) -> None:
+            for o in outcomes:
+                await finish_delivery(conn, o.claim, o.status, error=o.error, output=o.output,
+                                      next_attempt_at=o.next_attempt_at,
+                                      replica_id=self.replica_id)
+
+        if outcomes:
+            await self.run(op)
 
     async def renew(self, handler: str, ids: Sequence[int]) -> list[int]:
         """Extend the leases of this replica's running claims by ``lease_s`` from now;

@@ -33,6 +33,7 @@ from tcbridge.store.types import (
     DeliveryStatus,
     Fence,
     FetchRequest,
+    Finished,
     IngestResult,
     Rejected,
     Retention,
@@ -588,9 +589,13 @@ class Store:
     async def claim_and_next_due(
         self, handler: str, limit: int
     ) -> tuple[list[Claim], float | None]:
-        """Claim due deliveries and say when the next pending one is due, in one step."""
+        """Claim due deliveries and say when the next pending one is due, in one step. A
+        claim that filled ``limit`` answers "now" without asking: more may be due."""
         def op(conn: sqlite3.Connection) -> tuple[list[Claim], float | None]:
-            claims = claim_deliveries(conn, handler, limit, time.time())
+            now = time.time()
+            claims = claim_deliveries(conn, handler, limit, now)
+            if len(claims) >= limit:
+                return claims, now
             return claims, next_delivery_due(conn, handler)
 
         return await self.run(op)
@@ -605,8 +610,12 @@ class Store:
         next_attempt_at: float | None = None,
     ) -> None:
         """Record the outcome of one attempt."""
-        await self.run(lambda conn: finish_delivery(
-            conn, claim, status, error=error, output=output, next_attempt_at=next_attempt_at))
+        await self.finish_many([Finished(claim, status, error, output, next_attempt_at)])
+
+    async def finish_many(self, outcomes: Sequence[Finished]) -> None:
+        """Record the outcomes of many attempts in one operation: all of them or none."""
+        if outcomes:
+            await self.run(lambda conn: finish_deliveries(conn, outcomes))
 
     async def renew(self, handler: str, ids: Sequence[int]) -> list[int]:
         """Extend the claims' leases; returns the ids still held. One process owns a SQLite
@@ -1212,21 +1221,31 @@ def finish_delivery(
     next_attempt_at: float | None,
 ) -> None:
     """Record one attempt's outcome: done, dead, or pending again at ``next_attempt_at``."""
+    finish_deliveries(conn, [Finished(claim, status, error, output, next_attempt_at)])
+
+
+_FINISH_SQL = (
+    "UPDATE deliveries SET status = ?, attempts = ?, last_error = ?,"
+    " next_attempt_at = coalesce(?, next_attempt_at),"
+    " finished_at = CASE WHEN ? IN ('done', 'dead') THEN ? ELSE finished_at END"
+    " WHERE id = ?"
+)
+_ATTEMPT_SQL = (
+    "INSERT INTO delivery_attempts (delivery_id, attempt, started_at, finished_at, outcome,"
+    " error, output) VALUES (?,?,?,?,?,?,?)"
+)
+
+
+def finish_deliveries(conn: sqlite3.Connection, outcomes: Sequence[Finished]) -> None:
+    """Record many attempts' outcomes with two statements (one update, one attempts insert)."""
     now = utc_now_iso()
-    conn.execute(
-        "UPDATE deliveries SET status = ?, attempts = ?, last_error = ?,"
-        " next_attempt_at = coalesce(?, next_attempt_at),"
-        " finished_at = CASE WHEN ? IN ('done', 'dead') THEN ? ELSE finished_at END"
-        " WHERE id = ?",
-        (status, claim.attempt, error, next_attempt_at, status, now, claim.id),
-    )
-    conn.execute(
-        "INSERT INTO delivery_attempts (delivery_id, attempt, started_at, finished_at, outcome,"
-        " error, output) VALUES (?,?,?,?,?,?,?)",
-        (claim.id, claim.attempt, claim.started_at, now,
-         "done" if status == "done" else ("dead" if status == "dead" else "retry"),
-         error, output),
-    )
+    conn.executemany(_FINISH_SQL, [
+        (o.status, o.claim.attempt, o.error, o.next_attempt_at, o.status, now, o.claim.id)
+        for o in outcomes])
+    conn.executemany(_ATTEMPT_SQL, [
+        (o.claim.id, o.claim.attempt, o.claim.started_at, now,
+         o.status if o.status in ("done", "dead") else "retry", o.error, o.output)
+        for o in outcomes])
 
 
 def release_running(conn: sqlite3.Connection, ids: Sequence[int] | None = None) -> int:

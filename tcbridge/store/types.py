@@ -71,6 +71,17 @@ class Claim:
 
 
 @dataclass(frozen=True, slots=True)
+class Finished:
+    """One attempt's outcome to record: done, dead, or pending again at ``next_attempt_at``."""
+
+    claim: Claim
+    status: DeliveryStatus
+    error: str | None = None
+    output: str | None = None
+    next_attempt_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Retention:
     """How long what is kept (see ``[store]`` retention settings)."""
 
