@@ -117,11 +117,29 @@ def _fresh_daemon(ctx: Context, name: str, config: dict[str, Any], **kw: Any) ->
     return Daemon(ctx.workdir, name, config, **kw)
 
 
-def _baseline_load(ctx: Context, connections: int, duration_s: float) -> LoadResult:
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + sys) a process has used so far, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cost(cpu_s: float, requests: int, **extra: int) -> dict[str, float | int]:
+    """CPU seconds per 1,000 requests of one load run (with what else it measured)."""
+    per_1000 = cpu_s / requests * 1000 if requests else 0.0
+    return {"cpu_s": round(cpu_s, 2), "cpu_s_per_1000": round(per_1000, 3)} | extra
+
+
+def _baseline_load(ctx: Context, connections: int, duration_s: float,
+                   costs: list[dict[str, float | int]] | None = None) -> LoadResult:
     proc, port = baseline_app(ctx.workdir)
     with proc.start():
         wait_http(port, "GET", "/readyz", None, {}, proc)
-        return ctx.load(f"http://127.0.0.1:{port}/webhook/order", connections, duration_s)
+        cpu_before = _cpu_s(proc.pid)
+        result = ctx.load(f"http://127.0.0.1:{port}/webhook/order", connections, duration_s)
+        if costs is not None:
+            costs.append(_cost(_cpu_s(proc.pid) - cpu_before, result.requests))
+        return result
 
 
 def _check_unique(daemon: Daemon, result: LoadResult) -> dict[str, int]:
@@ -136,14 +154,21 @@ def _check_unique(daemon: Daemon, result: LoadResult) -> dict[str, int]:
 
 
 def _tcbridge_load(ctx: Context, name: str, connections: int, duration_s: float,
-                   *, db: Path | None = None) -> tuple[LoadResult, dict[str, int]]:
+                   *, db: Path | None = None,
+                   costs: list[dict[str, float | int]] | None = None,
+                   ) -> tuple[LoadResult, dict[str, int]]:
     config: dict[str, Any] = {"handlers": [PARKED]}
     if db is not None:
         config["store"] = {"path": str(db)}
     with _fresh_daemon(ctx, name, config).start_and_wait() as daemon:
         before = db_query(daemon.db_path, "SELECT count(*) FROM events")[0][0]
+        cpu_before = _cpu_s(daemon.pid)
         result = ctx.load(daemon.url + "/webhook/order", connections, duration_s)
+        cpu_s = _cpu_s(daemon.pid) - cpu_before
         counts = _check_unique(daemon, result)
+        if costs is not None:  # the store holds only this run's events (and the probe)
+            costs.append(_cost(cpu_s, counts["events"] - before, events=counts["events"],
+                               db_bytes=file_size(daemon.db_path)))
     counts["events"] -= before
     return result, counts
 
@@ -156,20 +181,33 @@ def ingest_throughput(ctx: Context) -> Row:
     s = ctx.scale
     base: list[LoadResult] = []
     tcb: list[LoadResult] = []
+    base_costs: list[dict[str, float | int]] = []
+    tcb_costs: list[dict[str, float | int]] = []
     for i in range(s.rounds):
-        base.append(_baseline_load(ctx, s.connections, s.ingest_s))
-        tcb.append(_tcbridge_load(ctx, f"ingest{i}", s.connections, s.ingest_s)[0])
+        base.append(_baseline_load(ctx, s.connections, s.ingest_s, base_costs))
+        tcb.append(_tcbridge_load(ctx, f"ingest{i}", s.connections, s.ingest_s,
+                                  costs=tcb_costs)[0])
     best_base = max(base, key=lambda r: r.rps)
     best = max(tcb, key=lambda r: r.rps)
     ctx.ingest_best = best
     ratio = best.rps / best_base.rps
     low, mean, high = sizes(ctx.templates())
+    # Cost: the lowest CPU per 1,000 of the rounds (like the best rate, interference only
+    # adds); store bytes per event of the best round (file + WAL over its events).
+    cpu = min(float(c["cpu_s_per_1000"]) for c in tcb_costs)
+    base_cpu = min(float(c["cpu_s_per_1000"]) for c in base_costs)
+    stored = tcb_costs[tcb.index(best)]
+    per_event = float(stored["db_bytes"]) / max(1, int(stored["events"]))
     return Row(
         f"1 ingest, {s.connections} conn, {low / 1000:.1f}-{high / 1000:.1f} KB bodies",
-        f"{fmt_rate(best.rps)} (p99 {best.p99_ms:.0f} ms)",
-        f"{fmt_rate(best_base.rps)} bare aiohttp",
+        f"{fmt_rate(best.rps)} (p99 {best.p99_ms:.0f} ms; {cpu:.2f} CPU s/1k events,"
+        f" {per_event:,.0f} B/event)",
+        f"{fmt_rate(best_base.rps)} bare aiohttp ({base_cpu:.2f} CPU s/1k)",
         ratio, ">= 0.80 x", ratio >= 0.80,
-        {"tcbridge": [r.as_dict() for r in tcb], "baseline": [r.as_dict() for r in base],
+        {"tcbridge": [r.as_dict() | c for r, c in zip(tcb, tcb_costs, strict=True)],
+         "baseline": [r.as_dict() | c for r, c in zip(base, base_costs, strict=True)],
+         "cpu_s_per_1000": cpu, "baseline_cpu_s_per_1000": base_cpu,
+         "store_bytes_per_event": round(per_event),
          "body_bytes": {"min": low, "mean": round(mean), "max": high}},
     )
 
