@@ -179,3 +179,20 @@ def test_a_failing_route_fails_its_ingest_only_and_leaves_no_view_behind(
     (again,) = run(conn, [ops[1]])
     assert again[0].status == "stored"
     assert conn.execute("SELECT count(*) FROM deliveries").fetchone() == (5,)
+
+
+def test_the_batch_statements_find_rows_by_index_not_by_scan(tmp_path: Path) -> None:
+    """With a million events a scan per batch would be the end: look-ups by key only."""
+    from tcbridge.store import sqlite as backend
+
+    conn = fresh(tmp_path / "db")
+
+    def plan(sql: str, *args: object) -> str:
+        return " | ".join(str(row[3]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql, args))
+
+    lookup = plan(backend._LOOKUP_SQL, '[["id", "order", "o1"]]')
+    assert "SEARCH e USING INDEX sqlite_autoindex_events_1 (id=?)" in lookup
+    assert "SEARCH n USING PRIMARY KEY (kind=? AND entity_id=?)" in lookup
+    deliveries = plan(backend._INSERT_DELIVERIES_SQL, "[]", 1.0)
+    assert "SEARCH e USING INDEX sqlite_autoindex_events_1 (id=?)" in deliveries
+    assert "SCAN e" not in lookup + deliveries

@@ -185,6 +185,13 @@ MIGRATIONS: list[list[str]] = [
         # Two GETs in one millisecond have the same requested_at: a counter tells them apart.
         "ALTER TABLE fetch_requests ADD COLUMN generation INTEGER NOT NULL DEFAULT 0",
     ],
+    [
+        # Retention finds the payloads still held by seq, which grows with received_at (as
+        # _last_seq_before already counts on): an index of integers is about 25 bytes per
+        # event smaller than one of received_at texts (bench/README.md, store bytes).
+        "DROP INDEX events_payload_age",
+        "CREATE INDEX events_payload_seq ON events (seq) WHERE envelope IS NOT NULL",
+    ],
 ]
 
 
@@ -1497,11 +1504,12 @@ def _cutoff(now: float, days: float) -> str:
 
 _PURGE_PAYLOADS_SQL = (
     "UPDATE events SET envelope = NULL WHERE seq IN (SELECT seq FROM events"
-    " WHERE envelope IS NOT NULL AND received_at < ?"
+    # events_payload_seq: only the payloads still held, so purged rows are never walked
+    " WHERE envelope IS NOT NULL AND seq <= ?"
     # payloads stay while a delivery is pending, running or dead (it may be replayed)
     " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = events.seq"
     "   AND d.status != 'done')"
-    " ORDER BY received_at LIMIT ?)"
+    " ORDER BY seq LIMIT ?)"
 )
 
 
@@ -1528,7 +1536,8 @@ def purge_batch(conn: sqlite3.Connection, policy: Retention, now: float) -> dict
     keys), then whole rows past the dedup retention, old sightings and rejections."""
     payload_cutoff = _cutoff(now, policy.payload_days)
     dedup_cutoff = _cutoff(now, max(policy.dedup_days, policy.payload_days))
-    payloads = conn.execute(_PURGE_PAYLOADS_SQL, (payload_cutoff, policy.batch)).rowcount
+    payloads = conn.execute(
+        _PURGE_PAYLOADS_SQL, (_last_seq_before(conn, payload_cutoff), policy.batch)).rowcount
     old = [row[0] for row in conn.execute(
         "SELECT seq FROM events WHERE seq <= ? AND envelope IS NULL"
         # a delivery still open or dead (of a replay queued before its payload went) keeps
