@@ -112,11 +112,24 @@ def test_a_batch_of_new_events_takes_a_handful_of_statements(tmp_path: Path) -> 
     candidates = [parse_order_webhook(order_event_body(f"n{i}")) for i in range(50)]
     results = batched(conn, candidates)
     assert [r.status for r in results] == ["stored"] * 50
-    # BEGIN, one look-up, entities, deliveries, COMMIT; the events by executemany (its
-    # rows are traced one by one, but run in one call)
-    others = [s for s in statements if not s.startswith("INSERT INTO events")]
-    assert len(others) == 5 and len(statements) == 5 + 50
+    # BEGIN, one look-up, the events, the entities, the deliveries, COMMIT
+    assert len(statements) == 6
+    assert conn.execute("SELECT count(*) FROM events").fetchone() == (50,)
     assert conn.execute("SELECT count(*) FROM deliveries").fetchone() == (50,)
+
+
+def test_more_events_than_one_insert_takes_are_written_in_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tcbridge.store import sqlite as backend
+
+    monkeypatch.setattr(backend, "EVENT_ROWS_PER_INSERT", 3)
+    conn = fresh(tmp_path / "db")
+    candidates = [parse_order_webhook(order_event_body(f"n{i}")) for i in range(8)]
+    results = batched(conn, candidates)
+    assert [r.event_id for r in results] == [c.event_id for c in candidates]
+    assert conn.execute("SELECT entity_id FROM events ORDER BY seq").fetchall() == [
+        (f"n{i}",) for i in range(8)]
+    assert conn.execute("SELECT count(*) FROM deliveries").fetchone() == (8,)
 
 
 class _Future:

@@ -914,8 +914,8 @@ class IngestOp:
 
 # Each sqlite3 call releases the GIL around sqlite3_step and must win it back from the busy
 # event loop, so a batch is looked up in one statement and written in three (the small rows
-# over json_each(?); the events, whose envelopes SQLite would have to unescape from JSON,
-# with executemany), not five calls per event (bench/README.md, ingest).
+# over json_each(?), the events in one multi-row INSERT), not five calls per event
+# (bench/README.md, ingest).
 _LOOKUP_SQL = (
     "SELECT json_group_array(json_array(j.key, e.source, e.envelope, e.id IS NOT NULL,"
     " n.newest_us)) FROM json_each(?) j"
@@ -924,11 +924,20 @@ _LOOKUP_SQL = (
     "  AND n.entity_id = json_extract(j.value, '$[2]')"
     " WHERE e.id IS NOT NULL OR n.newest_us IS NOT NULL"
 )
-_INSERT_EVENT_SQL = (
+_INSERT_EVENTS_SQL = (
     "INSERT INTO events (id, kind, entity_id, version_key, last_updated_at, instant_us,"
-    " event_name, source, received_at, late, envelope, recovered)"
-    " VALUES (?,?,?,?,?,?,?,?,?,?,?,0)"
+    " event_name, source, received_at, late, envelope, recovered) VALUES "
 )
+_EVENT_VALUES = "(?,?,?,?,?,?,?,?,?,?,?,0)"
+# Rows per multi-row INSERT: 704 parameters (SQLite allowed 999 before 3.32), and at most
+# 64 statement texts for the sqlite3 module's statement cache (128).
+EVENT_ROWS_PER_INSERT = 64
+
+
+def _insert_events_sql(rows: int) -> str:
+    """One INSERT of ``rows`` events: one sqlite3_step for all of them. (executemany steps
+    once per row, giving the GIL away each time; JSON made SQLite unescape every envelope.)"""
+    return _INSERT_EVENTS_SQL + ",".join([_EVENT_VALUES] * rows)
 _UPSERT_ENTITIES_SQL = (
     "INSERT INTO entities (kind, entity_id, newest_us, newest_last_updated_at)"
     " SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
@@ -972,8 +981,9 @@ def ingest_many(conn: sqlite3.Connection, ops: Sequence[IngestOp]) -> list[Inges
             writes.stored.setdefault(event_id, (row[1], row[2]))
         writes.newest.setdefault((kind, entity_id), None if row is None else row[4])
     results = [_decide(conn, op, writes) for op in ops]
-    if writes.events:  # executemany: JSON would cost SQLite more than it saves here
-        conn.executemany(_INSERT_EVENT_SQL, writes.events)
+    for start in range(0, len(writes.events), EVENT_ROWS_PER_INSERT):
+        rows = writes.events[start:start + EVENT_ROWS_PER_INSERT]
+        conn.execute(_insert_events_sql(len(rows)), [value for row in rows for value in row])
     if writes.entities:
         conn.execute(_UPSERT_ENTITIES_SQL, (orjson.dumps(list(writes.entities.values())),))
     if writes.deliveries:
