@@ -173,6 +173,9 @@ def _tcbridge_load(ctx: Context, name: str, connections: int, duration_s: float,
         result = ctx.load(daemon.url + "/webhook/order", connections, duration_s,
                           pid=daemon.pid)
         counts = _check_unique(daemon, result)
+        if dsn is None:  # the store holds only this run's events (and the probe)
+            counts["db_bytes"] = file_size(daemon.db_path)
+            counts["stored"] = counts["events"]
     counts["events"] -= before
     return result, counts
 
@@ -185,22 +188,35 @@ def ingest_throughput(ctx: Context) -> Row:
     s = ctx.scale
     base: list[LoadResult] = []
     tcb: list[LoadResult] = []
+    stores: list[dict[str, int]] = []
     for i in range(s.rounds):
         base.append(_baseline_load(ctx, s.connections, s.ingest_s))
-        tcb.append(_tcbridge_load(ctx, f"ingest{i}", s.connections, s.ingest_s)[0])
+        result, counts = _tcbridge_load(ctx, f"ingest{i}", s.connections, s.ingest_s)
+        tcb.append(result)
+        stores.append(counts)
     best_base = max(base, key=lambda r: r.rps)
     best = max(tcb, key=lambda r: r.rps)
     ctx.ingest_best = best
     ratio = best.rps / best_base.rps
     low, mean, high = sizes(ctx.templates())
+    # Cost: the lowest CPU per 1,000 of the rounds (like the best rate, interference only
+    # adds); store bytes per event of the best round (file + WAL over its events).
+    cost, base_cost = lowest_cost([r.cpu for r in tcb]), lowest_cost([r.cpu for r in base])
+    cpu = (cost.per_1000_s if cost is not None else None) or float("nan")
+    base_cpu = (base_cost.per_1000_s if base_cost is not None else None) or float("nan")
+    stored = stores[tcb.index(best)]
+    per_event = float(stored["db_bytes"]) / max(1, int(stored["stored"]))
     return Row(
         f"1 ingest, {s.connections} conn, {low / 1000:.1f}-{high / 1000:.1f} KB bodies",
-        f"{fmt_rate(best.rps)} (p99 {best.p99_ms:.0f} ms)",
-        f"{fmt_rate(best_base.rps)} bare aiohttp",
+        f"{fmt_rate(best.rps)} (p99 {best.p99_ms:.0f} ms; {cpu:.2f} CPU s/1k events,"
+        f" {per_event:,.0f} B/event)",
+        f"{fmt_rate(best_base.rps)} bare aiohttp ({base_cpu:.2f} CPU s/1k)",
         ratio, ">= 0.80 x", ratio >= 0.80,
         {"tcbridge": [r.as_dict() for r in tcb], "baseline": [r.as_dict() for r in base],
+         "stores": stores, "cpu_s_per_1000": cpu, "baseline_cpu_s_per_1000": base_cpu,
+         "store_bytes_per_event": round(per_event),
          "body_bytes": {"min": low, "mean": round(mean), "max": high}},
-        cost=lowest_cost([r.cpu for r in tcb]), baseline_cost=lowest_cost([r.cpu for r in base]),
+        cost=cost, baseline_cost=base_cost,
     )
 
 

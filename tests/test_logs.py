@@ -151,3 +151,29 @@ async def test_a_flood_of_401s_is_cut_to_a_burst_of_log_lines(
     await daemon.wait_for_log("webhook.stored")
     assert len([line for line in daemon.logs() if line.get("event") == "webhook.auth_failed"]) == 5
     assert await daemon.stop() == 0
+
+
+def test_a_log_line_is_one_write_with_its_newline() -> None:
+    """Unbuffered (PYTHONUNBUFFERED), every write is a syscall on the event loop: one per
+    line, not the line and its newline apart."""
+    import io
+
+    from tcbridge import logs
+
+    class Recorder(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writes: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.writes.append(text)
+            return len(text)
+
+    recorder = Recorder()
+    try:
+        logs.configure("info", "json", recorder)
+        structlog.get_logger("t").info("webhook.stored", event_id="e1")
+    finally:
+        structlog.reset_defaults()
+    assert len(recorder.writes) == 1
+    assert recorder.writes[0].endswith("}\n") and '"event_id":"e1"' in recorder.writes[0]

@@ -152,3 +152,43 @@ def test_cli_replay_of_a_purged_event_exits_non_zero_with_the_reason(
     assert code == 1
     err = capsys.readouterr().err
     assert f"event {event_id!r} cannot be replayed: its payload was purged" in err
+
+
+@pytest.mark.sqlite_only("SQLite's own schema versions and query plans")
+def test_migration_7_keeps_the_rows_and_retention_walks_the_payload_index(
+        tmp_path: Path) -> None:
+    """A store at schema 6 with events in it: migration 7 swaps the received_at index of
+    held payloads for one on seq; no row changes, and the payload purge reads the new
+    index, oldest first, never the purged rows."""
+    import sqlite3
+
+    from tcbridge.store.sqlite import MIGRATIONS, ingest_one, migrate, purge_batch
+
+    conn = sqlite3.connect(tmp_path / "v6.db", isolation_level=None)
+    for number, statements in enumerate(MIGRATIONS[:6], start=1):
+        for statement in statements:
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {number}")
+    conn.execute("BEGIN")
+    ids = [ingest_one(conn, parse_order_webhook(order_event_body(f"o{i}")), LONG_AGO,
+                      lambda envelope: []).event_id for i in range(5)]
+    conn.execute("COMMIT")
+    conn.execute("UPDATE events SET envelope = NULL WHERE id = ?", (ids[0],))  # purged
+    before = conn.execute("SELECT * FROM events ORDER BY seq").fetchall()
+    assert migrate(conn) == len(MIGRATIONS) and len(MIGRATIONS) >= 7
+    assert conn.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
+    names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "events_payload_seq" in names and "events_payload_age" not in names
+    assert conn.execute("SELECT * FROM events ORDER BY seq").fetchall() == before
+    plan = " ".join(str(row[3]) for row in conn.execute(
+        "EXPLAIN QUERY PLAN SELECT seq FROM events WHERE envelope IS NOT NULL AND seq <= ?"
+        " ORDER BY seq LIMIT 2", (10,)))
+    assert "events_payload_seq" in plan
+    conn.execute("BEGIN")
+    done = purge_batch(conn, Retention(payload_days=30, dedup_days=1e9, batch=2), 2e9)
+    conn.execute("COMMIT")
+    assert done["payloads"] == 2
+    held = [row[0] for row in conn.execute(
+        "SELECT id FROM events WHERE envelope IS NOT NULL ORDER BY seq")]
+    assert held == ids[3:]  # the two oldest still held went first
+    conn.close()

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -184,6 +185,13 @@ MIGRATIONS: list[list[str]] = [
     [
         # Two GETs in one millisecond have the same requested_at: a counter tells them apart.
         "ALTER TABLE fetch_requests ADD COLUMN generation INTEGER NOT NULL DEFAULT 0",
+    ],
+    [
+        # Retention finds the payloads still held by seq, which grows with received_at (as
+        # _last_seq_before already counts on): an index of integers is about 25 bytes per
+        # event smaller than one of received_at texts (bench/README.md, store bytes).
+        "DROP INDEX events_payload_age",
+        "CREATE INDEX events_payload_seq ON events (seq) WHERE envelope IS NOT NULL",
     ],
 ]
 
@@ -452,8 +460,7 @@ class Store:
 
     async def ingest(self, candidate: Candidate) -> IngestResult:
         """Store one candidate as an event, a duplicate or a stale sighting, durably."""
-        received_at = utc_now_iso()
-        return await self.run(lambda conn: ingest_one(conn, candidate, received_at, self._route))
+        return await self.run(IngestOp(candidate, utc_now_iso(), self._route))
 
     async def ingest_page(
         self,
@@ -748,11 +755,28 @@ def run_batch(
     if failed is not None:
         return failed
     try:
-        outcomes: list[Outcome] = [(future, op(conn), None) for op, future in batch]
+        outcomes = _run_ops(conn, batch)
     except Exception:
         _rollback(conn)
         return _run_batch_guarded(conn, batch)
     return _commit(conn, batch, outcomes)
+
+
+def _run_ops(
+    conn: sqlite3.Connection, batch: Sequence[tuple[Op, asyncio.Future[Any]]]
+) -> list[Outcome]:
+    """Run the batch's operations in order; neighbouring ingests are written together."""
+    outcomes: list[Outcome] = []
+    for is_ingest, group in itertools.groupby(batch, key=lambda item: isinstance(
+            item[0], IngestOp)):
+        items = list(group)
+        if is_ingest and len(items) > 1:
+            results = ingest_many(conn, [op for op, _ in items])  # type: ignore[misc]
+            outcomes.extend((future, result, None)
+                            for (_, future), result in zip(items, results, strict=True))
+        else:
+            outcomes.extend((future, op(conn), None) for op, future in items)
+    return outcomes
 
 
 def _run_batch_guarded(
@@ -895,6 +919,140 @@ def ingest_one(
         insert_deliveries(conn, seq, event_id, candidate.entity_id, routes, received_at)
     return IngestResult("stored", event_id, late=late, deliveries=len(routes),
                         recovered=recovered)
+
+
+class IngestOp:
+    """One candidate to ingest, as a queued operation. Called alone (and in the savepoint
+    fallback) it is :func:`ingest_one`; neighbours in a batch are written together by
+    :func:`ingest_many`, with the same answers."""
+
+    __slots__ = ("candidate", "received_at", "route")
+
+    def __init__(self, candidate: Candidate, received_at: str, route: Route) -> None:
+        self.candidate = candidate
+        self.received_at = received_at
+        self.route = route
+
+    def __call__(self, conn: sqlite3.Connection) -> IngestResult:
+        return ingest_one(conn, self.candidate, self.received_at, self.route)
+
+
+# Each sqlite3 call releases the GIL around sqlite3_step and must win it back from the busy
+# event loop, so a batch is looked up in one statement and written in three (the small rows
+# over json_each(?), the events in one multi-row INSERT), not five calls per event
+# (bench/README.md, ingest).
+_LOOKUP_SQL = (
+    "SELECT json_group_array(json_array(j.key, e.source, e.envelope, e.id IS NOT NULL,"
+    " n.newest_us)) FROM json_each(?) j"
+    " LEFT JOIN events e ON e.id = json_extract(j.value, '$[0]')"
+    " LEFT JOIN entities n ON n.kind = json_extract(j.value, '$[1]')"
+    "  AND n.entity_id = json_extract(j.value, '$[2]')"
+    " WHERE e.id IS NOT NULL OR n.newest_us IS NOT NULL"
+)
+_INSERT_EVENTS_SQL = (
+    "INSERT INTO events (id, kind, entity_id, version_key, last_updated_at, instant_us,"
+    " event_name, source, received_at, late, envelope, recovered) VALUES "
+)
+_EVENT_VALUES = "(?,?,?,?,?,?,?,?,?,?,?,0)"
+# Rows per multi-row INSERT: 704 parameters (SQLite allowed 999 before 3.32), and at most
+# 64 statement texts for the sqlite3 module's statement cache (128).
+EVENT_ROWS_PER_INSERT = 64
+
+
+def _insert_events_sql(rows: int) -> str:
+    """One INSERT of ``rows`` events: one sqlite3_step for all of them. (executemany steps
+    once per row, giving the GIL away each time; JSON made SQLite unescape every envelope.)"""
+    return _INSERT_EVENTS_SQL + ",".join([_EVENT_VALUES] * rows)
+_UPSERT_ENTITIES_SQL = (
+    "INSERT INTO entities (kind, entity_id, newest_us, newest_last_updated_at)"
+    " SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
+    " json_extract(value, '$[2]'), json_extract(value, '$[3]') FROM json_each(?)"
+    " WHERE true"  # the parser needs it before ON CONFLICT in an INSERT ... SELECT
+    " ON CONFLICT (kind, entity_id) DO UPDATE SET newest_us = excluded.newest_us,"
+    " newest_last_updated_at = excluded.newest_last_updated_at"
+)
+_INSERT_DELIVERIES_SQL = (
+    "INSERT INTO deliveries (event_seq, event_id, handler, entity_id, next_attempt_at,"
+    " created_at, replay)"
+    " SELECT e.seq, e.id, json_extract(j.value, '$[1]'), e.entity_id, ?2,"
+    " json_extract(j.value, '$[2]'), 0 FROM json_each(?1) j"
+    " JOIN events e ON e.id = json_extract(j.value, '$[0]') ORDER BY j.key"
+)
+
+
+@dataclass(slots=True)
+class _BatchWrites:
+    """What a run of ingests decided, written at its end; ``stored`` and ``newest`` are the
+    batch's own view on top of the database (what sequential processing would have read)."""
+
+    stored: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    newest: dict[tuple[str, str], int | None] = field(default_factory=dict)
+    events: list[list[Any]] = field(default_factory=list)
+    entities: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
+    deliveries: list[list[str]] = field(default_factory=list)
+
+
+def ingest_many(conn: sqlite3.Connection, ops: Sequence[IngestOp]) -> list[IngestResult]:
+    """Ingest candidates as :func:`ingest_one` one after the other would (the same rules,
+    the same answers, the same rows in the same order), in about five statements."""
+    keys = [[op.candidate.event_id, op.candidate.kind, op.candidate.entity_id] for op in ops]
+    found: dict[int, list[Any]] = {
+        row[0]: row for row in orjson.loads(
+            conn.execute(_LOOKUP_SQL, (orjson.dumps(keys),)).fetchone()[0])}
+    writes = _BatchWrites()
+    for k, (event_id, kind, entity_id) in enumerate(keys):
+        row = found.get(k)
+        if row is not None and row[3]:
+            writes.stored.setdefault(event_id, (row[1], row[2]))
+        writes.newest.setdefault((kind, entity_id), None if row is None else row[4])
+    results = [_decide(conn, op, writes) for op in ops]
+    for start in range(0, len(writes.events), EVENT_ROWS_PER_INSERT):
+        rows = writes.events[start:start + EVENT_ROWS_PER_INSERT]
+        conn.execute(_insert_events_sql(len(rows)), [value for row in rows for value in row])
+    if writes.entities:
+        conn.execute(_UPSERT_ENTITIES_SQL, (orjson.dumps(list(writes.entities.values())),))
+    if writes.deliveries:
+        conn.execute(_INSERT_DELIVERIES_SQL, (orjson.dumps(writes.deliveries), time.time()))
+    return results
+
+
+def _decide(conn: sqlite3.Connection, op: IngestOp, writes: _BatchWrites) -> IngestResult:
+    """ingest_one's rules for one candidate of a batch, against the batch's view."""
+    candidate, received_at = op.candidate, op.received_at
+    event_id, sibling = candidate.event_id, None
+    stored = writes.stored.get(event_id)
+    if stored is not None:
+        sibling = rules.sibling_id(candidate, stored[0], stored[1])
+        if sibling is None or sibling in writes.stored or conn.execute(
+                "SELECT 1 FROM events WHERE id = ?", (sibling,)).fetchone():
+            duplicate_of = sibling or event_id
+            _sighting(conn, candidate, duplicate_of, "duplicate", received_at)
+            return IngestResult("duplicate", duplicate_of)
+        event_id = sibling
+    entity = (candidate.kind, candidate.entity_id)
+    newest = writes.newest[entity]
+    late = rules.is_late(candidate, newest)
+    if rules.is_stale(candidate, late):
+        _sighting(conn, candidate, None, "stale", received_at)
+        return IngestResult("stale", event_id)
+    envelope = envelope_dict(
+        event_id=event_id, candidate=candidate, received_at=received_at,
+        changed_line_ids=changed_lines(candidate, newest), late=late,
+        sibling=sibling is not None,
+    )
+    text = envelope_json(envelope)
+    writes.events.append([
+        event_id, candidate.kind, candidate.entity_id, candidate.version_key,
+        candidate.last_updated_at, candidate.instant_us, candidate.event_name,
+        candidate.source, received_at, int(late), text])
+    writes.stored[event_id] = (candidate.source, text)
+    if rules.moves_newest(candidate, late):
+        writes.newest[entity] = candidate.instant_us
+        writes.entities[entity] = [candidate.kind, candidate.entity_id, candidate.instant_us,
+                                   candidate.last_updated_at]
+    routes = op.route(envelope)
+    writes.deliveries.extend([event_id, name, received_at] for name in routes)
+    return IngestResult("stored", event_id, late=late, deliveries=len(routes))
 
 
 def _newest(conn: sqlite3.Connection, candidate: Candidate) -> int | None:
@@ -1395,11 +1553,12 @@ def read_status(conn: sqlite3.Connection) -> dict[str, Any]:
 
 _PURGE_PAYLOADS_SQL = (
     "UPDATE events SET envelope = NULL WHERE seq IN (SELECT seq FROM events"
-    " WHERE envelope IS NOT NULL AND received_at < ?"
+    # events_payload_seq: only the payloads still held, so purged rows are never walked
+    " WHERE envelope IS NOT NULL AND seq <= ?"
     # payloads stay while a delivery is pending, running or dead (it may be replayed)
     " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = events.seq"
     "   AND d.status != 'done')"
-    " ORDER BY received_at LIMIT ?)"
+    " ORDER BY seq LIMIT ?)"
 )
 
 
@@ -1426,7 +1585,8 @@ def purge_batch(conn: sqlite3.Connection, policy: Retention, now: float) -> dict
     keys), then whole rows past the dedup retention, old sightings and rejections."""
     payload_cutoff = rules.cutoff_iso(now, policy.payload_days)
     dedup_cutoff = rules.cutoff_iso(now, max(policy.dedup_days, policy.payload_days))
-    payloads = conn.execute(_PURGE_PAYLOADS_SQL, (payload_cutoff, policy.batch)).rowcount
+    payloads = conn.execute(
+        _PURGE_PAYLOADS_SQL, (_last_seq_before(conn, payload_cutoff), policy.batch)).rowcount
     old = [row[0] for row in conn.execute(
         "SELECT seq FROM events WHERE seq <= ? AND envelope IS NULL"
         # a delivery still open or dead (of a replay queued before its payload went) keeps
