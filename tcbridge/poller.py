@@ -135,6 +135,81 @@ def _readable(stamp: str) -> bool:
     return True
 
 
+def item_stamp(item: object) -> str | None:
+    """The ``lastUpdatedAt`` an item is sorted by, as received (a shipment's is in ``meta``,
+    as in envelope.py); None when it has none or it is unreadable. Read from the raw item,
+    so that the next query is known before the page is normalised."""
+    if not isinstance(item, Mapping):
+        return None
+    meta = item.get("meta")
+    stamp = meta.get("lastUpdatedAt") if isinstance(meta, Mapping) else None
+    if stamp is None:
+        stamp = item.get("lastUpdatedAt")
+    if not isinstance(stamp, str):
+        return None
+    try:
+        instant_us(stamp)
+    except InvalidEvent:
+        return None
+    return stamp
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """One page's query: where it starts, and the previous page's last item, asked for
+    again in front of the page when paging by offset (None: nothing asked for again)."""
+
+    cursor: str
+    offset: int
+    overlap: _Overlap | None
+
+    @property
+    def request_offset(self) -> int:
+        return self.offset - 1 if self.overlap else self.offset
+
+    def limit(self, page_size: int) -> int:
+        # The item asked for again takes a place on the page; a page of one needs two.
+        return max(page_size, 2) if self.overlap else page_size
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What a fetched page leads to: its items (without the one asked for again) commit
+    with ``commit`` (None: no cursor move); then ``next`` is asked (None: the last page)."""
+
+    page: PollPage
+    commit: str | None
+    next: Query | None
+
+
+def next_step(
+    raw: PollPage, query: Query, *, page_size: int, inclusive: bool, api: str, committed: str
+) -> Step | None:
+    """The pure "what's next" after a page answered ``query``; None when the item asked for
+    again did not come back first unchanged (the run shifted: re-read from its start)."""
+    page = _after_overlap(raw, query.overlap)
+    if page is None:
+        return None
+    stamps = [item_stamp(item) for item in page.items]
+    if len(raw.items) < query.limit(page_size):
+        return Step(page, ahead(page_cursor(page, stamps, api=api), committed), None)
+    position = next_position(stamps, query.cursor, query.offset, inclusive=inclusive)
+    # Ask for the last item again: if it does not come first, the offsets shifted.
+    overlap = _Overlap(_identity(page.items[-1])) if position.offset and page.items else None
+    return Step(page, ahead(position.safe_cursor, committed),
+                Query(position.cursor, position.offset, overlap))
+
+
+async def _discard(fetching: asyncio.Task[PollPage]) -> None:
+    """Cancel a fetch whose page will not be used and wait until it has stopped, so that
+    no request of this cycle is still in flight when it ends."""
+    if not fetching.done():
+        fetching.cancel()
+        await asyncio.wait([fetching])
+    if not fetching.cancelled():
+        fetching.exception()  # retrieved: a failure after the cycle ended is not news
+
+
 MAX_SHIFTS_PER_CYCLE = 5
 
 
@@ -181,56 +256,72 @@ class Poller:
         return self._settings.interval_s
 
     async def run_once(self, kind: PollKind) -> CycleStats:
-        """One cycle of one kind: page until a page is not full. Raises on API or store errors."""
+        """One cycle of one kind: page until a page is not full. Raises on API or store errors.
+
+        Pipelined, one request in flight: the next query follows from a page's stamps alone,
+        so page N+1 is being fetched while page N is normalised and committed. A page and
+        the cursor it makes safe still commit together, in order; when a commit fails the
+        fetch under way is cancelled and its page never used."""
         name = self._cursor_prefix + kind
         stored = await self._store.get_cursor(name)
         # Two cursors: ``committed`` is the exact string received (stored, only forwards);
-        # ``query_cursor`` is where this cycle's query starts, a look-back before it.
+        # the first query starts a look-back before it.
         committed = stored or self._settings.start_from
-        query_cursor = (lookback_start(stored, self._settings.lookback_s)
-                        if stored is not None else committed)
+        start = (lookback_start(stored, self._settings.lookback_s)
+                 if stored is not None else committed)
         # Until a first cycle has completed, the poller catches up on history (from
         # start_from); after that, what it sees first is what the webhook missed.
         recover = (self._hybrid and not self._cursor_prefix
                    and await self._store.poll_succeeded(name))
-        cursor, offset, overlap, shifts = query_cursor, 0, None, 0
         stats = CycleStats(cursor=committed)
-        while True:
-            # The item asked for again takes a place on the page; a page of one needs two.
-            limit = max(self._settings.page_size, 2) if overlap else self._settings.page_size
-            raw = await self._fetch(kind, cursor, offset - 1 if overlap else offset, limit)
-            page = _after_overlap(raw, overlap)
-            if page is None:
-                # An item before ``offset`` was updated since the last page (it moved to the
-                # end), so every later item moved up one: offset paging would skip one.
-                # Re-read from the query's start (a committed, safe cursor); duplicates are
-                # harmless. If it keeps shifting, end the cycle: the next one resumes there.
-                shifts += 1
-                log.info("poll.run_shifted", kind=kind, cursor=cursor, offset=offset,
-                         shifts=shifts)
-                if shifts > MAX_SHIFTS_PER_CYCLE:
-                    log.warning("poll.cycle_cut_short", kind=kind, cursor=cursor)
-                    stats.complete = False
+        query, shifts = Query(start, 0, None), 0
+        log.info("poll.started", kind=kind, cursor=start)
+        fetching = self._start_fetch(kind, query)
+        try:
+            while True:
+                raw = await fetching
+                step = next_step(raw, query, page_size=self._settings.page_size,
+                                 inclusive=self._inclusive, api=self._api, committed=committed)
+                if step is None:
+                    # An item before the offset was updated since the last page (it moved
+                    # to the end), so every later item moved up one: offset paging would
+                    # skip one. Re-read from the query's start (a safe cursor); duplicates
+                    # are harmless. If it keeps shifting, end the cycle: the next resumes.
+                    shifts += 1
+                    log.info("poll.run_shifted", kind=kind, cursor=query.cursor,
+                             offset=query.offset, shifts=shifts)
+                    if shifts > MAX_SHIFTS_PER_CYCLE:
+                        log.warning("poll.cycle_cut_short", kind=kind, cursor=query.cursor)
+                        stats.complete = False
+                        return stats
+                    query = Query(query.cursor, 0, None)
+                    fetching = self._start_fetch(kind, query)
+                    continue
+                since = query.cursor
+                following = None if self._stop.is_set() else step.next  # stop between pages
+                if following is not None:
+                    query = following
+                    fetching = self._start_fetch(kind, query)
+                    await asyncio.sleep(0)  # let it send its request before the work below
+                await self._commit(kind, stats, step, since, recover)
+                committed = step.commit or committed
+                if following is None or self._stop.is_set():
                     return stats
-                offset, overlap = 0, None
-                continue
-            candidates, rejects, stamps = self._normalise(kind, page, cursor)
-            full = len(raw.items) >= limit
-            if full:
-                position = next_position(stamps, cursor, offset, inclusive=self._inclusive)
-                commit = position.safe_cursor
-            else:
-                commit = page_cursor(page, stamps, api=self._api)
-            commit = ahead(commit, committed)
-            results = await self._store.ingest_page(
-                name, candidates, rejects, commit, recovered=recover)
-            committed = commit or committed
-            self._account(kind, stats, page, candidates, results, rejects, commit)
-            if not full or self._stop.is_set():  # on shutdown, stop between pages
-                return stats
-            cursor, offset = position.cursor, position.offset
-            # Ask for the last item again: if it does not come first, the offsets shifted.
-            overlap = _Overlap(_identity(page.items[-1])) if offset and page.items else None
+        finally:
+            await _discard(fetching)
+
+    def _start_fetch(self, kind: PollKind, query: Query) -> asyncio.Task[PollPage]:
+        limit = query.limit(self._settings.page_size)
+        return asyncio.create_task(self._fetch(kind, query.cursor, query.request_offset, limit))
+
+    async def _commit(
+        self, kind: PollKind, stats: CycleStats, step: Step, since: str, recover: bool
+    ) -> None:
+        """Normalise a page and store it with the cursor it makes safe, in one transaction."""
+        candidates, rejects = self._normalise(kind, step.page, since)
+        results = await self._store.ingest_page(
+            self._cursor_prefix + kind, candidates, rejects, step.commit, recovered=recover)
+        self._account(kind, stats, step.page, candidates, results, rejects, step.commit)
 
     async def _fetch(self, kind: PollKind, cursor: str, offset: int, limit: int) -> PollPage:
         self._metrics.poll_requests.labels(kind).inc()
@@ -319,21 +410,17 @@ class Poller:
 
     def _normalise(
         self, kind: PollKind, page: PollPage, since: str
-    ) -> tuple[list[Candidate], list[Rejected], list[str | None]]:
+    ) -> tuple[list[Candidate], list[Rejected]]:
         candidates: list[Candidate] = []
         rejects: list[Rejected] = []
-        stamps: list[str | None] = []
         for item in page.items:
             try:
                 # ``since``: a first sighting's changed lines are those after the query's cursor.
-                candidate = parse_snapshot(kind, item, "poll", since=since, layout=page.layout)
+                candidates.append(
+                    parse_snapshot(kind, item, "poll", since=since, layout=page.layout))
             except InvalidEvent as e:
                 rejects.append(_rejected_item(kind, item, str(e)))
-                stamps.append(None)
-                continue
-            candidates.append(candidate)
-            stamps.append(candidate.last_updated_at)
-        return candidates, rejects, stamps
+        return candidates, rejects
 
     def _account(
         self, kind: str, stats: CycleStats, page: PollPage, candidates: Sequence[Candidate],
