@@ -23,6 +23,7 @@ import asyncio
 import bisect
 import itertools
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Iterable
@@ -95,11 +96,12 @@ def _simple(body: object, cursor_key: str) -> tuple[str | None, int, int] | None
 
 
 class RequestLog:
-    """When each API request came and how many were open at once (outermost middleware, so
-    the injected latency counts as open)."""
+    """When each API request came, how long it took to answer, and how many were open at
+    once (outermost middleware, so the injected latency counts as open)."""
 
     def __init__(self) -> None:
         self.starts: list[float] = []
+        self.served_s: list[float] = []
         self.open = 0
         self.peak = 0
 
@@ -107,21 +109,30 @@ class RequestLog:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith("/v2/"):
             return await handler(request)
-        self.starts.append(time.monotonic())
+        started = time.monotonic()
+        self.starts.append(started)
         self.open += 1
         self.peak = max(self.peak, self.open)
         try:
-            return await handler(request)
+            response = await handler(request)
+            if isinstance(response, web.Response):
+                await response.prepare(request)  # the body is written: count it as served
+                await response.write_eof()
+            return response
         finally:
             self.open -= 1
+            self.served_s.append(time.monotonic() - started)
 
     async def report(self, request: web.Request) -> web.Response:
         gaps = [b - a for a, b in itertools.pairwise(self.starts)]
-        return web.json_response({"requests": len(self.starts), "peak_in_flight": self.peak,
-                                  "min_gap_s": min(gaps, default=None)})
+        return web.json_response({
+            "requests": len(self.starts), "peak_in_flight": self.peak,
+            "min_gap_s": min(gaps, default=None),
+            "median_gap_s": statistics.median(gaps) if gaps else None,
+            "median_served_s": statistics.median(self.served_s) if self.served_s else None})
 
     async def reset(self, request: web.Request) -> web.Response:
-        self.starts, self.peak = [], self.open
+        self.starts, self.served_s, self.peak = [], [], self.open
         return web.json_response({"status": "ok"})
 
     def install(self, app: web.Application) -> None:

@@ -200,14 +200,28 @@ def next_step(
                 Query(position.cursor, position.offset, overlap))
 
 
-async def _discard(fetching: asyncio.Task[PollPage]) -> None:
-    """Cancel a fetch whose page will not be used and wait until it has stopped, so that
-    no request of this cycle is still in flight when it ends."""
-    if not fetching.done():
-        fetching.cancel()
-        await asyncio.wait([fetching])
-    if not fetching.cancelled():
-        fetching.exception()  # retrieved: a failure after the cycle ended is not news
+async def _after(fetching: asyncio.Task[PollPage], committing: asyncio.Task[None] | None
+                 ) -> PollPage:
+    """The fetched page; if the fetch failed, first let the commit under way finish: the
+    page before keeps its cursor."""
+    try:
+        return await fetching
+    except Exception:
+        if committing is not None:
+            await asyncio.wait([committing])
+        raise
+
+
+async def _discard(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a task whose result will not be used (a fetch, or a commit when the cycle is
+    cancelled) and wait until it has stopped, so nothing of this cycle outlives it."""
+    if task is None:
+        return
+    if not task.done():
+        task.cancel()
+        await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()  # retrieved: a failure after the cycle ended is not news
 
 
 MAX_SHIFTS_PER_CYCLE = 5
@@ -258,57 +272,72 @@ class Poller:
     async def run_once(self, kind: PollKind) -> CycleStats:
         """One cycle of one kind: page until a page is not full. Raises on API or store errors.
 
-        Pipelined, one request in flight: the next query follows from a page's stamps alone,
-        so page N+1 is being fetched while page N is normalised and committed. A page and
-        the cursor it makes safe still commit together, in order; when a commit fails the
-        fetch under way is cancelled and its page never used."""
+        Pipelined, one request in flight: the next query follows from a page's raw stamps,
+        so page N+1 is asked for as soon as page N has arrived, while page N-1 may still be
+        committing. Pages and the cursors they make safe commit one at a time, in order;
+        when a commit fails, the pages fetched after it are dropped and the fetch under way
+        is cancelled, so the cursor stays where the last committed page put it."""
         name = self._cursor_prefix + kind
         stored = await self._store.get_cursor(name)
-        # Two cursors: ``committed`` is the exact string received (stored, only forwards);
-        # the first query starts a look-back before it.
-        committed = stored or self._settings.start_from
+        # Two cursors: ``planned`` is the exact string received (stored, only forwards: the
+        # cursor once every page handed to the store so far has committed); the first
+        # query starts a look-back before it.
+        planned = stored or self._settings.start_from
         start = (lookback_start(stored, self._settings.lookback_s)
-                 if stored is not None else committed)
+                 if stored is not None else planned)
         # Until a first cycle has completed, the poller catches up on history (from
         # start_from); after that, what it sees first is what the webhook missed.
         recover = (self._hybrid and not self._cursor_prefix
                    and await self._store.poll_succeeded(name))
-        stats = CycleStats(cursor=committed)
+        stats = CycleStats(cursor=planned)
         query, shifts = Query(start, 0, None), 0
         log.info("poll.started", kind=kind, cursor=start)
         fetching = self._start_fetch(kind, query)
+        committing: asyncio.Task[None] | None = None
         try:
             while True:
-                raw = await fetching
+                raw = await _after(fetching, committing)
                 step = next_step(raw, query, page_size=self._settings.page_size,
-                                 inclusive=self._inclusive, api=self._api, committed=committed)
+                                 inclusive=self._inclusive, api=self._api, committed=planned)
                 if step is None:
-                    # An item before the offset was updated since the last page (it moved
-                    # to the end), so every later item moved up one: offset paging would
-                    # skip one. Re-read from the query's start (a safe cursor); duplicates
-                    # are harmless. If it keeps shifting, end the cycle: the next resumes.
                     shifts += 1
-                    log.info("poll.run_shifted", kind=kind, cursor=query.cursor,
-                             offset=query.offset, shifts=shifts)
-                    if shifts > MAX_SHIFTS_PER_CYCLE:
-                        log.warning("poll.cycle_cut_short", kind=kind, cursor=query.cursor)
-                        stats.complete = False
-                        return stats
+                    if self._cut_short(kind, query, shifts, stats):
+                        break
                     query = Query(query.cursor, 0, None)
                     fetching = self._start_fetch(kind, query)
                     continue
+                planned = step.commit or planned
                 since = query.cursor
                 following = None if self._stop.is_set() else step.next  # stop between pages
                 if following is not None:
                     query = following
                     fetching = self._start_fetch(kind, query)
                     await asyncio.sleep(0)  # let it send its request before the work below
-                await self._commit(kind, stats, step, since, recover)
-                committed = step.commit or committed
+                if committing is not None:
+                    await committing  # in order: the page before has committed (or raised)
+                committing = asyncio.create_task(
+                    self._commit(kind, stats, step, since, recover))
                 if following is None or self._stop.is_set():
-                    return stats
+                    break
+            if committing is not None:
+                await committing
+            return stats
         finally:
             await _discard(fetching)
+            await _discard(committing)
+
+    def _cut_short(self, kind: PollKind, query: Query, shifts: int, stats: CycleStats) -> bool:
+        """After a shift: an item before the offset was updated since the last page (it
+        moved to the end), so every later item moved up one and offset paging would skip
+        one. The caller re-reads from the query's start (a safe cursor; duplicates are
+        harmless); True when it kept shifting: end the cycle, the next one resumes there."""
+        log.info("poll.run_shifted", kind=kind, cursor=query.cursor, offset=query.offset,
+                 shifts=shifts)
+        if shifts <= MAX_SHIFTS_PER_CYCLE:
+            return False
+        log.warning("poll.cycle_cut_short", kind=kind, cursor=query.cursor)
+        stats.complete = False
+        return True
 
     def _start_fetch(self, kind: PollKind, query: Query) -> asyncio.Task[PollPage]:
         limit = query.limit(self._settings.page_size)
