@@ -31,12 +31,20 @@ class SimServer(Process):
                 "--user", SIM_USER, "--password", SIM_PASSWORD]
         super().__init__("simulator", argv, workdir / "simulator.log")
         self.url = ""
+        self._log_from = 0
+
+    def start(self) -> SimServer:
+        # The log is appended to: only what this start writes counts.
+        self._log_from = self.log_path.stat().st_size if self.log_path.exists() else 0
+        super().start()
+        return self
 
     def wait_ready(self, timeout_s: float = 300.0) -> str:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.check_alive()
-            for line in self.log_path.read_text(errors="replace").splitlines():
+            text = self.log_path.read_bytes()[self._log_from:].decode(errors="replace")
+            for line in text.splitlines():
                 if line.startswith("READY "):
                     self.url = line.split()[1]
                     return self.url

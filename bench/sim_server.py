@@ -129,7 +129,8 @@ class RequestLog:
             "requests": len(self.starts), "peak_in_flight": self.peak,
             "min_gap_s": min(gaps, default=None),
             "median_gap_s": statistics.median(gaps) if gaps else None,
-            "median_served_s": statistics.median(self.served_s) if self.served_s else None})
+            "median_served_s": statistics.median(self.served_s) if self.served_s else None,
+            "gaps_ms": [round(gap * 1e3, 1) for gap in gaps]})
 
     async def reset(self, request: web.Request) -> web.Response:
         self.starts, self.served_s, self.peak = [], [], self.open
