@@ -93,6 +93,7 @@ class Context:
     notes: list[str] = field(default_factory=list)
     ingest_best: LoadResult | None = None
     profile_text: str = ""
+    profile_backfill_text: str = ""
 
     def prefix(self) -> str:
         """A fresh 8-hex prefix, so no two loads ever send the same order id."""
@@ -512,6 +513,28 @@ def profile_ingest(ctx: Context) -> str:
     text = profile.summarise(recorded, top=12)
     (ctx.workdir / "profile-ingest-summary.txt").write_text(text + "\n")
     return f"(while profiled: {result['load'].rps:,.0f} req/s)\n{text}"
+
+
+def profile_backfill(ctx: Context) -> str:
+    """py-spy on the daemon during an unpaced backfill (4c's setting; not a measured run)."""
+    s = ctx.scale
+    out = ctx.workdir / "profile-backfill.txt"
+    with SimServer(ctx.workdir, s.backfill_orders).start() as sim:
+        sim.wait_ready()
+        config = {"mode": "poll", "tradecloud": tradecloud_section(sim.url),
+                  "poll": {"kinds": ["order"], "start_from": START_FROM, "interval_s": 3600,
+                           "page_size": 100},
+                  "handlers": [PARKED]}
+        daemon = _fresh_daemon(ctx, "profile-backfill", config, module="bench.unpaced")
+        with daemon.start():
+            daemon.wait_log("poll.started", timeout_s=120)
+            recorded = profile.record(daemon.pid, s.profile_s, out)
+            daemon.wait_log("poll.done", timeout_s=900)
+    if recorded is None:
+        return "py-spy not available: no profile"
+    text = profile.summarise(recorded, top=12)
+    (ctx.workdir / "profile-backfill-summary.txt").write_text(text + "\n")
+    return text
 
 
 BENCHMARKS: dict[str, Callable[[Context], Row | list[Row]]] = {

@@ -175,11 +175,13 @@ class Query:
 @dataclass(frozen=True, slots=True)
 class Step:
     """What a fetched page leads to: its items (without the one asked for again) commit
-    with ``commit`` (None: no cursor move); then ``next`` is asked (None: the last page)."""
+    with ``commit`` (None: no cursor move); then ``next`` is asked (None: the last page).
+    ``since``: the cursor of the query that brought the page."""
 
     page: PollPage
     commit: str | None
     next: Query | None
+    since: str
 
 
 def next_step(
@@ -192,31 +194,18 @@ def next_step(
         return None
     stamps = [item_stamp(item) for item in page.items]
     if len(raw.items) < query.limit(page_size):
-        return Step(page, ahead(page_cursor(page, stamps, api=api), committed), None)
+        return Step(page, ahead(page_cursor(page, stamps, api=api), committed), None,
+                    query.cursor)
     position = next_position(stamps, query.cursor, query.offset, inclusive=inclusive)
     # Ask for the last item again: if it does not come first, the offsets shifted.
     overlap = _Overlap(_identity(page.items[-1])) if position.offset and page.items else None
     return Step(page, ahead(position.safe_cursor, committed),
-                Query(position.cursor, position.offset, overlap))
+                Query(position.cursor, position.offset, overlap), query.cursor)
 
 
-async def _after(fetching: asyncio.Task[PollPage], committing: asyncio.Task[None] | None
-                 ) -> PollPage:
-    """The fetched page; if the fetch failed, first let the commit under way finish: the
-    page before keeps its cursor."""
-    try:
-        return await fetching
-    except Exception:
-        if committing is not None:
-            await asyncio.wait([committing])
-        raise
-
-
-async def _discard(task: asyncio.Task[Any] | None) -> None:
-    """Cancel a task whose result will not be used (a fetch, or a commit when the cycle is
-    cancelled) and wait until it has stopped, so nothing of this cycle outlives it."""
-    if task is None:
-        return
+async def _discard(task: asyncio.Task[None]) -> None:
+    """Cancel the fetch loop when its pages will not be used and wait until it has
+    stopped, so that no request of this cycle is still in flight when the cycle ends."""
     if not task.done():
         task.cancel()
         await asyncio.wait([task])
@@ -225,6 +214,9 @@ async def _discard(task: asyncio.Task[Any] | None) -> None:
 
 
 MAX_SHIFTS_PER_CYCLE = 5
+# Pages fetched ahead of the one committing: they absorb a slow commit (a checkpoint, a busy
+# disk) so the requests keep their pace. About 1-2 MB of parsed JSON each (100 orders).
+AHEAD_PAGES = 4
 
 
 class Poller:
@@ -272,59 +264,67 @@ class Poller:
     async def run_once(self, kind: PollKind) -> CycleStats:
         """One cycle of one kind: page until a page is not full. Raises on API or store errors.
 
-        Pipelined, one request in flight: the next query follows from a page's raw stamps,
-        so page N+1 is asked for as soon as page N has arrived, while page N-1 may still be
-        committing. Pages and the cursors they make safe commit one at a time, in order;
-        when a commit fails, the pages fetched after it are dropped and the fetch under way
-        is cancelled, so the cursor stays where the last committed page put it."""
+        Pipelined, one request in flight: a fetch loop asks for page after page (the next
+        query follows from a page's raw stamps) and hands them on, up to ``AHEAD_PAGES``
+        ahead, while this loop normalises and commits them one at a time, in order, each
+        with the cursor it makes safe. When a commit fails, the pages fetched after it are
+        dropped and the fetch under way is cancelled: the cursor stays where the last
+        committed page put it. When a fetch fails, the pages before it still commit."""
         name = self._cursor_prefix + kind
         stored = await self._store.get_cursor(name)
-        # Two cursors: ``planned`` is the exact string received (stored, only forwards: the
-        # cursor once every page handed to the store so far has committed); the first
-        # query starts a look-back before it.
-        planned = stored or self._settings.start_from
+        # Two cursors: ``committed`` is the exact string received (stored, only forwards);
+        # the first query starts a look-back before it.
+        committed = stored or self._settings.start_from
         start = (lookback_start(stored, self._settings.lookback_s)
-                 if stored is not None else planned)
+                 if stored is not None else committed)
         # Until a first cycle has completed, the poller catches up on history (from
         # start_from); after that, what it sees first is what the webhook missed.
         recover = (self._hybrid and not self._cursor_prefix
                    and await self._store.poll_succeeded(name))
-        stats = CycleStats(cursor=planned)
-        query, shifts = Query(start, 0, None), 0
+        stats = CycleStats(cursor=committed)
+        pages: asyncio.Queue[Step | Exception | None] = asyncio.Queue(maxsize=AHEAD_PAGES)
         log.info("poll.started", kind=kind, cursor=start)
-        fetching = self._start_fetch(kind, query)
-        committing: asyncio.Task[None] | None = None
+        fetcher = asyncio.create_task(
+            self._fetch_ahead(kind, Query(start, 0, None), committed, pages, stats))
+        try:
+            while (step := await pages.get()) is not None:
+                if isinstance(step, Exception):
+                    raise step
+                await self._commit(kind, stats, step, recover)
+                if self._stop.is_set():  # on shutdown, stop between pages
+                    break
+            return stats
+        finally:
+            await _discard(fetcher)
+
+    async def _fetch_ahead(
+        self, kind: PollKind, query: Query, committed: str,
+        pages: asyncio.Queue[Step | Exception | None], stats: CycleStats,
+    ) -> None:
+        """Fetch one page at a time and put each, in order, then None (the end) or the
+        error that ended it. ``committed``: the cursor once the pages put so far commit."""
+        shifts = 0
         try:
             while True:
-                raw = await _after(fetching, committing)
+                raw = await self._fetch(kind, query.cursor, query.request_offset,
+                                        query.limit(self._settings.page_size))
                 step = next_step(raw, query, page_size=self._settings.page_size,
-                                 inclusive=self._inclusive, api=self._api, committed=planned)
+                                 inclusive=self._inclusive, api=self._api, committed=committed)
                 if step is None:
                     shifts += 1
                     if self._cut_short(kind, query, shifts, stats):
                         break
                     query = Query(query.cursor, 0, None)
-                    fetching = self._start_fetch(kind, query)
                     continue
-                planned = step.commit or planned
-                since = query.cursor
-                following = None if self._stop.is_set() else step.next  # stop between pages
-                if following is not None:
-                    query = following
-                    fetching = self._start_fetch(kind, query)
-                    await asyncio.sleep(0)  # let it send its request before the work below
-                if committing is not None:
-                    await committing  # in order: the page before has committed (or raised)
-                committing = asyncio.create_task(
-                    self._commit(kind, stats, step, since, recover))
-                if following is None or self._stop.is_set():
+                committed = step.commit or committed
+                await pages.put(step)
+                if step.next is None or self._stop.is_set():
                     break
-            if committing is not None:
-                await committing
-            return stats
-        finally:
-            await _discard(fetching)
-            await _discard(committing)
+                query = step.next
+        except Exception as e:  # handed on after the pages before it: they still commit
+            await pages.put(e)
+            return
+        await pages.put(None)
 
     def _cut_short(self, kind: PollKind, query: Query, shifts: int, stats: CycleStats) -> bool:
         """After a shift: an item before the offset was updated since the last page (it
@@ -339,15 +339,10 @@ class Poller:
         stats.complete = False
         return True
 
-    def _start_fetch(self, kind: PollKind, query: Query) -> asyncio.Task[PollPage]:
-        limit = query.limit(self._settings.page_size)
-        return asyncio.create_task(self._fetch(kind, query.cursor, query.request_offset, limit))
-
-    async def _commit(
-        self, kind: PollKind, stats: CycleStats, step: Step, since: str, recover: bool
-    ) -> None:
+    async def _commit(self, kind: PollKind, stats: CycleStats, step: Step, recover: bool
+                      ) -> None:
         """Normalise a page and store it with the cursor it makes safe, in one transaction."""
-        candidates, rejects = self._normalise(kind, step.page, since)
+        candidates, rejects = self._normalise(kind, step.page, step.since)
         results = await self._store.ingest_page(
             self._cursor_prefix + kind, candidates, rejects, step.commit, recovered=recover)
         self._account(kind, stats, step.page, candidates, results, rejects, step.commit)

@@ -752,10 +752,10 @@ async def test_a_failed_commit_stops_the_pipeline_and_keeps_the_cursor_of_the_pa
     poller = _scripted(store, api, page_size=3)
     with pytest.raises(StoreError):
         await poller.run_once("order")
-    # Page 4 had come and page 5 was being fetched: both dropped, and nothing more was
-    # sent or handed to the store.
-    assert len(api.requests) == 5 and api.in_flight == 0
-    assert len(commits.sent_at_start) == 3
+    # Pages fetched ahead (at most AHEAD_PAGES, and one on its way) were dropped: nothing
+    # more was handed to the store, and no request is left in flight.
+    assert 4 <= len(api.requests) <= 3 + poller_module.AHEAD_PAGES + 1
+    assert api.in_flight == 0 and len(commits.sent_at_start) == 3
     assert await store.get_cursor("order") == commits.cursors[1]
     assert {e for e, _ in stored_versions(store)} == set("abcde")  # pages 1 and 2 only
     monkeypatch.undo()
@@ -777,7 +777,7 @@ async def test_a_failed_fetch_of_the_next_page_keeps_the_cursor_of_the_page_comm
     assert {e for e, _ in stored_versions(store)} == set("abcde")
 
 
-async def test_a_stop_while_the_next_page_is_fetched_ends_after_that_page(
+async def test_a_stop_while_the_next_page_is_fetched_ends_after_the_commit(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     api = _orders("abcdefghi", answer_yields=50)
@@ -785,10 +785,32 @@ async def test_a_stop_while_the_next_page_is_fetched_ends_after_that_page(
     commits = Commits(store, api, monkeypatch)
     commits.on_commit = lambda n: stop.set()  # while page 2 is on its way
     await asyncio.wait_for(_scripted(store, api, page_size=3).run(stop), timeout=10)
-    # Page 2 arrives and commits; nothing more is asked for.
-    assert len(api.requests) == 2 and api.in_flight == 0
-    assert await store.get_cursor("order") == commits.cursors[-1] == api.versions[3].stamp
-    assert {e for e, _ in stored_versions(store)} == set("abcde")
+    assert len(api.requests) == 2 and api.in_flight == 0  # page 2 was asked, then dropped
+    assert await store.get_cursor("order") == commits.cursors[-1] == api.versions[1].stamp
+    assert {e for e, _ in stored_versions(store)} == set("abc")
+
+
+async def test_the_fetches_run_ahead_of_a_slow_commit_by_at_most_ahead_pages(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = FakeApi("poll", answer_yields=2)
+    for i in range(40):
+        api.change(f"o{i:02}")
+        api.advance(1)
+    commits = Commits(store, api, monkeypatch)
+    commits.hold = asyncio.Event()  # page 1's commit waits
+    cycle = asyncio.create_task(_scripted(store, api, page_size=3).run_once("order"))
+    while not commits.sent_at_start:
+        await asyncio.sleep(0.001)
+    for _ in range(500):  # the fetches need no thread: yielding lets them run
+        await asyncio.sleep(0)
+    # Page 1 committing, AHEAD_PAGES waiting their turn, one more fetched and held back.
+    assert len(api.requests) == poller_module.AHEAD_PAGES + 2 and api.in_flight == 0
+    assert len(commits.sent_at_start) == 1
+    commits.hold.set()
+    stats = await asyncio.wait_for(cycle, timeout=10)
+    assert len(stored_versions(store)) == 40 and stats.complete
+    assert await store.get_cursor("order") == api.versions[-1].stamp
 
 
 async def test_a_cancelled_cycle_leaves_no_request_in_flight(
@@ -820,7 +842,7 @@ def test_next_step_knows_the_next_query_from_the_raw_page() -> None:
     assert again is None  # the item asked for again did not come back first: shifted
     last = next_step(PollPage([items[2], {"id": "c", "lastUpdatedAt": T3}], 2, T3), step.next,
                      page_size=3, inclusive=False, api="poll", committed=T2)
-    assert last == Step(PollPage([{"id": "c", "lastUpdatedAt": T3}], 2, T3), T3, None)
+    assert last == Step(PollPage([{"id": "c", "lastUpdatedAt": T3}], 2, T3), T3, None, T2)
 
 
 @pytest.mark.parametrize(
