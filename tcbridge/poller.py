@@ -9,6 +9,10 @@ one. So each offset query asks for the previous page's last item again; if that 
 does not come back first, the run shifted and the poller re-reads it from the query's
 start. Each page's items and the cursor it makes safe are committed in one transaction.
 
+The next query follows from a page's raw stamps alone (``next_step``), so a cycle fetches
+ahead of its commits: one request in flight, up to ``AHEAD_PAGES`` pages waiting, the
+commits one at a time and in order. A failed commit drops what was fetched after it.
+
 The item asked for again must come back with the same id *and* the same ``lastUpdatedAt``:
 an item updated between two pages moves to the end, and when it is the newest item it
 still comes first, with a new stamp; taking it for the old one would skip its new version.
