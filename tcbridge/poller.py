@@ -346,6 +346,9 @@ class Poller:
     async def _commit(self, kind: PollKind, stats: CycleStats, step: Step, recover: bool
                       ) -> None:
         """Normalise a page and store it with the cursor it makes safe, in one transaction."""
+        # The fetch loop has just asked for the next page, but aiohttp writes a request from
+        # a task of its own, queued after this one: let it go out before the CPU work here.
+        await asyncio.sleep(0)
         candidates, rejects = self._normalise(kind, step.page, step.since)
         results = await self._store.ingest_page(
             self._cursor_prefix + kind, candidates, rejects, step.commit, recovered=recover)
