@@ -31,7 +31,15 @@ import aiohttp
 from bench.bodies import make_templates, write_templates
 from bench.common import BENCH, ROOT, CpuCost
 from bench.load import tool_name
-from bench.suite import BENCHMARKS, FULL, SMOKE, Context, Row, profile_ingest
+from bench.suite import (
+    BENCHMARKS,
+    FULL,
+    SMOKE,
+    Context,
+    Row,
+    profile_backfill,
+    profile_ingest,
+)
 
 README = BENCH / "README.md"
 START, END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
@@ -62,12 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(rows)} rows in {elapsed:.0f} s; {len(failures)} benchmark(s) failed")
     if ctx.profile_text:
         print("\nprofile of the daemon under load 1 (py-spy):\n" + ctx.profile_text)
+    if ctx.profile_backfill_text:
+        print("\nprofile of the daemon during an unpaced backfill (py-spy):\n"
+              + ctx.profile_backfill_text)
     results = {"when": stamp, "smoke": args.smoke, "load_tool": tool, "machine": machine,
                "elapsed_s": round(elapsed), "failures": failures,
                "rows": [_row_dict(r) for r in rows]}
     (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str))
     if args.write_readme and not args.smoke and not failures and not args.only:
-        write_readme(table, machine, tool, stamp, elapsed, ctx.profile_text)
+        write_readme(table, machine, tool, stamp, elapsed, ctx.profile_text,
+                     ctx.profile_backfill_text)
         print(f"figures written to {README.relative_to(ROOT)}")
     if not args.keep:
         _clean(workdir)
@@ -81,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="tiny sizes, about a second per benchmark (what CI runs)")
     parser.add_argument("--only", help="comma-separated: " + ",".join(BENCHMARKS))
     parser.add_argument("--profile", action="store_true",
-                        help="also profile the daemon under the ingest load with py-spy")
+                        help="also profile the daemon with py-spy under the ingest load"
+                             " (and during a backfill, when that benchmark runs)")
     parser.add_argument("--python-load", action="store_true",
                         help="use the aiohttp load client even if wrk is installed")
     parser.add_argument("--write-readme", action="store_true",
@@ -123,6 +136,8 @@ def _run_all(ctx: Context, names: list[str]) -> tuple[list[Row], list[str], floa
         print("-- profile ...", flush=True)
         try:
             ctx.profile_text = profile_ingest(ctx)
+            if "backfill" in names:
+                ctx.profile_backfill_text = profile_backfill(ctx)
         except Exception as e:
             traceback.print_exc()
             failures.append(f"profile: {type(e).__name__}: {e}")
@@ -238,7 +253,7 @@ def _fsync_ms(directory: Path) -> str:
 
 
 def write_readme(table: str, machine: dict[str, str], tool: str, stamp: str, elapsed: float,
-                 profile_text: str) -> None:
+                 profile_text: str, profile_backfill_text: str = "") -> None:
     """Replace the figures section of bench/README.md."""
     rows_md = table_to_markdown(table)
     lines = [START, "", f"Measured {stamp} by `make bench` ({elapsed / 60:.1f} min), "
@@ -248,6 +263,9 @@ def write_readme(table: str, machine: dict[str, str], tool: str, stamp: str, ela
     if profile_text:
         lines += ["Top of the py-spy profile of the daemon under load 1:", "", "```",
                   *profile_text.splitlines()[:40], "```", ""]
+    if profile_backfill_text:
+        lines += ["Top of the py-spy profile of the daemon during an unpaced backfill (4c):", "",
+                  "```", *profile_backfill_text.splitlines()[:40], "```", ""]
     lines.append(END)
     text = README.read_text(encoding="utf-8")
     if START in text and END in text:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import profile
-from bench.backfill import SimServer, fetch_only, tradecloud_section
+from bench.backfill import Fetched, SimServer, fetch_only, tradecloud_section
 from bench.bodies import sizes
 from bench.common import (
     CpuCost,
@@ -60,7 +60,9 @@ class Scale:
     drain_events: int = 50_000
     drain_fill_s: float = 10  # one closed-loop fill; repeated until drain_events are in
     drain_limit_s: float = 300
-    backfill_orders: int = 50_000  # 100,000 takes 2.5 min here (see README)
+    backfill_orders: int = 20_000  # each paced run takes 20-32 s (see README)
+    backfill_latency_s: float = 0.15  # a slow, distant API (4a)
+    backfill_probe_pages: int = 30  # bare round trips timed for the ceiling of 4a and 4b
     dedup_events: int = 1_000_000
     memory_s: float = 30
     memory_drain_s: float = 120
@@ -71,7 +73,8 @@ class Scale:
 FULL = Scale()
 SMOKE = Scale(ingest_s=1, rounds=1, connections=8, latency_s=1, e2e_rate=100, e2e_s=1,
               e2e_baseline_s=1, e2e_drain_s=20, drain_events=1500, drain_fill_s=1,
-              drain_limit_s=60, backfill_orders=500, dedup_events=3000,
+              drain_limit_s=60, backfill_orders=500, backfill_probe_pages=3,
+              dedup_events=3000,
               memory_s=1.5, memory_drain_s=30, startup_runs=1, profile_s=1)
 
 
@@ -103,6 +106,7 @@ class Context:
     notes: list[str] = field(default_factory=list)
     ingest_best: LoadResult | None = None
     profile_text: str = ""
+    profile_backfill_text: str = ""
 
     def prefix(self) -> str:
         """A fresh 8-hex prefix, so no two loads ever send the same order id."""
@@ -489,35 +493,113 @@ def _wait_files(directory: Path, names: set[str], limit_s: float) -> float:
 # -- 4. backfill -------------------------------------------------------------------------------
 
 
-def backfill(ctx: Context) -> Row:
-    """N orders from the simulator in pages of 100: stored by the poller vs merely fetched."""
+def backfill(ctx: Context) -> list[Row]:
+    """N orders from the simulator in pages of 100, three ways: paced against a slow API,
+    paced against a fast one (both against the API's ceiling), unpaced (against the bare
+    fetch loop). One simulator process for all three; its latency is set between them."""
     s = ctx.scale
     with SimServer(ctx.workdir, s.backfill_orders).start() as sim:
-        url = sim.wait_ready()
-        items, pages, fetch_s = fetch_only(url, START_FROM, 100)
-        config = {"mode": "poll", "tradecloud": tradecloud_section(url),
-                  "poll": {"kinds": ["order"], "start_from": START_FROM, "interval_s": 3600,
-                           "page_size": 100},
-                  "handlers": [PARKED]}
-        daemon = _fresh_daemon(ctx, "backfill", config, module="bench.unpaced")
-        with daemon.start():
-            started = daemon.wait_log("tcbridge.started")
-            done = daemon.wait_log("poll.done", timeout_s=600)
-            stored_s = log_time(done) - log_time(started)
-            stored = db_query(daemon.db_path, "SELECT count(*) FROM events")[0][0]
-    if items != s.backfill_orders or stored != s.backfill_orders:
-        raise RuntimeError(f"backfill: fetched {items}, stored {stored}, expected "
-                           f"{s.backfill_orders}")
-    fetch_rate, store_rate = items / fetch_s, stored / stored_s
-    ratio = store_rate / fetch_rate
+        sim.wait_ready()
+        slow = _backfill_paced(ctx, sim, s.backfill_latency_s)
+        fast = _backfill_paced(ctx, sim, 0.0)
+        unpaced = _backfill_unpaced(ctx, sim)
+    return [slow, fast, unpaced]
+
+
+@dataclass(frozen=True, slots=True)
+class _Backfilled:
+    """One daemon backfill: orders stored, seconds from its first request to poll.done."""
+
+    stored: int
+    seconds: float
+    pages: int
+    requests: dict[str, Any]
+
+    @property
+    def rate(self) -> float:
+        return self.stored / self.seconds
+
+
+def _run_backfill(ctx: Context, sim: SimServer, name: str, *, paced: bool) -> _Backfilled:
+    """The daemon in poll mode from START_FROM until its first cycle is done."""
+    config = {"mode": "poll", "tradecloud": tradecloud_section(sim.url),
+              "poll": {"kinds": ["order"], "start_from": START_FROM, "interval_s": 3600,
+                       "page_size": 100},
+              "handlers": [PARKED]}
+    daemon = _fresh_daemon(ctx, name, config,
+                           module="tcbridge" if paced else "bench.unpaced")
+    sim.reset_requests()
+    with daemon.start():
+        first = daemon.wait_log("poll.started", timeout_s=120)
+        done = daemon.wait_log("poll.done", timeout_s=900)
+        stored = db_query(daemon.db_path, "SELECT count(*) FROM events")[0][0]
+    requests = sim.requests()
+    if stored != ctx.scale.backfill_orders:
+        raise RuntimeError(f"{name}: stored {stored}, expected {ctx.scale.backfill_orders}")
+    if requests["peak_in_flight"] != 1:
+        raise RuntimeError(f"{name}: {requests['peak_in_flight']} API requests in flight")
+    return _Backfilled(stored, log_time(done) - log_time(first), int(done["pages"]), requests)
+
+
+def _backfill_paced(ctx: Context, sim: SimServer, latency_s: float) -> Row:
+    """The real pacing (10 requests/s): the rate against min(10, 1/R) pages of 100 per
+    second, R the median round trip of the bare fetch loop against the same server."""
+    s = ctx.scale
+    sim.set_latency(latency_s)
+    probe = fetch_only(sim.url, START_FROM, 100, max_pages=s.backfill_probe_pages)
+    round_trip_s = probe.median_round_trip_s
+    ceiling = min(10.0, 1.0 / round_trip_s) * 100
+    configured = min(10.0, 1.0 / latency_s) * 100 if latency_s else 1000.0
+    runs = [_run_backfill(ctx, sim, f"backfill-{latency_s * 1e3:.0f}ms-{i}", paced=True)
+            for i in range(s.rounds)]
+    best = max(runs, key=lambda r: r.rate)
+    ratio = best.rate / ceiling
+    latency = f"{latency_s * 1e3:.0f} ms latency" if latency_s else "no latency"
     return Row(
-        f"4 backfill {s.backfill_orders:,} orders, pages of 100",
-        f"{fmt_rate(store_rate, 'orders/s')} stored ({stored_s:.1f} s)",
-        f"{fmt_rate(fetch_rate, 'orders/s')} fetched ({fetch_s:.1f} s)",
+        f"4{'a' if latency_s else 'b'} backfill {s.backfill_orders:,} orders, paced, {latency}",
+        f"{fmt_rate(best.rate, 'orders/s')} ({best.seconds:.1f} s, {best.pages} req)",
+        f"{ceiling:,.0f} orders/s ceiling (R {round_trip_s * 1e3:.0f} ms)",
+        ratio, ">= 0.95 x", ratio >= 0.95,
+        {"runs": [_backfill_dict(r) for r in runs], "latency_s": latency_s,
+         "round_trip_s": round_trip_s, "probe_pages": probe.pages,
+         "ceiling_per_s": ceiling, "ceiling_configured_latency_per_s": configured,
+         "ratio_to_configured_latency_ceiling": best.rate / configured,
+         "method": "rate = orders / (poll.done - poll.started); ceiling = min(10, 1/R) x 100,"
+                   " R = median round trip of the bare fetch loop (unpaced, same server)"},
+    )
+
+
+def _backfill_unpaced(ctx: Context, sim: SimServer) -> Row:
+    """The client's pacer off on both sides: the daemon against the bare fetch loop."""
+    s = ctx.scale
+    sim.set_latency(0.0)
+    bare: list[Fetched] = []
+    runs: list[_Backfilled] = []
+    for i in range(s.rounds):
+        bare.append(fetch_only(sim.url, START_FROM, 100))
+        runs.append(_run_backfill(ctx, sim, f"backfill-unpaced-{i}", paced=False))
+    if any(b.items != s.backfill_orders for b in bare):
+        raise RuntimeError(f"backfill: fetched {[b.items for b in bare]}, expected "
+                           f"{s.backfill_orders}")
+    fastest = max(bare, key=lambda b: b.items / b.seconds)
+    best = max(runs, key=lambda r: r.rate)
+    fetch_rate = fastest.items / fastest.seconds
+    ratio = best.rate / fetch_rate
+    return Row(
+        f"4c backfill {s.backfill_orders:,} orders, unpaced, no latency",
+        f"{fmt_rate(best.rate, 'orders/s')} stored ({best.seconds:.1f} s)",
+        f"{fmt_rate(fetch_rate, 'orders/s')} fetched ({fastest.seconds:.1f} s)",
         ratio, ">= 0.80 x", ratio >= 0.80,
-        {"orders": items, "pages": pages, "fetch_s": fetch_s, "store_s": stored_s,
+        {"runs": [_backfill_dict(r) for r in runs],
+         "fetch": [{"s": b.seconds, "pages": b.pages,
+                    "median_round_trip_s": b.median_round_trip_s} for b in bare],
          "pacing": "TradecloudClient._pace disabled in both (bench/unpaced.py)"},
     )
+
+
+def _backfill_dict(run: _Backfilled) -> dict[str, Any]:
+    return {"stored": run.stored, "s": run.seconds, "rate": run.rate, "pages": run.pages,
+            "server_saw": run.requests}
 
 
 # -- 5. dedup at scale -------------------------------------------------------------------------
@@ -687,6 +769,28 @@ def profile_ingest(ctx: Context) -> str:
     text = profile.summarise(recorded, top=12)
     (ctx.workdir / "profile-ingest-summary.txt").write_text(text + "\n")
     return f"(while profiled: {result['load'].rps:,.0f} req/s)\n{text}"
+
+
+def profile_backfill(ctx: Context) -> str:
+    """py-spy on the daemon during an unpaced backfill (4c's setting; not a measured run)."""
+    s = ctx.scale
+    out = ctx.workdir / "profile-backfill.txt"
+    with SimServer(ctx.workdir, s.backfill_orders).start() as sim:
+        sim.wait_ready()
+        config = {"mode": "poll", "tradecloud": tradecloud_section(sim.url),
+                  "poll": {"kinds": ["order"], "start_from": START_FROM, "interval_s": 3600,
+                           "page_size": 100},
+                  "handlers": [PARKED]}
+        daemon = _fresh_daemon(ctx, "profile-backfill", config, module="bench.unpaced")
+        with daemon.start():
+            daemon.wait_log("poll.started", timeout_s=120)
+            recorded = profile.record(daemon.pid, s.profile_s, out)
+            daemon.wait_log("poll.done", timeout_s=900)
+    if recorded is None:
+        return "py-spy not available: no profile"
+    text = profile.summarise(recorded, top=12)
+    (ctx.workdir / "profile-backfill-summary.txt").write_text(text + "\n")
+    return text
 
 
 BENCHMARKS: dict[str, Callable[[Context], Row | list[Row]]] = {

@@ -6,11 +6,14 @@ It answers from a changing list of versions by the real query rules (see
 ``lastUpdatedAt``; ``api="search"`` filters ``lastUpdatedSince`` inclusively and has no
 top-level stamp. Matches sort by the instant of ``lastUpdatedAt``, then by id; ``offset``
 and ``limit`` cut the page. A change becomes visible ``index_delay_s`` after it is made,
-on a simulated clock that only tests move. No HTTP, no sleeping: a test takes milliseconds.
+on a simulated clock that only tests move. No HTTP, no sleeping: a test takes milliseconds
+(``answer_yields`` makes each answer yield to the event loop a few times, as a real round
+trip does, and ``peak_in_flight`` counts how many requests were ever open at once).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -58,6 +61,10 @@ class FakeApi:
     failures: dict[int, ApiError] = field(default_factory=dict)
     # Raw entries added at the end of every answer's data (non-objects, bad items).
     extra: list[tuple[int, object]] = field(default_factory=list)
+    # How often each answer yields to the event loop before it is given (0: never).
+    answer_yields: int = 0
+    in_flight: int = 0
+    peak_in_flight: int = 0
     _last_ms: int = 0
 
     def change(self, entity_id: str, *, same_ms: bool = False, delay_s: float | None = None,
@@ -101,6 +108,16 @@ class FakeApi:
         number = len(self.requests)
         self.requests.append({"kind": kind, "cursor": cursor, "offset": offset, "limit": limit,
                               "filters": filters})
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            for _ in range(self.answer_yields):
+                await asyncio.sleep(0)  # a round trip: other tasks run meanwhile
+            return self._answer(number, cursor, offset, limit)
+        finally:
+            self.in_flight -= 1
+
+    def _answer(self, number: int, cursor: str, offset: int, limit: int) -> PollPage:
         if self.before_answer is not None:
             self.before_answer(number)
         if number in self.failures:

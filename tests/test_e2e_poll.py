@@ -236,20 +236,29 @@ async def test_first_poll_marks_only_lines_after_start_from_as_changed(
     assert envelope["meta"] is None and envelope["layout"] == "delivery-schedule"
 
 
+@pytest.mark.parametrize("pages_before_kill", [1, 2])
 async def test_kill_between_pages_loses_nothing_and_cursor_never_goes_back(
-    daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any]
+    daemon_factory: Callable[..., Daemon], simulator_factory: Callable[..., Any],
+    pages_before_kill: int,
 ) -> None:
     sim, url = await simulator_factory()
     orders = sim.add_orders(250)
-    sim.faults.api_latency_s = 0.4  # room to kill between pages
+    sim.faults.api_latency_s = 0.4  # room to kill while the next page is being fetched
     daemon = daemon_factory(poll_config(url))
     await daemon.start()
-    (page,) = await daemon.wait_for_log("poll.page", kind="order", count=1)
+    pages = await daemon.wait_for_log("poll.page", kind="order", count=pages_before_kill)
     await daemon.kill()
+    # The pipeline had asked for the next page before committing this one: killed mid-fetch.
+    assert len(order_polls(sim)) == pages_before_kill + 1
     committed = cursor(daemon)
-    assert committed == page["committed_cursor"]  # committed with its page, before the kill
-    stored_at_kill = query(daemon, "SELECT count(*) FROM events")[0][0]
-    assert stored_at_kill == 100
+    assert committed == pages[-1]["committed_cursor"]  # committed with its page, before the kill
+    stored_ids = {row[0] for row in query(daemon, "SELECT entity_id FROM events")}
+    # 100 on the first page, 99 new on each later one (the first is the last one asked again).
+    assert len(stored_ids) == 100 + 99 * (pages_before_kill - 1)
+    # The cursor never passed an order that was not committed.
+    assert committed is not None
+    assert {o["id"] for o in orders
+            if instant_us(o["lastUpdatedAt"]) <= instant_us(committed)} <= stored_ids
     sim.faults.api_latency_s = 0
     await daemon.start()
     await daemon.wait_for_log("poll.done", kind="order", count=1)
@@ -258,7 +267,7 @@ async def test_kill_between_pages_loses_nothing_and_cursor_never_goes_back(
     assert query(daemon, "SELECT count(*) FROM events") == [(250,)]
     final = cursor(daemon)
     assert final == orders[-1]["lastUpdatedAt"]
-    assert committed is not None and instant_us(final) >= instant_us(committed)
+    assert instant_us(final) >= instant_us(committed)
 
 
 async def test_api_outage_never_advances_the_cursor_and_recovers(

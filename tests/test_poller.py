@@ -21,9 +21,13 @@ from tcbridge.poller import (
     CycleStats,
     Poller,
     Position,
+    Query,
+    Step,
     ahead,
+    item_stamp,
     lookback_start,
     next_position,
+    next_step,
     page_cursor,
 )
 from tcbridge.store import Fence, Store
@@ -749,13 +753,210 @@ async def test_a_lost_lock_stops_the_cycle_before_the_next_page_is_committed(
     for name in "abcde":
         api.change(name)
     gate = ScriptedGate(active=True)
-    # The lock is lost while the second page is being fetched.
-    api.before_answer = lambda n: gate.set(False) if n == 1 else None
+    original = store.ingest_page
+
+    async def lose_after_first(*args: Any, **kwargs: Any) -> Any:
+        results = await original(*args, **kwargs)
+        gate.set(False)  # the lock is lost once the first page has committed
+        return results
+
+    store.ingest_page = lose_after_first  # type: ignore[method-assign]
     poller = Poller(PollSettings(kinds=["order"], page_size=2, lookback_s=0, start_from=START),
                     api, store, asyncio.Event(), api="poll", gate=gate)
-    assert await poller._cycle("order", 1.0) is None  # fenced: no stats ...
-    assert poller._failures == 0  # ... and no failure either: someone else polls now
+    stats = await poller._cycle("order", 1.0)
+    assert stats is not None and stats.stored == 2  # the cycle ends after that page
+    assert poller._failures == 0  # ... and no failure: someone else polls now
     assert len(stored_versions(store)) == 2  # the first page only
     # The first page's safe cursor (its last complete timestamp), not the second page's.
     first = sorted(api.versions, key=lambda v: v.ms)[0]
     assert await store.get_cursor("order") == first.obj["lastUpdatedAt"]
+
+
+async def test_a_lock_lost_before_a_fetched_page_commits_refuses_that_page(
+    store: Store,
+) -> None:
+    api = FakeApi("poll")
+    for name in "abcde":
+        api.change(name)
+    gate = ScriptedGate(active=True)
+    # The lock is lost while the first page is being fetched: its commit must not happen.
+    api.before_answer = lambda n: gate.set(False) if n == 0 else None
+    poller = Poller(PollSettings(kinds=["order"], page_size=2, lookback_s=0, start_from=START),
+                    api, store, asyncio.Event(), api="poll", gate=gate)
+    assert await poller._cycle("order", 1.0) is None  # fenced: no stats ...
+    assert poller._failures == 0  # ... and no failure either: someone else polls now
+    assert stored_versions(store) == set()
+    assert await store.get_cursor("order") is None
+
+
+# -- the pipeline: page N+1 is fetched while page N commits, one request in flight -----------
+
+
+class Commits:
+    """Wraps a store's ingest_page: records each commit's cursor and how many requests had
+    been sent when it began; fails the ``fail_at``-th commit, or waits on ``hold`` in it."""
+
+    def __init__(self, store: Store, api: FakeApi, monkeypatch: pytest.MonkeyPatch,
+                 fail_at: int | None = None) -> None:
+        self.cursors: list[str | None] = []
+        self.sent_at_start: list[int] = []
+        self.hold: asyncio.Event | None = None
+        self.on_commit: Callable[[int], None] | None = None
+        self.open = self.peak_open = 0  # commits under way at once
+        real = store.ingest_page
+
+        async def ingest_page(kind: str, candidates: Any, rejects: Any, cursor: str | None,
+                              **kw: Any) -> Any:
+            number = len(self.sent_at_start)
+            self.sent_at_start.append(len(api.requests))
+            if self.on_commit is not None:
+                self.on_commit(number)
+            self.open += 1
+            self.peak_open = max(self.peak_open, self.open)
+            try:
+                if self.hold is not None:
+                    await self.hold.wait()
+                if number == fail_at:
+                    raise StoreError("disk I/O error")
+                results = await real(kind, candidates, rejects, cursor, **kw)
+            finally:
+                self.open -= 1
+            self.cursors.append(cursor)
+            return results
+
+        monkeypatch.setattr(store, "ingest_page", ingest_page)
+
+
+def _orders(entities: str, **api: Any) -> FakeApi:
+    fake = FakeApi("poll", **api)
+    for entity in entities:
+        fake.change(entity)
+        fake.advance(1)
+    return fake
+
+
+async def test_pages_commit_in_order_while_the_next_page_is_being_fetched(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = _orders("abcdefghi", answer_yields=3)
+    commits = Commits(store, api, monkeypatch)
+    stats = await _scripted(store, api, page_size=3).run_once("order")
+    assert {e for e, _ in stored_versions(store)} == set("abcdefghi")
+    assert await store.get_cursor("order") == api.versions[-1].stamp
+    moved = [instant_us(c) for c in commits.cursors if c is not None]
+    assert moved == sorted(set(moved)) and len(moved) == stats.pages
+    # Each page but the last began its commit with the next page's request already sent.
+    assert all(sent >= page + 2 for page, sent in enumerate(commits.sent_at_start[:-1]))
+    assert api.peak_in_flight == 1 and api.in_flight == 0
+    assert commits.peak_open == 1  # one commit at a time: none passes one that may fail
+
+
+async def test_a_failed_commit_stops_the_pipeline_and_keeps_the_cursor_of_the_page_before(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = _orders("abcdefghi", answer_yields=3)
+    commits = Commits(store, api, monkeypatch, fail_at=2)
+    poller = _scripted(store, api, page_size=3)
+    with pytest.raises(StoreError):
+        await poller.run_once("order")
+    # Pages fetched ahead (at most AHEAD_PAGES, and one on its way) were dropped: nothing
+    # more was handed to the store, and no request is left in flight.
+    assert 4 <= len(api.requests) <= 3 + poller_module.AHEAD_PAGES + 1
+    assert api.in_flight == 0 and len(commits.sent_at_start) == 3
+    assert await store.get_cursor("order") == commits.cursors[1]
+    assert {e for e, _ in stored_versions(store)} == set("abcde")  # pages 1 and 2 only
+    monkeypatch.undo()
+    await poller.run_once("order")
+    assert {e for e, _ in stored_versions(store)} == set("abcdefghi")
+
+
+async def test_a_failed_fetch_of_the_next_page_keeps_the_cursor_of_the_page_committing(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = _orders("abcdefghi", answer_yields=3)
+    api.failures[2] = ApiTransientError("HTTP 503", status=503)
+    commits = Commits(store, api, monkeypatch)
+    with pytest.raises(ApiTransientError):
+        await _scripted(store, api, page_size=3).run_once("order")
+    # Page 3 failed while page 2 committed: page 2 and its cursor stay.
+    assert commits.sent_at_start == [2, 3]
+    assert await store.get_cursor("order") == commits.cursors[1] == api.versions[3].stamp
+    assert {e for e, _ in stored_versions(store)} == set("abcde")
+
+
+async def test_a_stop_while_the_next_page_is_fetched_ends_after_the_commit(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = _orders("abcdefghi", answer_yields=50)
+    stop = asyncio.Event()
+    commits = Commits(store, api, monkeypatch)
+    commits.on_commit = lambda n: stop.set()  # while page 2 is on its way
+    await asyncio.wait_for(_scripted(store, api, page_size=3).run(stop), timeout=10)
+    assert len(api.requests) == 2 and api.in_flight == 0  # page 2 was asked, then dropped
+    assert await store.get_cursor("order") == commits.cursors[-1] == api.versions[1].stamp
+    assert {e for e, _ in stored_versions(store)} == set("abc")
+
+
+async def test_the_fetches_run_ahead_of_a_slow_commit_by_at_most_ahead_pages(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = FakeApi("poll", answer_yields=2)
+    for i in range(40):
+        api.change(f"o{i:02}")
+        api.advance(1)
+    commits = Commits(store, api, monkeypatch)
+    commits.hold = asyncio.Event()  # page 1's commit waits
+    cycle = asyncio.create_task(_scripted(store, api, page_size=3).run_once("order"))
+    while not commits.sent_at_start:
+        await asyncio.sleep(0.001)
+    for _ in range(500):  # the fetches need no thread: yielding lets them run
+        await asyncio.sleep(0)
+    # Page 1 committing, AHEAD_PAGES waiting their turn, one more fetched and held back.
+    assert len(api.requests) == poller_module.AHEAD_PAGES + 2 and api.in_flight == 0
+    assert len(commits.sent_at_start) == 1
+    commits.hold.set()
+    stats = await asyncio.wait_for(cycle, timeout=10)
+    assert len(stored_versions(store)) == 40 and stats.complete
+    assert await store.get_cursor("order") == api.versions[-1].stamp
+
+
+async def test_a_cancelled_cycle_leaves_no_request_in_flight(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = _orders("abcdefghi", answer_yields=1000)
+    commits = Commits(store, api, monkeypatch)
+    commits.hold = asyncio.Event()  # the first commit never ends
+    cycle = asyncio.create_task(_scripted(store, api, page_size=3).run_once("order"))
+    while api.in_flight == 0 or not commits.sent_at_start:
+        await asyncio.sleep(0)
+    cycle.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cycle
+    assert len(api.requests) == 2 and api.in_flight == 0
+    assert await store.get_cursor("order") is None
+
+
+def test_next_step_knows_the_next_query_from_the_raw_page() -> None:
+    items = [{"id": "a", "lastUpdatedAt": T1}, {"id": "b", "lastUpdatedAt": T2},
+             {"id": "bad", "lastUpdatedAt": T3, "note": "\ud800"}]
+    step = next_step(PollPage(items, 9, T3), Query(START, 0, None), page_size=3,
+                     inclusive=False, api="poll", committed=START)
+    assert step is not None and step.commit == T2 and step.page.items == items
+    # The rejected item's readable stamp counts: the API sorted it there.
+    assert step.next == Query(T2, 1, poller_module._Overlap(("bad", instant_us(T3))))
+    again = next_step(PollPage([{"id": "other", "lastUpdatedAt": T3}], 1, T3), step.next,
+                      page_size=3, inclusive=False, api="poll", committed=T2)
+    assert again is None  # the item asked for again did not come back first: shifted
+    last = next_step(PollPage([items[2], {"id": "c", "lastUpdatedAt": T3}], 2, T3), step.next,
+                     page_size=3, inclusive=False, api="poll", committed=T2)
+    assert last == Step(PollPage([{"id": "c", "lastUpdatedAt": T3}], 2, T3), T3, None, T2)
+
+
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [({"lastUpdatedAt": T1}, T1), ({"meta": {"lastUpdatedAt": T2}, "lastUpdatedAt": T1}, T2),
+     ({"meta": {}, "lastUpdatedAt": T1}, T1), ({"lastUpdatedAt": "garbage"}, None),
+     ({"lastUpdatedAt": 17}, None), ({}, None), ("junk", None)],
+)
+def test_item_stamp_reads_what_envelope_reads(item: object, expected: str | None) -> None:
+    assert item_stamp(item) == expected

@@ -78,7 +78,7 @@ def between_pages(api: FakeApi, first: int, mid: list[tuple[Any, ...]],
 
 async def scenario(path: Path, script: list[tuple[Any, ...]], kind: str, page_size: int,
                    lookback_s: float) -> None:
-    api = FakeApi(kind)
+    api = FakeApi(kind, answer_yields=2)  # answers while the previous page commits
     settings_ = PollSettings(kinds=["order"], page_size=page_size, lookback_s=lookback_s,
                              start_from=START)
     cycles: list[Seen] = []
@@ -113,6 +113,7 @@ async def scenario(path: Path, script: list[tuple[Any, ...]], kind: str, page_si
                         must.extend(v for v in made
                                     if v.ms * 1000 <= instant_us(cursor) and id(v) in shown)
         stored = stored_versions(store)
+    assert api.peak_in_flight <= 1, "two requests in flight at once"
     answered = {v.stamp for v in api.versions}
     assert all(c in answered for c in cursors), "a cursor that is no stamp the API answered"
     assert [instant_us(c) for c in cursors] == sorted(instant_us(c) for c in cursors)

@@ -725,6 +725,23 @@ async def test_request_starts_are_spaced(
     assert all(gap >= spacing_s - 1e-9 for gap in gaps)
 
 
+@pytest.mark.parametrize(("round_trip_s", "waits_s"), [(0.15, []), (0.04, [0.06, 0.06])])
+async def test_pacing_spaces_starts_so_a_slow_answer_adds_no_wait(
+    make_client: MakeClient, mock: aioresponses, fake_time: FakeTime,
+    round_trip_s: float, waits_s: list[float],
+) -> None:
+    # The spacing runs from one request's start to the next: a round trip (and whatever
+    # the caller does after it) counts towards it. The first request never waits.
+    client = make_client(max_requests_per_s=10.0)
+    mock.post(BASE + ORDER_POLL, payload=page_body(),
+              callback=lambda url, **kwargs: fake_time.advance(round_trip_s), repeat=True)
+
+    for _ in range(3):
+        await client.poll("order", "c", offset=0, limit=100)
+
+    assert fake_time.sleeps == pytest.approx(waits_s)
+
+
 async def test_one_request_in_flight_at_a_time(
     client: TradecloudClient, mock: aioresponses
 ) -> None:
