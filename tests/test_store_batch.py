@@ -209,3 +209,28 @@ def test_the_batch_statements_find_rows_by_index_not_by_scan(tmp_path: Path) -> 
     deliveries = plan(backend._INSERT_DELIVERIES_SQL, "[]", 1.0)
     assert "SEARCH e USING INDEX sqlite_autoindex_events_1 (id=?)" in deliveries
     assert "SCAN e" not in lookup + deliveries
+
+
+def test_a_recovered_batch_marks_its_new_events_as_one_by_one_does(tmp_path: Path) -> None:
+    """The poller's pages go through ingest_many too: ``recovered`` is kept per event."""
+    candidates = tricky_candidates()
+    expected_conn, got_conn = fresh(tmp_path / "one.db"), fresh(tmp_path / "many.db")
+    expected_conn.execute("BEGIN")
+    expected = [ingest_one(expected_conn, c, "2024-06-01T00:00:00.000Z", route, recovered=True)
+                for c in candidates]
+    expected_conn.execute("COMMIT")
+    got_conn.execute("BEGIN")
+    got = ingest_many(got_conn, [IngestOp(c, "2024-06-01T00:00:00.000Z", route, recovered=True)
+                                 for c in candidates])
+    got_conn.execute("COMMIT")
+    assert got == expected
+    assert any(r.recovered for r in got) and all(r.recovered for r in got if r.status == "stored")
+    assert dump(got_conn) == dump(expected_conn)
+    assert got_conn.execute("SELECT count(*) FROM events WHERE recovered = 1").fetchone()[0] == \
+        sum(r.status == "stored" for r in got)
+
+
+def test_an_empty_batch_writes_nothing(tmp_path: Path) -> None:
+    conn = fresh(tmp_path / "empty.db")
+    assert ingest_many(conn, []) == []
+    assert dump(conn) == {"events": [], "entities": [], "sightings": [], "deliveries": []}
