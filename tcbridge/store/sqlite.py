@@ -891,34 +891,10 @@ def ingest_one(
     *,
     recovered: bool = False,
 ) -> IngestResult:
-    """The dedup rules, inside the caller's transaction."""
-    event_id, sibling = candidate.event_id, None
-    stored = conn.execute(
-        "SELECT source, envelope FROM events WHERE id = ?", (event_id,)).fetchone()
-    if stored is not None:
-        sibling = rules.sibling_id(candidate, stored[0], stored[1])
-        if sibling is None or conn.execute(
-                "SELECT 1 FROM events WHERE id = ?", (sibling,)).fetchone():
-            duplicate_of = sibling or event_id
-            _sighting(conn, candidate, duplicate_of, "duplicate", received_at)
-            return IngestResult("duplicate", duplicate_of)
-        event_id = sibling
-    newest = _newest(conn, candidate)
-    late = rules.is_late(candidate, newest)
-    if rules.is_stale(candidate, late):
-        _sighting(conn, candidate, None, "stale", received_at)
-        return IngestResult("stale", event_id)
-    envelope = envelope_dict(
-        event_id=event_id, candidate=candidate, received_at=received_at,
-        changed_line_ids=changed_lines(candidate, newest), late=late,
-        sibling=sibling is not None,
-    )
-    seq = _insert_event(conn, candidate, envelope, received_at, late, recovered)
-    routes = route(envelope)
-    if routes:
-        insert_deliveries(conn, seq, event_id, candidate.entity_id, routes, received_at)
-    return IngestResult("stored", event_id, late=late, deliveries=len(routes),
-                        recovered=recovered)
+    """The dedup rules, inside the caller's transaction: a batch of one (one decision
+    procedure for a webhook, a page and the savepoint fallback)."""
+    op = IngestOp(candidate, received_at, route, recovered=recovered)
+    return ingest_many(conn, [op])[0]
 
 
 class IngestOp:
@@ -1059,45 +1035,6 @@ def _decide(conn: sqlite3.Connection, op: IngestOp, writes: _BatchWrites) -> Ing
     writes.deliveries.extend([event_id, name, received_at] for name in routes)
     return IngestResult("stored", event_id, late=late, deliveries=len(routes),
                         recovered=op.recovered)
-
-
-def _newest(conn: sqlite3.Connection, candidate: Candidate) -> int | None:
-    row = conn.execute(
-        "SELECT newest_us FROM entities WHERE kind = ? AND entity_id = ?",
-        (candidate.kind, candidate.entity_id),
-    ).fetchone()
-    return None if row is None else int(row[0])
-
-
-def _insert_event(
-    conn: sqlite3.Connection,
-    candidate: Candidate,
-    envelope: Mapping[str, Any],
-    received_at: str,
-    late: bool,
-    recovered: bool,
-) -> int:
-    cursor = conn.execute(
-        "INSERT INTO events (id, kind, entity_id, version_key, last_updated_at, instant_us,"
-        " event_name, source, received_at, late, envelope, recovered)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-        (
-            envelope["id"], candidate.kind, candidate.entity_id, candidate.version_key,
-            candidate.last_updated_at, candidate.instant_us, candidate.event_name,
-            candidate.source, received_at, int(late), envelope_json(envelope), int(recovered),
-        ),
-    )
-    seq = int(cursor.lastrowid or 0)
-    if rules.moves_newest(candidate, late):
-        conn.execute(
-            "INSERT INTO entities (kind, entity_id, newest_us, newest_last_updated_at)"
-            " VALUES (?,?,?,?) ON CONFLICT (kind, entity_id) DO UPDATE SET"
-            " newest_us = excluded.newest_us,"
-            " newest_last_updated_at = excluded.newest_last_updated_at",
-            (candidate.kind, candidate.entity_id, candidate.instant_us,
-             candidate.last_updated_at),
-        )
-    return seq
 
 
 def envelope_json(envelope: Mapping[str, Any]) -> str:
