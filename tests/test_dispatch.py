@@ -228,6 +228,12 @@ async def test_slow_handler_does_not_hold_up_another(
     stop = asyncio.Event()
     runner = asyncio.create_task(dispatcher.run(stop))
     await until(lambda: len(list((tmp_path / "fast").glob("*.json"))) == 20)
+
+    async def fast_recorded() -> None:  # a file is in place before its directory fsync
+        while (await store.delivery_counts()).get("fast") != {"done": 20}:  # and outcome
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(fast_recorded(), timeout=30)
     assert target.DELIVERED == []
     stop.set()
     await runner
