@@ -944,6 +944,7 @@ def test_next_step_knows_the_next_query_from_the_raw_page() -> None:
     assert step is not None and step.commit == T2 and step.page.items == items
     # The rejected item's readable stamp counts: the API sorted it there.
     assert step.next == Query(T2, 1, poller_module._Overlap(("bad", instant_us(T3))))
+    assert step.since == START  # the page's first sightings are new since its own query
     again = next_step(PollPage([{"id": "other", "lastUpdatedAt": T3}], 1, T3), step.next,
                       page_size=3, inclusive=False, api="poll", committed=T2)
     assert again is None  # the item asked for again did not come back first: shifted
@@ -960,3 +961,22 @@ def test_next_step_knows_the_next_query_from_the_raw_page() -> None:
 )
 def test_item_stamp_reads_what_envelope_reads(item: object, expected: str | None) -> None:
     assert item_stamp(item) == expected
+
+
+async def test_a_page_longer_than_a_normalising_slice_is_stored_whole_and_once(
+    store: Store,
+) -> None:
+    """Normalising goes in slices of NORMALISE_SLICE items (yielding between them): every
+    slice's candidates and rejects reach the page's one commit, each exactly once."""
+    from tcbridge.poller import NORMALISE_SLICE
+
+    api = FakeApi("poll")
+    count = 2 * NORMALISE_SLICE + 5
+    for i in range(count):
+        api.change(f"o{i:03d}")
+    api.extra = [(count - 1, 17)]  # one bad entry, in the last slice
+    poller = Poller(PollSettings(kinds=["order"], page_size=count + 10, lookback_s=0,
+                                 start_from=START), api, store, asyncio.Event(), api="poll")
+    stats = await poller.run_once("order")
+    assert (stats.stored, stats.duplicates, stats.rejected) == (count, 0, 1)
+    assert len(stored_versions(store)) == count
