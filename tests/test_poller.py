@@ -15,7 +15,7 @@ from tcbridge import poller as poller_module
 from tcbridge import tradecloud
 from tcbridge.cli import main as cli_main
 from tcbridge.config import PollSettings, StoreSettings
-from tcbridge.errors import ApiPermanentError, ApiTransientError, StoreError
+from tcbridge.errors import ApiAuthError, ApiPermanentError, ApiTransientError, StoreError
 from tcbridge.poller import (
     MAX_SHIFTS_PER_CYCLE,
     CycleStats,
@@ -694,10 +694,10 @@ class ScriptedGate:
         self.epoch = epoch
 
     def active(self, kind: str) -> bool:
-        return self.is_active
+        return self.is_active and kind in ("order", "shipment")  # asked per kind
 
     def fence(self, kind: str) -> Fence | None:
-        return Fence(kind, self.epoch) if self.is_active else None
+        return Fence(kind, self.epoch) if self.active(kind) else None
 
     def set(self, active: bool) -> None:
         self.is_active = active
@@ -974,9 +974,26 @@ async def test_a_page_longer_than_a_normalising_slice_is_stored_whole_and_once(
     count = 2 * NORMALISE_SLICE + 5
     for i in range(count):
         api.change(f"o{i:03d}")
-    api.extra = [(count - 1, 17)]  # one bad entry, in the last slice
+    api.extra = [(0, 17)]  # one bad entry, in the first slice
     poller = Poller(PollSettings(kinds=["order"], page_size=count + 10, lookback_s=0,
                                  start_from=START), api, store, asyncio.Event(), api="poll")
     stats = await poller.run_once("order")
     assert (stats.stored, stats.duplicates, stats.rejected) == (count, 0, 1)
     assert len(stored_versions(store)) == count
+
+
+async def test_refused_credentials_are_a_counted_failure_said_at_once_and_cleared_by_success(
+    store: Store,
+) -> None:
+    api = FakeApi("poll")
+    api.change("a")
+    poller = _scripted(store, api)
+    poller._failures = 2
+    api.failures = {0: ApiAuthError("HTTP 401 after a fresh login")}
+    assert await poller._cycle("order", 1.0) is None
+    assert poller._failures == 3  # backs off like any failure
+    assert poller.auth_refused == "HTTP 401 after a fresh login"  # readiness says why
+    assert poll_state(store) == [("order", "HTTP 401 after a fresh login", None, None, 0)]
+    assert sample(poller, "tcbridge_poll_errors_total", kind="order") == 1
+    assert await poller._cycle("order", 2.0) is not None
+    assert (poller._failures, poller.auth_refused) == (0, None)
