@@ -127,12 +127,18 @@ class BlockingPool:
                 job.loop.call_soon_threadsafe(_settle, job.future, value, error, self._progress)
 
 
-def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None,
-            progress: asyncio.Event) -> None:
-    progress.set()
-    if future.done():  # the caller timed out meanwhile
+def settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    """Answer ``future`` with ``error`` or ``value``, unless it is answered (or cancelled:
+    the caller gave up) already."""
+    if future.done():
         return
     if error is not None:
         future.set_exception(error)
     else:
         future.set_result(value)
+
+
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None,
+            progress: asyncio.Event) -> None:
+    progress.set()
+    settle(future, value, error)  # the caller may have timed out meanwhile

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 import structlog
 
-from tcbridge.aio import wait_any
+from tcbridge.aio import settle, wait_any
 from tcbridge.backoff import backoff_s
 from tcbridge.config import HandlerSettings
 from tcbridge.errors import InvalidEvent, StoreError, describe
@@ -352,15 +352,15 @@ class OutcomeBuffer:
                 log.exception("dispatch.record_batch_refused", outcomes=len(batch))
             else:
                 for _, future in batch:
-                    _answer(future, None)
+                    settle(future, None, None)
                 return
         for finished, future in batch:
             try:
                 await self._write_one(finished)
             except Exception as e:  # a bug: the delivery task dies and fails its lane
-                _answer(future, e)
+                settle(future, None, e)
             else:
-                _answer(future, None)
+                settle(future, None, None)
 
     async def _store_many(self, outcomes: list[Finished]) -> None:
         """Write; keep trying while the store is unavailable."""
@@ -386,14 +386,6 @@ class OutcomeBuffer:
                 error = f"the outcome could not be recorded: {type(e).__name__}"
                 finished = replace(finished, error=error, output=None)
 
-
-def _answer(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
 
 
 class LaneFailed(Exception):

@@ -32,7 +32,7 @@ import structlog
 from multidict import CIMultiDict
 from yarl import URL
 
-from tcbridge.aio import BlockingPool
+from tcbridge.aio import BlockingPool, settle
 from tcbridge.config import (
     AmqpHandlerSettings,
     CommandHandlerSettings,
@@ -174,12 +174,8 @@ class DirectorySync:
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
+    settle(future, None, error)
+    if error is not None and not future.cancelled():
         future.exception()  # retrieved: a round nobody waits for any more logs nothing
 
 
