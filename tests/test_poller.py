@@ -746,13 +746,29 @@ async def test_the_page_commit_carries_the_gates_fence(store: Store) -> None:
     assert seen == [Fence("order", 42)]
 
 
-async def test_a_lost_lock_stops_the_cycle_before_the_next_page_is_committed(
-    store: Store,
-) -> None:
+def _gated(store: Store) -> tuple[FakeApi, ScriptedGate, Poller]:
+    """Five orders, pages of two, and a poller behind an open scripted gate."""
     api = FakeApi("poll")
     for name in "abcde":
         api.change(name)
     gate = ScriptedGate(active=True)
+    poller = Poller(PollSettings(kinds=["order"], page_size=2, lookback_s=0, start_from=START),
+                    api, store, asyncio.Event(), api="poll", gate=gate)
+    return api, gate, poller
+
+
+async def test_an_open_gate_lets_the_cycle_run_every_page(store: Store) -> None:
+    api, _, poller = _gated(store)
+    stats = await poller._cycle("order", 1.0)
+    assert stats is not None and (stats.pages, stats.stored) == (5, 5)  # overlap: 1 new a page
+    newest = max(api.versions, key=lambda v: v.ms)
+    assert await store.get_cursor("order") == newest.obj["lastUpdatedAt"]
+
+
+async def test_a_lost_lock_stops_the_cycle_before_the_next_page_is_committed(
+    store: Store,
+) -> None:
+    api, gate, poller = _gated(store)
     original = store.ingest_page
 
     async def lose_after_first(*args: Any, **kwargs: Any) -> Any:
@@ -761,8 +777,6 @@ async def test_a_lost_lock_stops_the_cycle_before_the_next_page_is_committed(
         return results
 
     store.ingest_page = lose_after_first  # type: ignore[method-assign]
-    poller = Poller(PollSettings(kinds=["order"], page_size=2, lookback_s=0, start_from=START),
-                    api, store, asyncio.Event(), api="poll", gate=gate)
     stats = await poller._cycle("order", 1.0)
     assert stats is not None and stats.stored == 2  # the cycle ends after that page
     assert poller._failures == 0  # ... and no failure: someone else polls now
@@ -775,14 +789,9 @@ async def test_a_lost_lock_stops_the_cycle_before_the_next_page_is_committed(
 async def test_a_lock_lost_before_a_fetched_page_commits_refuses_that_page(
     store: Store,
 ) -> None:
-    api = FakeApi("poll")
-    for name in "abcde":
-        api.change(name)
-    gate = ScriptedGate(active=True)
+    api, gate, poller = _gated(store)
     # The lock is lost while the first page is being fetched: its commit must not happen.
     api.before_answer = lambda n: gate.set(False) if n == 0 else None
-    poller = Poller(PollSettings(kinds=["order"], page_size=2, lookback_s=0, start_from=START),
-                    api, store, asyncio.Event(), api="poll", gate=gate)
     assert await poller._cycle("order", 1.0) is None  # fenced: no stats ...
     assert poller._failures == 0  # ... and no failure either: someone else polls now
     assert stored_versions(store) == set()
