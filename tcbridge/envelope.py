@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeGuard
 from urllib.parse import quote
 
@@ -46,8 +46,9 @@ RESENT_EVENTS = frozenset({"OrderResentByBuyer", "OrderResentBySupplier", "Shipm
 # Tradecloud retries without end. So the envelope's own limit is orjson's.
 MAX_ENVELOPE_DEPTH = 254
 # C0 and C1 control characters: no id has them, and they would reach file names, logs and
-# the operator's terminal.
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# the operator's terminal. And surrogates: in a str every one is lone (a pair from JSON is
+# one code point), so no valid Unicode (one search instead of a trial encode, per id).
+_UNFIT_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +74,11 @@ class Candidate:
     layout: Layout | None = None
     message_id: str | None = None
     since_us: int | None = None
+    # The payload as orjson wrote it when require_storable checked it: the SQLite store
+    # splices it into the envelope (orjson.Fragment) instead of writing it out again.
+    # Use it through :attr:`payload_text`, which holds it to the payload it was made of.
+    payload_dump: tuple[Mapping[str, Any], bytes] | None = field(
+        default=None, compare=False, repr=False)
 
     @property
     def content_digest(self) -> str | None:
@@ -83,6 +89,13 @@ class Candidate:
         if self.is_snapshot:
             return None
         return content_digest(self.event_name, self.payload)
+
+    @property
+    def payload_text(self) -> bytes | None:
+        """The payload's JSON from the storability probe; None unless it was made of this
+        very payload (a candidate copied with another payload must not keep the old text)."""
+        dump = self.payload_dump
+        return dump[1] if dump is not None and dump[0] is self.payload else None
 
     @property
     def is_snapshot(self) -> bool:
@@ -135,7 +148,7 @@ def parse_order_webhook(body: object) -> Candidate:
     event = _require_object(data[key], key)
     kind = ORDER_EVENT_KEYS[key]
     entity = _entity_id(event, ORDER_ID_KEYS, key)
-    require_storable(event, key)
+    payload_dump = event, require_storable(event, key)
     meta = _message_meta(data, event)
     message_id = _message_id(meta)
     name = _event_name(data)
@@ -154,11 +167,13 @@ def parse_order_webhook(body: object) -> Candidate:
         event_name=name,
         source="webhook",
         payload=event,
-        line_ids=tuple(line_id for line_id, _ in _lines(event, "lastUpdatedAt")),
+        # An event's lines are its changed lines whatever their stamps: ids only.
+        line_ids=tuple(line_id for line_id, _ in _iter_lines(event)),
         line_instants=(),
         meta=meta,
         layout=LAYOUTS.get(key),
         message_id=message_id,
+        payload_dump=payload_dump,
     )
 
 
@@ -201,14 +216,14 @@ def parse_snapshot(
     if kind == "shipment":
         return replace(_shipment(data, source, kind), since_us=since_us)
     entity = _entity_id(data, ORDER_ID_KEYS, kind)
-    require_storable(data, kind)
+    payload_dump = data, require_storable(data, kind)
     stamp, version, instant = _version(data, kind, meta=None)
     lines = _lines(data, "lastUpdatedAt")
     return Candidate(
         kind="order", entity_id=entity, last_updated_at=stamp, version_key=version,
         instant_us=instant, event_name=None, source=source, payload=data,
         line_ids=tuple(line_id for line_id, _ in lines), line_instants=lines,
-        layout=layout or "delivery-schedule", since_us=since_us,
+        layout=layout or "delivery-schedule", since_us=since_us, payload_dump=payload_dump,
     )
 
 
@@ -265,7 +280,7 @@ def _shipment(
     """``message_meta``: a webhook body's message meta, which keys a shipment event that
     has no usable timestamp (as for orders) instead of refusing it."""
     entity = _entity_id(data, ("id", "shipmentId"), where)
-    require_storable(data, where)
+    payload_dump = data, require_storable(data, where)
     meta = data.get("meta")
     stamped = isinstance(meta, Mapping) and meta.get("lastUpdatedAt") is not None
     stamp_holder = meta if stamped and isinstance(meta, Mapping) else data
@@ -275,6 +290,7 @@ def _shipment(
         kind="shipment", entity_id=entity, last_updated_at=stamp, version_key=version,
         instant_us=instant, event_name=None, source=source, payload=data,
         line_ids=tuple(line_id for line_id, _ in lines), line_instants=lines,
+        payload_dump=payload_dump,
     )
 
 
@@ -332,23 +348,18 @@ def plain_text(value: object) -> TypeGuard[str]:
     and not "." or ".." (which a URL path would resolve: GET /v2/order/.. is GET /v2/)."""
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_LENGTH:
         return False
-    if value in (".", "..") or _CONTROL_CHARS.search(value):
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return value not in (".", "..") and _UNFIT_CHARS.search(value) is None
 
 
-def require_storable(payload: Mapping[str, Any], where: str) -> None:
+def require_storable(payload: Mapping[str, Any], where: str) -> bytes:
     """Refuse a payload whose envelope orjson (the parser of the store and the dispatcher)
     could never write: a lone surrogate, a NaN, an integer beyond 64 bits, nesting beyond
     its limit. A 4xx (or a rejected poll item) now, instead of a 503 or a stuck delivery for
     ever. Webhook bodies are read by orjson already; objects from the API client are checked
-    here, once. orjson is the probe: in C, and fast when it succeeds."""
+    here, once. orjson is the probe: in C, and fast when it succeeds. Returns the payload as
+    the probe wrote it (the envelope's ``"payload"`` value), so it is written only once."""
     try:
-        orjson.dumps({"payload": payload})  # as deep as the envelope
+        probe = orjson.dumps({"payload": payload})  # as deep as the envelope
     except orjson.JSONEncodeError as e:
         if _deeper_than({"payload": payload}, MAX_ENVELOPE_DEPTH):
             raise InvalidEvent(
@@ -356,6 +367,7 @@ def require_storable(payload: Mapping[str, Any], where: str) -> None:
                 "be stored"
             ) from None
         raise InvalidEvent(f"{where} cannot be stored as JSON: {e}") from e
+    return probe[len(b'{"payload":'):-1]
 
 
 def _deeper_than(value: object, limit: int) -> bool:

@@ -125,6 +125,9 @@ class Metrics:
                                          registry=r)
         self._store = _StoreCounters()
         r.register(self._store)
+        # Labelled children by their labels: ``labels()`` takes a lock and checks its
+        # arguments on every call, about 0.6 us of the loop's time per webhook.
+        self._children: dict[tuple[object, ...], Counter] = {}
 
     def watch_store(self, read: Callable[[], Mapping[str, int]]) -> None:
         """Expose the store's own counters: ``read()`` returns the keys of STORE_COUNTERS."""
@@ -133,11 +136,22 @@ class Metrics:
     def count_ingest(self, status: str, source: str, kind: str) -> None:
         """Count what became of one arrival (an ``IngestResult.status``)."""
         if status == "stored":
-            self.events.labels(source, kind).inc()
+            self._child(self.events, source, kind).inc()
         elif status == "duplicate":
-            self.duplicates.labels(source).inc()
+            self._child(self.duplicates, source).inc()
         else:
-            self.stale.labels(kind).inc()
+            self._child(self.stale, kind).inc()
+
+    def count_response(self, status: int) -> None:
+        """Count one webhook answer by its HTTP status."""
+        self._child(self.webhook_responses, str(status)).inc()
+
+    def _child(self, counter: Counter, *labels: str) -> Counter:
+        key = (counter, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = counter.labels(*labels)
+        return child
 
     def count_skip(self, handler: str, reason: str) -> None:
         """Count one event a handler's filters skipped (when the event is routed)."""

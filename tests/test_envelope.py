@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from tcbridge.envelope import (
@@ -487,3 +489,27 @@ def test_shipment_po_line_identity_includes_the_delivery_schedule_position() -> 
     shipment = {"id": "s1", "meta": {"lastUpdatedAt": stamp}, "lines": lines}
     ids = [line_id for line_id, _ in shipment_lines(shipment)]
     assert ids == ["po/PO%201%2Fx/2/3", "po/PO-1/2/4", "po/PO-1/2/"]
+
+
+@pytest.mark.parametrize("candidate", [
+    parse_order_webhook(order_event_body("o1", line_ids=("l1", "l2"))),
+    parse_shipment_webhook({"eventName": "ShipmentIssuedBySupplier",
+                            "shipmentEvent": shipment_obj("s1")}),
+    parse_snapshot("order", order_obj("o2"), "poll"),
+    parse_snapshot("shipment", shipment_obj("s2"), "poll"),
+])
+def test_the_storability_probe_keeps_the_payload_as_orjson_writes_it(candidate: Any) -> None:
+    assert candidate.payload_text == orjson.dumps(candidate.payload)
+
+
+def test_a_candidate_copied_with_another_payload_keeps_no_probe_text() -> None:
+    candidate = parse_snapshot("order", order_obj("o1"), "poll")
+    changed = replace(candidate, payload={**candidate.payload, "note": "changed"})
+    assert candidate.payload_text is not None and changed.payload_text is None
+
+
+def test_an_order_events_lines_are_its_changed_lines_whatever_their_stamps() -> None:
+    body = order_event_body("o1", line_ids=("l1", "l2", "l3"))
+    body["orderEvent"]["lines"][0]["lastUpdatedAt"] = "2024-05-01T10:00:00.000Z"
+    body["orderEvent"]["lines"][1]["lastUpdatedAt"] = "not a time"  # [2] has none
+    assert parse_order_webhook(body).line_ids == ("l1", "l2", "l3")

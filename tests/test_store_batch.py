@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
-from tcbridge.envelope import Candidate, parse_order_webhook, parse_snapshot
+from tcbridge.envelope import (
+    Candidate,
+    parse_order_webhook,
+    parse_shipment_webhook,
+    parse_snapshot,
+)
 from tcbridge.store import IngestResult, migrate, run_batch
-from tcbridge.store.sqlite import IngestOp, ingest_many, ingest_one
-from tests.conftest import order_event_body, order_obj
+from tcbridge.store.sqlite import IngestOp, envelope_json, ingest_many, ingest_one
+from tests.conftest import order_event_body, order_obj, shipment_obj
 
 T1, T2, T3 = "2024-05-01T10:00:01.000Z", "2024-05-01T10:00:02.000Z", "2024-05-01T10:00:03.000Z"
 
@@ -234,3 +242,28 @@ def test_an_empty_batch_writes_nothing(tmp_path: Path) -> None:
     conn = fresh(tmp_path / "empty.db")
     assert ingest_many(conn, []) == []
     assert dump(conn) == {"events": [], "entities": [], "sightings": [], "deliveries": []}
+
+
+def test_the_spliced_payload_writes_the_rows_the_payload_written_again_does(
+        tmp_path: Path) -> None:
+    """The probe's text of the payload (orjson.Fragment) against the old path, the whole
+    envelope written by orjson on the writer: the same answers, byte-identical rows."""
+    candidates = [*tricky_candidates(),
+                  parse_shipment_webhook({"eventName": "ShipmentIssuedBySupplier",
+                                          "shipmentEvent": shipment_obj("s1")}),
+                  parse_snapshot("shipment", shipment_obj("s2"), "poll")]
+    assert all(c.payload_text is not None for c in candidates)
+    spliced, written = fresh(tmp_path / "a.db"), fresh(tmp_path / "b.db")
+    old_path = [replace(c, payload_dump=None) for c in candidates]
+    assert all(c.payload_text is None for c in old_path)
+    assert batched(spliced, candidates) == batched(written, old_path)
+    assert dump(spliced) == dump(written)
+
+
+def test_a_spliced_envelope_whose_other_fields_orjson_refuses_is_written_escaped() -> None:
+    payload = {"id": "o1", "note": "caf\u00e9"}
+    envelope = {"id": "e1", "meta": {"messageId": "m-\ud800"}, "payload": payload}
+    text = envelope_json(envelope, orjson.dumps(payload))
+    assert text == json.dumps(envelope, separators=(",", ":"))
+    assert envelope_json({"id": "e1", "payload": payload}, orjson.dumps(payload)) == (
+        orjson.dumps({"id": "e1", "payload": payload}).decode())

@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from tcbridge.config import StoreSettings, WebhookSettings
 from tcbridge.store import Store
-from tcbridge.webhook import build_app
+from tcbridge.webhook import METRICS_KEY, build_app
 from tests.conftest import basic_header, order_event_body, shipment_obj
 
 TOKEN_VALUE = "hook-token-1-for-tests-0123456789ab"
@@ -60,6 +60,20 @@ async def test_post_order_is_stored_then_duplicate(client_factory: Client, store
     assert not wake.is_set()
     counts = await store.counts()
     assert counts["events"] == 1 and counts["duplicates"] == 1
+
+
+async def test_answers_and_arrivals_are_counted_each_time(client_factory: Client) -> None:
+    """The metrics' labelled children are kept between requests: each one still counts."""
+    client, _, _ = await client_factory()
+    body = order_event_body("o1")
+    for _ in range(3):
+        assert (await client.post("/webhook/order", json=body, headers=TOKEN)).status == 200
+    assert (await client.post("/webhook/order", json=body)).status == 401
+    text = client.server.app[METRICS_KEY].render().decode()
+    assert 'tcbridge_webhook_responses_total{status="200"} 3.0' in text
+    assert 'tcbridge_webhook_responses_total{status="401"} 1.0' in text
+    assert 'tcbridge_events_total{kind="order",source="webhook"} 1.0' in text
+    assert 'tcbridge_duplicates_total{source="webhook"} 2.0' in text
 
 
 async def test_post_shipment(client_factory: Client, store: Store) -> None:

@@ -1021,7 +1021,7 @@ def _decide(conn: sqlite3.Connection, op: IngestOp, writes: _BatchWrites) -> Ing
         changed_line_ids=changed_lines(candidate, newest), late=late,
         sibling=sibling is not None,
     )
-    text = envelope_json(envelope)
+    text = envelope_json(envelope, candidate.payload_text)
     writes.events.append([
         event_id, candidate.kind, candidate.entity_id, candidate.version_key,
         candidate.last_updated_at, candidate.instant_us, candidate.event_name,
@@ -1037,10 +1037,15 @@ def _decide(conn: sqlite3.Connection, op: IngestOp, writes: _BatchWrites) -> Ing
                         recovered=op.recovered)
 
 
-def envelope_json(envelope: Mapping[str, Any]) -> str:
+def envelope_json(envelope: Mapping[str, Any], payload_text: bytes | None = None) -> str:
     """The envelope as compact JSON text; a payload with a lone surrogate (valid JSON
     syntax, but no valid Unicode; only the poller can bring one) is stored with escapes
-    instead of being refused."""
+    instead of being refused. ``payload_text``: the payload already written by orjson
+    (``Candidate.payload_text``), spliced in as is: the same bytes, without writing the
+    payload again on the writer thread, where it held the GIL (about 2 us an event)."""
+    if payload_text is not None:
+        with contextlib.suppress(TypeError):  # the fields beside it: the path below
+            return orjson.dumps({**envelope, "payload": orjson.Fragment(payload_text)}).decode()
     try:
         return orjson.dumps(envelope).decode()
     except TypeError:
