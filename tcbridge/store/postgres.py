@@ -42,8 +42,8 @@ from tcbridge.envelope import Candidate, changed_lines, envelope_dict
 from tcbridge.errors import StoreError, StoreUnavailable, UnknownName
 from tcbridge.store import coordination, rules
 from tcbridge.store.base import Route
-from tcbridge.store.rules import cutoff_iso
-from tcbridge.store.sqlite import REDACTED_HEADERS, envelope_json
+from tcbridge.store.rules import cutoff_iso, envelope_json
+from tcbridge.store.sqlite import REDACTED_HEADERS
 from tcbridge.store.types import (
     Claim,
     DeliveryStatus,
