@@ -20,7 +20,8 @@ from tcbridge.envelope import (
     parse_snapshot,
 )
 from tcbridge.store import IngestResult, migrate, run_batch
-from tcbridge.store.sqlite import IngestOp, envelope_json, ingest_many, ingest_one
+from tcbridge.store.rules import envelope_json
+from tcbridge.store.sqlite import IngestOp, ingest_many, ingest_one
 from tests.conftest import order_event_body, order_obj, shipment_obj
 
 T1, T2, T3 = "2024-05-01T10:00:01.000Z", "2024-05-01T10:00:02.000Z", "2024-05-01T10:00:03.000Z"

@@ -10,11 +10,11 @@ from __future__ import annotations
 from tcbridge.config import StoreSettings
 from tcbridge.store import postgres
 from tcbridge.store.base import Route, StoreBackend
+from tcbridge.store.rules import envelope_json
 from tcbridge.store.sqlite import (
     MIGRATIONS,
     REDACTED_HEADERS,
     Store,
-    envelope_json,
     ingest_one,
     migrate,
     read_cursor,

@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,7 +26,7 @@ import orjson
 import structlog
 
 from tcbridge.config import StoreSettings
-from tcbridge.envelope import Candidate, changed_lines, envelope_dict
+from tcbridge.envelope import Candidate
 from tcbridge.errors import StoreError, StoreUnavailable, UnknownName
 from tcbridge.store import rules
 from tcbridge.store.types import (
@@ -959,18 +959,6 @@ _INSERT_DELIVERIES_SQL = (
 )
 
 
-@dataclass(slots=True)
-class _BatchWrites:
-    """What a run of ingests decided, written at its end; ``stored`` and ``newest`` are the
-    batch's own view on top of the database (what sequential processing would have read)."""
-
-    stored: dict[str, tuple[str, str | None]] = field(default_factory=dict)
-    newest: dict[tuple[str, str], int | None] = field(default_factory=dict)
-    events: list[list[Any]] = field(default_factory=list)
-    entities: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
-    deliveries: list[list[str]] = field(default_factory=list)
-
-
 def ingest_many(conn: sqlite3.Connection, ops: Sequence[IngestOp]) -> list[IngestResult]:
     """Ingest candidates as :func:`ingest_one` one after the other would (the same rules,
     the same answers, the same rows in the same order), in about five statements."""
@@ -980,13 +968,20 @@ def ingest_many(conn: sqlite3.Connection, ops: Sequence[IngestOp]) -> list[Inges
     found: dict[int, list[Any]] = {
         row[0]: row for row in orjson.loads(
             conn.execute(_LOOKUP_SQL, (orjson.dumps(keys),)).fetchone()[0])}
-    writes = _BatchWrites()
+    writes = rules.BatchView()
     for k, (event_id, kind, entity_id) in enumerate(keys):
         row = found.get(k)
         if row is not None and row[3]:
             writes.stored.setdefault(event_id, (row[1], row[2]))
         writes.newest.setdefault((kind, entity_id), None if row is None else row[4])
-    results = [_decide(conn, op, writes) for op in ops]
+    def exists(event_id: str) -> bool:
+        return conn.execute("SELECT 1 FROM events WHERE id = ?", (event_id,)).fetchone() is not None
+
+    def sighting(candidate: Candidate, event_id: str | None, reason: str, received_at: str) -> None:
+        _sighting(conn, candidate, event_id, reason, received_at)
+
+    results = [rules.decide(op.candidate, op.received_at, op.route, writes, exists=exists,
+                            sighting=sighting, recovered=op.recovered) for op in ops]
     for start in range(0, len(writes.events), EVENT_ROWS_PER_INSERT):
         rows = writes.events[start:start + EVENT_ROWS_PER_INSERT]
         conn.execute(_insert_events_sql(len(rows)), [value for row in rows for value in row])
@@ -995,61 +990,6 @@ def ingest_many(conn: sqlite3.Connection, ops: Sequence[IngestOp]) -> list[Inges
     if writes.deliveries:
         conn.execute(_INSERT_DELIVERIES_SQL, (orjson.dumps(writes.deliveries), time.time()))
     return results
-
-
-def _decide(conn: sqlite3.Connection, op: IngestOp, writes: _BatchWrites) -> IngestResult:
-    """ingest_one's rules for one candidate of a batch, against the batch's view."""
-    candidate, received_at = op.candidate, op.received_at
-    event_id, sibling = candidate.event_id, None
-    stored = writes.stored.get(event_id)
-    if stored is not None:
-        sibling = rules.sibling_id(candidate, stored[0], stored[1])
-        if sibling is None or sibling in writes.stored or conn.execute(
-                "SELECT 1 FROM events WHERE id = ?", (sibling,)).fetchone():
-            duplicate_of = sibling or event_id
-            _sighting(conn, candidate, duplicate_of, "duplicate", received_at)
-            return IngestResult("duplicate", duplicate_of)
-        event_id = sibling
-    entity = (candidate.kind, candidate.entity_id)
-    newest = writes.newest[entity]
-    late = rules.is_late(candidate, newest)
-    if rules.is_stale(candidate, late):
-        _sighting(conn, candidate, None, "stale", received_at)
-        return IngestResult("stale", event_id)
-    envelope = envelope_dict(
-        event_id=event_id, candidate=candidate, received_at=received_at,
-        changed_line_ids=changed_lines(candidate, newest), late=late,
-        sibling=sibling is not None,
-    )
-    text = envelope_json(envelope, candidate.payload_text)
-    writes.events.append([
-        event_id, candidate.kind, candidate.entity_id, candidate.version_key,
-        candidate.last_updated_at, candidate.instant_us, candidate.event_name,
-        candidate.source, received_at, int(late), text, int(op.recovered)])
-    writes.stored[event_id] = (candidate.source, text)
-    if rules.moves_newest(candidate, late):
-        writes.newest[entity] = candidate.instant_us
-        writes.entities[entity] = [candidate.kind, candidate.entity_id, candidate.instant_us,
-                                   candidate.last_updated_at]
-    routes = op.route(envelope)
-    writes.deliveries.extend([event_id, name, received_at] for name in routes)
-    return IngestResult("stored", event_id, late=late, deliveries=len(routes),
-                        recovered=op.recovered)
-
-
-def envelope_json(envelope: Mapping[str, Any], payload_text: bytes | None = None) -> str:
-    """The envelope as compact JSON text; a payload with a lone surrogate (valid JSON
-    syntax, but no valid Unicode; only the poller can bring one) is stored with escapes
-    instead of being refused. ``payload_text``: the payload already written by orjson
-    (``Candidate.payload_text``), spliced in as is: the same bytes, without writing the
-    payload again on the writer thread, where it held the GIL (about 2 us an event)."""
-    if payload_text is not None:
-        with contextlib.suppress(TypeError):  # the fields beside it: the path below
-            return orjson.dumps({**envelope, "payload": orjson.Fragment(payload_text)}).decode()
-    try:
-        return orjson.dumps(envelope).decode()
-    except TypeError:
-        return json.dumps(envelope, separators=(",", ":"))
 
 
 def _sighting(
