@@ -74,7 +74,7 @@ class Candidate:
     layout: Layout | None = None
     message_id: str | None = None
     since_us: int | None = None
-    # The payload as orjson wrote it when require_storable checked it: the SQLite store
+    # The payload as orjson wrote it when require_storable checked it: the store (both backends)
     # splices it into the envelope (orjson.Fragment) instead of writing it out again.
     # Use it through :attr:`payload_text`, which holds it to the payload it was made of.
     payload_dump: tuple[Mapping[str, Any], bytes] | None = field(
