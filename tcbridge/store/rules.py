@@ -120,7 +120,7 @@ class BatchView:
 
 def decide(
     candidate: Candidate, received_at: str, route: Route, view: BatchView, *,
-    exists: Callable[[str], bool], sighting: Sighting, recovered: bool = False,
+    exists: Callable[[str], bool], sighting: Sighting, recovered: bool,
 ) -> IngestResult:
     """The dedup rules for one candidate of a batch, against the batch's view: one
     decision procedure for both backends. ``exists`` answers whether the database holds
