@@ -961,7 +961,8 @@ async def ingest_one(
     seq = await conn.fetchval(
         _STORE_SQL, envelope["id"], candidate.kind, candidate.entity_id, candidate.version_key,
         candidate.last_updated_at, candidate.instant_us, candidate.event_name,
-        candidate.source, received_at, int(late), envelope_json(envelope), int(recovered),
+        candidate.source, received_at, int(late),
+        envelope_json(envelope, candidate.payload_text), int(recovered),
         rules.moves_newest(candidate, late), time.time(), routes)
     if seq is None:  # stored meanwhile under the unique key: the other one is the event
         await _sighting(conn, candidate, event_id, "duplicate", received_at)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import queue
@@ -974,12 +975,11 @@ def ingest_many(conn: sqlite3.Connection, ops: Sequence[IngestOp]) -> list[Inges
         if row is not None and row[3]:
             writes.stored.setdefault(event_id, (row[1], row[2]))
         writes.newest.setdefault((kind, entity_id), None if row is None else row[4])
+
     def exists(event_id: str) -> bool:
         return conn.execute("SELECT 1 FROM events WHERE id = ?", (event_id,)).fetchone() is not None
 
-    def sighting(candidate: Candidate, event_id: str | None, reason: str, received_at: str) -> None:
-        _sighting(conn, candidate, event_id, reason, received_at)
-
+    sighting = functools.partial(_sighting, conn)
     results = [rules.decide(op.candidate, op.received_at, op.route, writes, exists=exists,
                             sighting=sighting, recovered=op.recovered) for op in ops]
     for start in range(0, len(writes.events), EVENT_ROWS_PER_INSERT):
