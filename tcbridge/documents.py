@@ -46,11 +46,11 @@ from tcbridge.errors import (
     HandlerError,
     PermanentError,
 )
+from tcbridge.files import fsync_directory
 from tcbridge.handlers import (
     MAX_FILENAME_BYTES,
     Handler,
     Outcome,
-    fsync_directory,
     render_filename,
 )
 from tcbridge.tradecloud import TradecloudClient

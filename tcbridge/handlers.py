@@ -17,14 +17,12 @@ import inspect
 import json
 import os
 import re
-import secrets
 import signal
 import string
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 import aiohttp
@@ -32,7 +30,6 @@ import structlog
 from multidict import CIMultiDict
 from yarl import URL
 
-from tcbridge.aio import BlockingPool, settle
 from tcbridge.config import (
     AmqpHandlerSettings,
     CommandHandlerSettings,
@@ -44,7 +41,9 @@ from tcbridge.config import (
     child_environ,
 )
 from tcbridge.envelope import MAX_ID_LENGTH
-from tcbridge.errors import ConfigError, PermanentError
+from tcbridge.errors import ConfigError, PermanentError, describe
+from tcbridge.files import TEMP_RANDOM_HEX, remove_stale_temp_files
+from tcbridge.filewriter import FolderWriter, WriteFailed
 from tcbridge.timefmt import retry_after_s
 
 log = structlog.get_logger(__name__)
@@ -60,9 +59,7 @@ _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _LEADING_DOTS = re.compile(r"^\.+")
 # write_atomically's temp file is ".<name>.<12 hex>.tmp" and must fit NAME_MAX (255 bytes on
 # every common Linux file system) as well.
-_TEMP_RANDOM_HEX = 12
-_TEMP_FILE = re.compile(rf"^\..+\.[0-9a-f]{{{_TEMP_RANDOM_HEX}}}\.tmp$")
-MAX_FILENAME_BYTES = 255 - len("..tmp.") - _TEMP_RANDOM_HEX
+MAX_FILENAME_BYTES = 255 - len("..tmp.") - TEMP_RANDOM_HEX
 SHORT_VALUE_PREFIX = 40
 # The longest values a stored event can give a file name: what a template must fit.
 _LONGEST_ENVELOPE = {"id": "x" * 32, "kind": "order_documents", "entityId": "x" * MAX_ID_LENGTH,
@@ -122,10 +119,6 @@ def _short(text: str) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 
-def _describe(error: BaseException) -> str:
-    message = str(error)
-    return f"{type(error).__name__}: {message}" if message else type(error).__name__
-
 
 def _timeout_error(timeout_s: float) -> Outcome:
     return Outcome("retry", error=f"timeout after {timeout_s:g} s")
@@ -134,56 +127,13 @@ def _timeout_error(timeout_s: float) -> Outcome:
 # --- file -------------------------------------------------------------------------------------
 
 
-class DirectorySync:
-    """One fsync of a directory for all the renames that happened before it started.
-
-    A caller renames its file into place, then awaits :meth:`sync`: if no fsync is waiting
-    to start, it opens the next round; rounds run one after the other, so every caller of a
-    round renamed before that round's fsync began. A failed fsync fails every caller of
-    its round (each delivery is retried: none is done without a durable rename)."""
-
-    def __init__(self, run: Callable[[], Awaitable[None]]) -> None:
-        self._run = run  # one fsync of the directory (in a worker thread)
-        self._next: asyncio.Future[None] | None = None  # the round not yet started
-        self._rounds: asyncio.Task[None] | None = None
-
-    async def sync(self) -> None:
-        """Return once an fsync of the directory that began after this call has ended."""
-        if self._next is None:
-            self._next = asyncio.get_running_loop().create_future()
-        round_done = self._next
-        if self._rounds is None:
-            self._rounds = asyncio.create_task(self._run_rounds(), name="directory-fsync")
-        # Shielded: a caller's timeout must not cancel the round the others wait for.
-        await asyncio.shield(round_done)
-
-    async def _run_rounds(self) -> None:
-        try:
-            while self._next is not None:
-                round_done, self._next = self._next, None
-                try:
-                    await self._run()
-                except BaseException as e:
-                    _settle(round_done, e)
-                    if not isinstance(e, Exception):
-                        raise
-                else:
-                    _settle(round_done, None)
-        finally:
-            self._rounds = None
-
-
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    settle(future, None, error)
-    if error is not None and not future.cancelled():
-        future.exception()  # retrieved: a round nobody waits for any more logs nothing
-
-
 class FileHandler:
-    """Writes each envelope atomically into a drop folder; the renames of concurrent
-    deliveries share one fsync of the folder (:class:`DirectorySync`)."""
+    """Writes each envelope atomically into a drop folder, through a writer process of its
+    own that takes the files of concurrent deliveries as one batch, with one fsync of the
+    folder (:class:`tcbridge.files.FolderWriter`)."""
 
-    def __init__(self, settings: FileHandlerSettings) -> None:
+    def __init__(self, settings: FileHandlerSettings,
+                 writer_argv: Sequence[str] | None = None) -> None:
         self.name = settings.name
         self._settings = settings
         _check_filename_template(settings.name, settings.filename)
@@ -191,32 +141,25 @@ class FileHandler:
         if removed:
             log.warning("handler.stale_temp_files_removed", handler=self.name, files=removed,
                         directory=str(settings.directory))
-        # Its own threads, at most one per delivery slot and one for the folder's fsync: a
-        # write hung on a dead disk neither blocks shutdown nor lets hung threads pile up.
-        self._pool = BlockingPool(f"tcbridge-file-{settings.name}", settings.concurrency + 1)
-        directory = settings.directory
-        self._directory_sync = DirectorySync(lambda: self._pool.run(
-            f"fsync {str(directory)!r}", lambda: fsync_directory(directory)))
+        self._writer = FolderWriter(settings.directory, name=settings.name,
+                                    hung_after_s=settings.timeout_s, argv=writer_argv)
 
     async def deliver(self, envelope: Mapping[str, Any], body: bytes, attempt: int) -> Outcome:
-        """Write ``body`` to ``directory/filename``; an OS error is retried."""
+        """Write ``body`` to ``directory/filename``; done only once the rename is durable,
+        an OS error is retried."""
         name = render_filename(self._settings.filename, envelope)
-        directory = self._settings.directory
         try:
             async with asyncio.timeout(self._settings.timeout_s):
-                # The thread cannot be stopped on timeout; it finishes (or hangs) on its own.
-                await self._pool.run(f"write {name!r} in {str(directory)!r}",
-                                     lambda: write_atomically(directory, name, body, False))
-                await self._directory_sync.sync()  # done only once the rename is durable
+                await self._writer.write(name, body)
         except TimeoutError:
             return _timeout_error(self._settings.timeout_s)
-        except (OSError, ValueError) as e:
-            return Outcome("retry", error=_short(f"cannot write {name!r}: {_describe(e)}"))
+        except WriteFailed as e:
+            return Outcome("retry", error=_short(str(e)))
         return DONE
 
     async def close(self) -> None:
-        """Stop the writer threads; a write still hung is abandoned (and logged)."""
-        await self._pool.close(FILE_CLOSE_TIMEOUT_S)
+        """End the writer process; a write still hung is abandoned (and logged)."""
+        await self._writer.close(FILE_CLOSE_TIMEOUT_S)
 
 
 def _check_filename_template(handler: str, template: str) -> None:
@@ -268,52 +211,6 @@ def _safe_value(value: object) -> str:
     # Leading dots would make ".", ".." or a hidden file that importers (and we) skip.
     text = _LEADING_DOTS.sub(lambda m: "_" * len(m.group()), text)
     return text or "_"
-
-
-def write_atomically(directory: Path, name: str, body: bytes, sync_directory: bool = True) -> None:
-    """Temp file (dot-prefixed) in the same directory, fsync, rename, fsync the directory
-    (``sync_directory=False``: the caller fsyncs it, once for many renames)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    temp = directory / f".{name}.{secrets.token_hex(_TEMP_RANDOM_HEX // 2)}.tmp"
-    # os.open honours the umask (unlike mkstemp's 0600), so importers can read the file.
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, directory / name)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    if sync_directory:
-        fsync_directory(directory)
-
-
-def remove_stale_temp_files(directory: Path) -> int:
-    """Delete the temp files of write_atomically that a crash left behind (only names of
-    that pattern: the folder is the importer's too); returns how many. Called when the
-    handler is built, before any delivery runs, so none of them is being written."""
-    removed = 0
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:  # missing or unreadable: each delivery will say so
-        return 0
-    for entry in entries:
-        if _TEMP_FILE.match(entry.name) and entry.is_file(follow_symlinks=False):
-            with contextlib.suppress(OSError):
-                os.unlink(entry.path)
-                removed += 1
-    return removed
-
-
-def fsync_directory(directory: Path) -> None:
-    """fsync a directory, so a rename in it is durable."""
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- command ----------------------------------------------------------------------------------
@@ -383,7 +280,7 @@ class CommandHandler:
             )
         except (OSError, ValueError) as e:
             # Retried, not dead: a deploy may install the program (or fix its mode) later.
-            return Outcome("retry", error=_short(f"cannot start {program!r}: {_describe(e)}"))
+            return Outcome("retry", error=_short(f"cannot start {program!r}: {describe(e)}"))
         return await self._supervise(proc, body)
 
     async def close(self) -> None:
@@ -505,10 +402,10 @@ class HttpHandler:
         except TimeoutError:
             return _timeout_error(timeout_s)
         except aiohttp.ClientError as e:
-            return Outcome("retry", error=self._redact(_describe(e)))
+            return Outcome("retry", error=self._redact(describe(e)))
         except Exception as e:  # aiohttp raises more than ClientError; never stop the dispatcher
             log.exception("handler.http_unexpected", handler=self.name)
-            return Outcome("retry", error=self._redact(_describe(e)))
+            return Outcome("retry", error=self._redact(describe(e)))
 
     async def close(self) -> None:
         """Nothing to release: the session belongs to the caller."""
@@ -619,7 +516,7 @@ class PythonHandler:
 
     def _error(self, error: BaseException) -> str:
         """The exception as kept text: a message may quote a secret (a connection string)."""
-        text = _describe(error)
+        text = describe(error)
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return _short(text)
@@ -640,7 +537,7 @@ def _load_callable(handler: str, spec: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # importing runs arbitrary code
-        raise ConfigError(f"{where}: cannot import {module_name!r}: {_describe(e)}") from e
+        raise ConfigError(f"{where}: cannot import {module_name!r}: {describe(e)}") from e
     target = getattr(module, attribute, None)
     if target is None:
         raise ConfigError(f"{where}: {module_name!r} has no attribute {attribute!r}")

@@ -37,7 +37,8 @@ from nats.aio.client import Client as NatsClient
 from yarl import URL
 
 from tcbridge.config import AmqpHandlerSettings, NatsHandlerSettings
-from tcbridge.handlers import DONE, Handler, Outcome, _describe, _short, _timeout_error
+from tcbridge.errors import describe
+from tcbridge.handlers import DONE, Handler, Outcome, _short, _timeout_error
 from tcbridge.templates import MAX_ROUTING_KEY_BYTES, render_template, routing_key_fits
 
 log = structlog.get_logger(__name__)
@@ -121,7 +122,7 @@ class AmqpHandler:
             return self._failed(self._not_found(e))
         except CONNECTION_EXCEPTIONS as e:
             await self._drop_channel(exchange)
-            return self._failed(f"cannot publish to {self._where}: {_describe(e)}")
+            return self._failed(f"cannot publish to {self._where}: {describe(e)}")
         return DONE
 
     async def close(self) -> None:
@@ -179,7 +180,7 @@ class AmqpHandler:
 
     def _not_found(self, error: ChannelNotFoundEntity) -> str:
         return (f"exchange {self._settings.exchange!r} not found on {self._where} "
-                f"({_describe(error)}); tcbridge never declares it: create it")
+                f"({describe(error)}); tcbridge never declares it: create it")
 
     def _failed(self, error: str) -> Outcome:
         for secret in self._secrets:
@@ -240,7 +241,7 @@ class NatsHandler:
         except (nats.errors.Error, OSError) as e:
             if self._client is not None and self._client.is_closed:
                 await self.close()  # the client gave up (e.g. refused credentials): start anew
-            return self._failed(f"cannot publish to {self._where}: {_describe(e)}")
+            return self._failed(f"cannot publish to {self._where}: {describe(e)}")
         if ack.stream != stream:  # the server checks it; this guards an old server
             return self._failed(f"stored by stream {ack.stream!r}, not {stream!r}")
         if ack.duplicate:
@@ -300,7 +301,7 @@ class NatsHandler:
         return options
 
     async def _on_error(self, error: Exception) -> None:
-        self._last_error = _describe(error)
+        self._last_error = describe(error)
         log.debug("handler.nats_error", handler=self.name, error=self._last_error)
 
     async def _on_disconnected(self) -> None:
@@ -313,7 +314,7 @@ class NatsHandler:
         if error.err_code == NATS_EXPECTED_STREAM_MISMATCH:
             return (f"subject {subject!r} belongs to another stream than "
                     f"{self._settings.stream!r}; fix subject or stream")
-        return f"JetStream refused the message: {_describe(error)}"
+        return f"JetStream refused the message: {describe(error)}"
 
     def _failed(self, error: str) -> Outcome:
         for secret in (self._settings.password, self._settings.token):

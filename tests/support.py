@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +44,12 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
         lines += [f"{k} = {toml_value(v)}" for k, v in handler.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def writer_argv(prelude: str) -> list[str]:
+    """The file handler's writer process (``python -m tcbridge.files``) with ``prelude``
+    run first: the way a test puts a fault into the child (a failing fsync, a hang, an
+    exit in the middle of a batch)."""
+    code = (f"import sys\n{prelude}\n"
+            "from tcbridge.files import main\nsys.exit(main(sys.argv[1:]))\n")
+    return [sys.executable, "-c", code]

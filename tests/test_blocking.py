@@ -1,11 +1,9 @@
-"""Blocking disk work on its own bounded pool with a deadline: a hung write neither blocks
-shutdown nor piles up threads; the file handler's durability order."""
+"""Blocking disk work with a deadline: a hung file write or store writer does not keep the
+daemon from ending."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import stat
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,12 +11,12 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from tcbridge import handlers
-from tcbridge.aio import BlockingPool
 from tcbridge.config import FileHandlerSettings
 from tcbridge.errors import StoreUnavailable
-from tcbridge.handlers import FileHandler, write_atomically
+from tcbridge.handlers import FileHandler
 from tcbridge.store import Store
+from tests.support import writer_argv
+from tests.test_files import HANG
 
 
 @pytest.fixture
@@ -29,49 +27,15 @@ def hang() -> Iterator[threading.Event]:
     gate.set()
 
 
-def pool_threads(name: str) -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith(name)]
-
-
-async def test_a_hung_call_is_abandoned_at_close_and_named(hang: threading.Event) -> None:
-    pool = BlockingPool("tcb-test-pool", 1)
-    with pytest.raises(TimeoutError):
-        async with asyncio.timeout(0.05):
-            await pool.run("write 'a.json'", hang.wait)
-    with pytest.raises(TimeoutError):  # queued behind the hung one: no second thread
-        async with asyncio.timeout(0.05):
-            await pool.run("write 'b.json'", lambda: None)
-    assert len(pool_threads("tcb-test-pool")) == 1
-    assert all(t.daemon for t in pool_threads("tcb-test-pool"))
-    with capture_logs() as logs:
-        left = await pool.close(0.05)
-    assert len(left) == 1 and left[0].startswith("write 'a.json' (for ")
-    (line,) = [e for e in logs if e["event"] == "blocking_work.abandoned"]
-    assert line["calls"] == left
-    with pytest.raises(RuntimeError, match="closed"):
-        await pool.run("late", lambda: None)
-
-
-async def test_results_and_errors_come_back() -> None:
-    pool = BlockingPool("tcb-test-ok", 2)
-    assert await pool.run("add", lambda: 1 + 1) == 2
-    with pytest.raises(ZeroDivisionError):
-        await pool.run("divide", lambda: 1 / 0)
-    assert await pool.close(1.0) == []
-
-
-def test_a_hung_file_write_does_not_block_the_loop_from_ending(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hang: threading.Event
-) -> None:
+def test_a_hung_file_write_does_not_block_the_loop_from_ending(tmp_path: Path) -> None:
     """asyncio.run waits for the default executor at its end: a write hung there (a dead
     NFS mount) kept the daemon from exiting after its shutdown."""
-    monkeypatch.setattr(handlers, "write_atomically", lambda *args: hang.wait())
-    settings = FileHandlerSettings(name="drop", type="file", directory=tmp_path, timeout_s=0.05)
+    settings = FileHandlerSettings(name="drop", type="file", directory=tmp_path, timeout_s=1.0)
     outcomes = []
 
     async def deliver_then_stop() -> None:
-        handler = FileHandler(settings)
-        outcomes.append(await handler.deliver({"id": "e1"}, b"{}", 1))
+        handler = FileHandler(settings, writer_argv(HANG))
+        outcomes.append(await handler.deliver({"id": "hang1"}, b"{}", 1))
         with capture_logs() as logs:
             await handler.close()
         outcomes.append([e["event"] for e in logs])
@@ -82,7 +46,7 @@ def test_a_hung_file_write_does_not_block_the_loop_from_ending(
     assert not runner.is_alive(), "the event loop could not finish: a hung write held it"
     timed_out, events = outcomes
     assert timed_out.status == "retry" and "timeout" in (timed_out.error or "")
-    assert events == ["blocking_work.abandoned"]
+    assert "files.writer_killed" in events
 
 
 async def test_store_close_abandons_a_hung_writer_after_its_deadline(
@@ -101,24 +65,3 @@ async def test_store_close_abandons_a_hung_writer_after_its_deadline(
     stuck.cancel()
     with pytest.raises(StoreUnavailable):  # closed, even though its thread is not done
         await store.run(lambda conn: None)
-
-
-def test_the_file_is_fsynced_then_renamed_then_the_directory_fsynced(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls: list[str] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        calls.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
-        real_fsync(fd)
-
-    def replace(src: Path, dst: Path) -> None:
-        calls.append("rename")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(handlers.os, "fsync", fsync)
-    monkeypatch.setattr(handlers.os, "replace", replace)
-    write_atomically(tmp_path, "e1.json", b"{}")
-    assert calls == ["fsync file", "rename", "fsync dir"]
-    assert (tmp_path / "e1.json").read_bytes() == b"{}"

@@ -29,11 +29,13 @@ from tcbridge.dispatch import (
 )
 from tcbridge.envelope import parse_order_webhook, parse_snapshot
 from tcbridge.errors import StoreUnavailable, describe
-from tcbridge.handlers import Outcome, build_handler
+from tcbridge.handlers import FileHandler, Outcome, build_handler
 from tcbridge.metrics import Metrics
 from tcbridge.store import Finished, Store
 from tests.backends import query
 from tests.conftest import order_event_body, order_obj, until
+from tests.support import writer_argv
+from tests.test_files import FAILING_DIRECTORY_FSYNC, RECORD_BATCHES
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 import tcb_dispatch_target as target
@@ -1132,29 +1134,23 @@ async def test_a_batch_the_store_refuses_is_written_row_by_row(store: Store) -> 
     assert any(e["event"] == "dispatch.record_batch_refused" for e in logs)
 
 
-async def test_a_failed_coalesced_directory_fsync_retries_every_delivery_of_its_round(
+async def test_a_failed_directory_fsync_retries_every_delivery_of_its_batch(
     rig: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import tcbridge.handlers as handlers
-
-    calls: list[Path] = []
-
-    def failing_fsync(directory: Path) -> None:
-        calls.append(directory)
-        deadline = time.monotonic() + 5  # the first round lasts until all three renamed
-        while len(list(directory.glob("*.json"))) < 3 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        raise OSError(5, "Input/output error")
-
+    batches = tmp_path / "batches"
+    monkeypatch.setenv("TCB_BATCHES", str(batches))
     settings = FileHandlerSettings(name="drop", type="file", directory=tmp_path / "drop",
                                    concurrency=3, retry_initial_s=60, retry_max_s=60)
     store, dispatcher = await rig(settings)
+    (lane,) = dispatcher.lanes
+    await lane.handler.close()
+    lane.handler = FileHandler(settings, writer_argv(RECORD_BATCHES + FAILING_DIRECTORY_FSYNC))
     for entity in ("o1", "o2", "o3"):
         await ingest(store, entity, "2024-05-01T00:00:00Z")
-    monkeypatch.setattr(handlers, "fsync_directory", failing_fsync)
     with capture_logs():
         assert await dispatcher.run_once() == 3
+    await lane.handler.close()
     assert await statuses(store) == [("drop", e, "pending", 1) for e in ("o1", "o2", "o3")]
-    assert len(calls) <= 2  # the renames made during the first fsync share the second
+    assert batches.read_text().split() == ["3"]  # the three deliveries shared one batch
     errors = [e for (e,) in await query(store, "SELECT error FROM delivery_attempts")]
     assert len(errors) == 3 and all("Input/output error" in e for e in errors)

@@ -34,11 +34,14 @@ from tcbridge.config import (
 from tcbridge.errors import ConfigError
 from tcbridge.filters import skip_reason
 from tcbridge.handlers import (
+    FileHandler,
     Outcome,
     OutcomeStatus,
     build_handler,
     parse_retry_after,
 )
+from tests.support import writer_argv
+from tests.test_files import FAILING_DIRECTORY_FSYNC, RECORD_BATCHES
 
 HELPERS = Path(__file__).parent / "helpers"
 EVENT_ID = "0123456789abcdef0123456789abcdef"
@@ -241,23 +244,16 @@ async def test_file_write_failure_leaves_no_temp_file(
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{EVENT_ID}.json"]
 
 
-async def test_file_timeout_is_retried(
-    tmp_path: Path, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real_fsync = os.fsync
-
-    def slow_fsync(fd: int) -> None:  # a stalled disk or NFS server
-        time.sleep(0.5)
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", slow_fsync)
-    settings = FileHandlerSettings(name="f", type="file", directory=tmp_path, timeout_s=0.1)
-    handler = build_handler(settings, session)
+async def test_file_timeout_is_retried(tmp_path: Path) -> None:
+    slow_fsync = ("import os, time\nreal = os.fsync\n"  # a stalled disk or NFS server
+                  "os.fsync = lambda fd: (time.sleep(3), real(fd))[1]\n")
+    settings = FileHandlerSettings(name="f", type="file", directory=tmp_path, timeout_s=1.0)
+    handler = FileHandler(settings, writer_argv(slow_fsync))
     started = time.monotonic()
     envelope = make_envelope()
     outcome = await handler.deliver(envelope, encode(envelope), 1)
-    assert outcome == Outcome("retry", error="timeout after 0.1 s")
-    assert time.monotonic() - started < 0.45
+    assert outcome == Outcome("retry", error="timeout after 1 s")
+    assert time.monotonic() - started < 2.5
     await handler.close()  # gives the write still running a moment (tests/test_blocking.py)
 
 
@@ -789,78 +785,31 @@ def test_python_bad_callable_is_a_config_error(
         build_handler(settings, session)
 
 
-# -- one directory fsync for many renames -------------------------------------------------------
+# -- one writer process, one batch for concurrent deliveries ----------------------------------
 
 
-class CountedFsync:
-    """A directory fsync whose first round waits for ``gate``; counts the rounds."""
-
-    def __init__(self, fail: bool = False) -> None:
-        self.rounds = 0
-        self.gate = asyncio.Event()
-        self.fail = fail
-
-    async def __call__(self) -> None:
-        self.rounds += 1
-        if self.rounds == 1:
-            await self.gate.wait()
-        if self.fail:
-            raise OSError(5, "Input/output error")
-
-
-async def test_callers_during_a_directory_fsync_share_the_next_one() -> None:
-    fsync = CountedFsync()
-    sync = handlers.DirectorySync(fsync)
-    first = asyncio.create_task(sync.sync())
-    await asyncio.sleep(0)  # the first round has begun: later renames are not covered by it
-    later = [asyncio.create_task(sync.sync()) for _ in range(4)]
-    await asyncio.sleep(0.01)
-    assert not any(t.done() for t in [first, *later])
-    fsync.gate.set()
-    await asyncio.gather(first, *later)
-    assert fsync.rounds == 2  # five renames, two fsyncs
-    await sync.sync()
-    assert fsync.rounds == 3  # a rename after the rounds ended gets its own
-
-
-async def test_a_failed_directory_fsync_fails_every_caller_of_its_round() -> None:
-    fsync = CountedFsync(fail=True)
-    sync = handlers.DirectorySync(fsync)
-    callers = [asyncio.create_task(sync.sync()) for _ in range(3)]
-    await asyncio.sleep(0)
-    fsync.gate.set()
-    results = await asyncio.gather(*callers, return_exceptions=True)
-    assert all(isinstance(r, OSError) for r in results)
-    assert fsync.rounds == 1
-
-
-async def test_a_caller_that_gives_up_does_not_cancel_the_round_of_the_others() -> None:
-    fsync = CountedFsync()
-    sync = handlers.DirectorySync(fsync)
-    impatient = asyncio.create_task(sync.sync())
-    patient = asyncio.create_task(sync.sync())
-    await asyncio.sleep(0)
-    impatient.cancel()
-    await asyncio.sleep(0)
-    fsync.gate.set()
-    await patient
-    assert impatient.cancelled() and fsync.rounds == 1
-
-
-async def test_concurrent_file_deliveries_are_all_in_place_after_their_fsyncs(
+async def test_concurrent_file_deliveries_share_one_batch_of_the_writer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    synced: list[set[str]] = []
-
-    def fsync_directory(directory: Path) -> None:
-        synced.append({p.name for p in directory.iterdir()})
-
-    monkeypatch.setattr(handlers, "fsync_directory", fsync_directory)
-    handler = handlers.FileHandler(FileHandlerSettings(
-        name="drop", type="file", directory=tmp_path, concurrency=8, filename="{id}.json"))
-    outcomes = await asyncio.gather(*(handler.deliver({"id": f"e{i}"}, b"{}", 1)
+    batches = tmp_path / "batches"
+    monkeypatch.setenv("TCB_BATCHES", str(batches))
+    settings = FileHandlerSettings(name="drop", type="file", directory=tmp_path / "drop",
+                                   concurrency=8, filename="{id}.json")
+    handler = FileHandler(settings, writer_argv(RECORD_BATCHES))
+    outcomes = await asyncio.gather(*(handler.deliver({"id": f"e{i}"}, f"{i}".encode(), 1)
                                       for i in range(8)))
     await handler.close()
     assert [o.status for o in outcomes] == ["done"] * 8
-    assert 1 <= len(synced) <= 8
-    assert synced[-1] == {f"e{i}.json" for i in range(8)}  # every rename before the last fsync
+    assert batches.read_text().split() == ["8"]
+    assert {p.name: p.read_text() for p in (tmp_path / "drop").iterdir()} == {
+        f"e{i}.json": str(i) for i in range(8)}
+
+
+async def test_a_writer_that_fails_is_a_retry_with_its_reason(tmp_path: Path) -> None:
+    settings = FileHandlerSettings(name="drop", type="file", directory=tmp_path)
+    handler = FileHandler(settings, writer_argv(FAILING_DIRECTORY_FSYNC))
+    outcome = await handler.deliver({"id": "e1"}, b"{}", 1)
+    await handler.close()
+    assert outcome.status == "retry"
+    assert outcome.error == (f"cannot fsync the folder {str(tmp_path)!r}: "
+                             "OSError: [Errno 5] Input/output error")
