@@ -34,11 +34,10 @@ from bench.load import tool_name
 from bench.suite import (
     BENCHMARKS,
     FULL,
+    PROFILES,
     SMOKE,
     Context,
     Row,
-    profile_backfill,
-    profile_ingest,
 )
 
 README = BENCH / "README.md"
@@ -68,18 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(rows)
     print("\n" + table)
     print(f"\n{len(rows)} rows in {elapsed:.0f} s; {len(failures)} benchmark(s) failed")
-    if ctx.profile_text:
-        print("\nprofile of the daemon under load 1 (py-spy):\n" + ctx.profile_text)
-    if ctx.profile_backfill_text:
-        print("\nprofile of the daemon during an unpaced backfill (py-spy):\n"
-              + ctx.profile_backfill_text)
+    for title, text in ctx.profiles.items():
+        print(f"\nprofile of the daemon {title} (py-spy):\n{text}")
     results = {"when": stamp, "smoke": args.smoke, "load_tool": tool, "machine": machine,
                "elapsed_s": round(elapsed), "failures": failures,
                "rows": [_row_dict(r) for r in rows]}
     (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str))
     if args.write_readme and not args.smoke and not failures and not args.only:
-        write_readme(table, machine, tool, stamp, elapsed, ctx.profile_text,
-                     ctx.profile_backfill_text)
+        write_readme(table, machine, tool, stamp, elapsed, ctx.profiles)
         print(f"figures written to {README.relative_to(ROOT)}")
     if not args.keep:
         _clean(workdir)
@@ -94,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", help="comma-separated: " + ",".join(BENCHMARKS))
     parser.add_argument("--profile", action="store_true",
                         help="also profile the daemon with py-spy under the ingest load"
-                             " (and during a backfill, when that benchmark runs)")
+                             " (and under rows 3 and 4c's loads, when e2e or backfill runs)")
     parser.add_argument("--python-load", action="store_true",
                         help="use the aiohttp load client even if wrk is installed")
     parser.add_argument("--write-readme", action="store_true",
@@ -134,13 +129,14 @@ def _run_all(ctx: Context, names: list[str]) -> tuple[list[Row], list[str], floa
         print(f"   ({time.monotonic() - t0:.0f} s)", flush=True)
     if ctx.profile:
         print("-- profile ...", flush=True)
-        try:
-            ctx.profile_text = profile_ingest(ctx)
-            if "backfill" in names:
-                ctx.profile_backfill_text = profile_backfill(ctx)
-        except Exception as e:
-            traceback.print_exc()
-            failures.append(f"profile: {type(e).__name__}: {e}")
+        for name, (title, take) in PROFILES.items():
+            if name != "ingest" and name not in names:
+                continue
+            try:
+                ctx.profiles[title] = take(ctx)
+            except Exception as e:
+                traceback.print_exc()
+                failures.append(f"profile {name}: {type(e).__name__}: {e}")
     return rows, failures, started
 
 
@@ -253,19 +249,16 @@ def _fsync_ms(directory: Path) -> str:
 
 
 def write_readme(table: str, machine: dict[str, str], tool: str, stamp: str, elapsed: float,
-                 profile_text: str, profile_backfill_text: str = "") -> None:
+                 profiles: dict[str, str]) -> None:
     """Replace the figures section of bench/README.md."""
     rows_md = table_to_markdown(table)
     lines = [START, "", f"Measured {stamp} by `make bench` ({elapsed / 60:.1f} min), "
              f"load from **{'wrk' if tool == 'wrk' else 'the aiohttp client (no wrk)'}**.", "",
              "Machine: " + "; ".join(f"{k} {v}" for k, v in machine.items()) + ".", "",
              rows_md, ""]
-    if profile_text:
-        lines += ["Top of the py-spy profile of the daemon under load 1:", "", "```",
-                  *profile_text.splitlines()[:40], "```", ""]
-    if profile_backfill_text:
-        lines += ["Top of the py-spy profile of the daemon during an unpaced backfill (4c):", "",
-                  "```", *profile_backfill_text.splitlines()[:40], "```", ""]
+    for title, text in profiles.items():
+        lines += [f"Top of the py-spy profile of the daemon {title}:", "", "```",
+                  *text.splitlines()[:40], "```", ""]
     lines.append(END)
     text = README.read_text(encoding="utf-8")
     if START in text and END in text:

@@ -105,8 +105,7 @@ class Context:
     prefix_counter: int = 0
     notes: list[str] = field(default_factory=list)
     ingest_best: LoadResult | None = None
-    profile_text: str = ""
-    profile_backfill_text: str = ""
+    profiles: dict[str, str] = field(default_factory=dict)  # "while ..." -> py-spy summary
 
     def prefix(self) -> str:
         """A fresh 8-hex prefix, so no two loads ever send the same order id."""
@@ -752,6 +751,14 @@ def startup(ctx: Context) -> Row:
 # -- profile -----------------------------------------------------------------------------------
 
 
+def _summary(ctx: Context, name: str, recorded: Path | None) -> str:
+    if recorded is None:
+        return "py-spy not available: no profile"
+    text = profile.summarise(recorded, top=12)
+    (ctx.workdir / f"profile-{name}-summary.txt").write_text(text + "\n")
+    return text
+
+
 def profile_ingest(ctx: Context) -> str:
     """py-spy on the daemon under the ingest load (not a measured run)."""
     s = ctx.scale
@@ -764,11 +771,28 @@ def profile_ingest(ctx: Context) -> str:
         time.sleep(1)
         recorded = profile.record(daemon.pid, s.profile_s, out)
         thread.join()
-    if recorded is None:
-        return "py-spy not available: no profile"
-    text = profile.summarise(recorded, top=12)
-    (ctx.workdir / "profile-ingest-summary.txt").write_text(text + "\n")
-    return f"(while profiled: {result['load'].rps:,.0f} req/s)\n{text}"
+    text = _summary(ctx, "ingest", recorded)
+    return f"(while profiled: {result['load'].rps:,.0f} req/s)\n{text}" if recorded else text
+
+
+def profile_end_to_end(ctx: Context) -> str:
+    """py-spy on the daemon under row 3's fixed-rate load into the file handler (not a
+    measured run): what ingest and delivery cost together."""
+    s = ctx.scale
+    out = ctx.workdir / "profile-e2e.txt"
+    drop = ctx.workdir / "drop-profile"
+    shutil.rmtree(drop, ignore_errors=True)
+    handler = {"name": "erp-drop", "type": "file", "directory": str(drop)}
+    with _fresh_daemon(ctx, "profile-e2e", {"handlers": [handler]}).start_and_wait() as daemon:
+        thread = threading.Thread(target=lambda: fixed_rate(
+            f"{daemon.url}/webhook/order", ctx.templates_path, ctx.prefix(),
+            rate_per_s=s.e2e_rate, duration_s=s.profile_s + 3))
+        thread.start()
+        time.sleep(2)  # past the start, into the steady state
+        recorded = profile.record(daemon.pid, s.profile_s, out)
+        thread.join()
+    shutil.rmtree(drop, ignore_errors=True)
+    return _summary(ctx, "e2e", recorded)
 
 
 def profile_backfill(ctx: Context) -> str:
@@ -786,11 +810,15 @@ def profile_backfill(ctx: Context) -> str:
             daemon.wait_log("poll.started", timeout_s=120)
             recorded = profile.record(daemon.pid, s.profile_s, out)
             daemon.wait_log("poll.done", timeout_s=900)
-    if recorded is None:
-        return "py-spy not available: no profile"
-    text = profile.summarise(recorded, top=12)
-    (ctx.workdir / "profile-backfill-summary.txt").write_text(text + "\n")
-    return text
+    return _summary(ctx, "backfill", recorded)
+
+
+# benchmark -> (title, profile) taken under --profile when that benchmark ran; ingest always
+PROFILES: dict[str, tuple[str, Callable[[Context], str]]] = {
+    "ingest": ("under load 1", profile_ingest),
+    "e2e": ("at 1,000 events/s into the file handler (3)", profile_end_to_end),
+    "backfill": ("during an unpaced backfill (4c)", profile_backfill),
+}
 
 
 BENCHMARKS: dict[str, Callable[[Context], Row | list[Row]]] = {
