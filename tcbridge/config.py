@@ -235,6 +235,7 @@ def _filled(secret: SecretStr | None) -> bool:
 
 
 MIN_BEARER_TOKEN_CHARS = 32
+FILE_CONCURRENCY = 32  # a file handler's default; every other handler's is 4
 # Advice, not a secret (ruff's S105 reads the name).
 MAKE_SECRET_HINT = (
     "make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"  # noqa: S105
@@ -451,6 +452,9 @@ class FileHandlerSettings(_DocumentsOptions):
     type: Literal["file"]
     directory: Path
     filename: str = "{id}.json"
+    # Files in one batch of the handler's writer process (one claim, one fsync of the
+    # folder): cheap slots, unlike an HTTP or command handler's parallel calls.
+    concurrency: int = Field(default=FILE_CONCURRENCY, ge=1, le=256)
 
 
 class CommandHandlerSettings(_DocumentsOptions):

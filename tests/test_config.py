@@ -168,6 +168,15 @@ def test_duplicate_handler_names(tmp_path: Path) -> None:
         load_settings(write(tmp_path, MINIMAL + handler + handler))
 
 
+def test_a_file_handler_has_more_slots_by_default_than_the_others(tmp_path: Path) -> None:
+    handlers = ('[[handlers]]\nname = "drop"\ntype = "file"\ndirectory = "out"\n'
+                '[[handlers]]\nname = "small"\ntype = "file"\ndirectory = "o2"\n'
+                'concurrency = 2\n'
+                '[[handlers]]\nname = "cmd"\ntype = "command"\ncommand = ["true"]\n')
+    settings = load_settings(write(tmp_path, MINIMAL + handlers))
+    assert [h.concurrency for h in settings.handlers] == [32, 2, 4]
+
+
 def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(write(tmp_path, "mode = "))
