@@ -1268,9 +1268,14 @@ _CLAIM_SQL = (
     " WHERE d.handler = $1 AND ((d.status = 'pending' AND d.next_attempt_at <= $2)"
     # a running delivery whose lease ran out: its replica died or was cut off
     "   OR (d.status = 'running' AND (d.claimed_until IS NULL OR d.claimed_until < $2)))"
-    # in order per entity: an earlier open delivery of the same entity blocks this one
-    " AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.handler = d.handler"
-    "   AND p.entity_id = d.entity_id AND p.id < d.id AND p.status IN ('pending', 'running'))"
+    # in order per entity: only the entity's oldest open delivery (its head) is claimable.
+    # Asked as a probe of deliveries_open per row, not as NOT EXISTS: before the table's
+    # first ANALYZE (a new database filling with a backlog) the planner makes NOT EXISTS a
+    # nested loop that walks every open delivery for each one (a claim of 9,000 took 50-77
+    # s, the writer held up behind it); a LIMIT subquery stays the index probe.
+    " AND d.id = (SELECT p.id FROM deliveries p WHERE p.handler = d.handler"
+    "   AND p.entity_id = d.entity_id AND p.status IN ('pending', 'running')"
+    "   ORDER BY p.id LIMIT 1)"
     " ORDER BY d.id LIMIT $3 FOR UPDATE OF d SKIP LOCKED)"
     " UPDATE deliveries d SET status = 'running', claimed_until = $4, claimed_by = $5,"
     # the attempt cut off by the lost lease counts
