@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import socket
@@ -38,11 +39,12 @@ import asyncpg
 import structlog
 
 from tcbridge.config import StoreSettings, redact_dsn
-from tcbridge.envelope import Candidate, changed_lines, envelope_dict
+from tcbridge.envelope import Candidate, sibling_version_key
+from tcbridge.envelope import event_id as make_event_id
 from tcbridge.errors import StoreError, StoreUnavailable, UnknownName
 from tcbridge.store import coordination, rules
 from tcbridge.store.base import Route
-from tcbridge.store.rules import cutoff_iso, envelope_json
+from tcbridge.store.rules import cutoff_iso
 from tcbridge.store.sqlite import REDACTED_HEADERS
 from tcbridge.store.types import (
     Claim,
@@ -441,10 +443,7 @@ class Store:
 
     async def ingest(self, candidate: Candidate) -> IngestResult:
         """Store one candidate as an event, a duplicate or a stale sighting, durably."""
-        received_at = utc_now_iso()
-        return await self.run(Locked(
-            (entity_key(candidate.kind, candidate.entity_id),),
-            lambda conn: ingest_one(conn, candidate, received_at, self._route, locked=True)))
+        return await self.run(IngestOp(candidate, utc_now_iso(), self._route))
 
     async def ingest_page(
         self,
@@ -464,9 +463,8 @@ class Store:
         async def op(conn: Conn) -> list[IngestResult]:
             if fence is not None:
                 await coordination.check_fence(conn, fence)
-            results = [await ingest_one(conn, c, received_at, self._route,
-                                        recovered=recovered, locked=True)
-                       for c in candidates]
+            results = await ingest_many(conn, [
+                IngestOp(c, received_at, self._route, recovered=recovered) for c in candidates])
             for rejected in rejects:
                 await self._keep_rejected(conn, rejected, received_at)
             if cursor is not None:
@@ -774,12 +772,27 @@ async def run_batch(conn: Conn, batch: Sequence[tuple[Op, asyncio.Future[Any]]])
         return _fail_all(batch, StoreUnavailable(f"cannot begin a transaction: {e}"))
     try:
         await lock_keys(conn, sorted({k for op, _ in batch for k in _keys(op)}))
-        outcomes: list[Outcome] = [(future, await op(conn), None) for op, future in batch]
+        outcomes = await _run_ops(conn, batch)
     except Exception as e:
         if not await _rolled_back(transaction):
             return _fail_all(batch, StoreUnavailable(f"store transaction failed: {e}"))
         return await _run_batch_guarded(conn, batch)
     return await _commit(transaction, batch, outcomes)
+
+
+async def _run_ops(conn: Conn, batch: Sequence[tuple[Op, asyncio.Future[Any]]]) -> list[Outcome]:
+    """Run the batch's operations in order; neighbouring ingests are written together."""
+    outcomes: list[Outcome] = []
+    for is_ingest, group in itertools.groupby(batch, key=lambda item: isinstance(
+            item[0], IngestOp)):
+        items = list(group)
+        if is_ingest and len(items) > 1:
+            results = await ingest_many(conn, [op for op, _ in items])  # type: ignore[misc]
+            outcomes.extend((future, result, None)
+                            for (_, future), result in zip(items, results, strict=True))
+        else:
+            outcomes.extend([(future, await op(conn), None) for op, future in items])
+    return outcomes
 
 
 async def _run_batch_guarded(
@@ -874,7 +887,7 @@ async def migrate(conn: Conn) -> int:
 
 
 def _keys(op: Op) -> tuple[str, ...]:
-    return op.keys if isinstance(op, Locked) else ()
+    return op.keys if isinstance(op, Locked | IngestOp) else ()
 
 
 async def lock_keys(conn: Conn, keys: Sequence[str]) -> None:
@@ -894,31 +907,23 @@ async def lock_entity(conn: Conn, kind: str, entity_id: str) -> None:
     await lock_keys(conn, [entity_key(kind, entity_id)])
 
 
-_LOOKUP_SQL = (
-    # the stored event with the candidate's id (if any) and the entity's newest instant
-    "SELECT e.source, e.envelope, n.newest_us FROM (SELECT 1) AS one"
-    " LEFT JOIN events e ON e.id = $1"
-    " LEFT JOIN entities n ON n.kind = $2 AND n.entity_id = $3"
-)
+class IngestOp:
+    """One candidate to ingest, as a queued operation with its entity's lock. Called alone
+    (and in the savepoint fallback) it is a batch of one; neighbours in a group commit are
+    written together by :func:`ingest_many`, with the same answers."""
 
-# The event, the entity's newest instant and the outbox rows in one statement (one round
-# trip): nothing of it is written when the event id is taken already (ON CONFLICT).
-_STORE_SQL = (
-    "WITH ev AS (INSERT INTO events (id, kind, entity_id, version_key, last_updated_at,"
-    "  instant_us, event_name, source, received_at, late, envelope, recovered)"
-    "  VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)"
-    "  ON CONFLICT (id) DO NOTHING RETURNING seq),"
-    " ent AS (INSERT INTO entities (kind, entity_id, newest_us, newest_last_updated_at)"
-    "  SELECT $2, $3, $6, $5 FROM ev WHERE $13::boolean"
-    # the newest instant only ever moves forward, even if the entity lock were bypassed
-    "  ON CONFLICT (kind, entity_id) DO UPDATE SET newest_us = excluded.newest_us,"
-    "  newest_last_updated_at = excluded.newest_last_updated_at"
-    "  WHERE entities.newest_us <= excluded.newest_us),"
-    " dl AS (INSERT INTO deliveries (event_seq, event_id, handler, entity_id,"
-    "  next_attempt_at, created_at, replay)"
-    "  SELECT ev.seq, $1, h.name, $3, $14, $9, 0 FROM ev, unnest($15::text[]) AS h (name))"
-    " SELECT seq FROM ev"
-)
+    __slots__ = ("candidate", "keys", "received_at", "recovered", "route")
+
+    def __init__(self, candidate: Candidate, received_at: str, route: Route, *,
+                 recovered: bool = False) -> None:
+        self.candidate = candidate
+        self.keys = (entity_key(candidate.kind, candidate.entity_id),)
+        self.received_at = received_at
+        self.route = route
+        self.recovered = recovered
+
+    async def __call__(self, conn: Conn) -> IngestResult:
+        return (await ingest_many(conn, [self]))[0]
 
 
 async def ingest_one(
@@ -930,45 +935,113 @@ async def ingest_one(
     recovered: bool = False,
     locked: bool = False,
 ) -> IngestResult:
-    """The dedup rules (tcbridge.store.rules), inside the caller's transaction: lock the
-    entity (a statement before the look-up, so the look-up's snapshot sees what another
-    replica committed before we got the lock; ``locked``: the batch took it), look up,
-    decide, write."""
+    """The dedup rules inside the caller's transaction: a batch of one. ``locked``: the
+    batch took the entity's lock already."""
     if not locked:
         await lock_entity(conn, candidate.kind, candidate.entity_id)
-    event_id, sibling = candidate.event_id, None
-    stored = await conn.fetchrow(_LOOKUP_SQL, event_id, candidate.kind, candidate.entity_id)
-    assert stored is not None  # the LEFT JOIN on one row always gives one row
-    if stored[0] is not None:
-        sibling = rules.sibling_id(candidate, stored[0], stored[1])
-        if sibling is None or await conn.fetchval(
-                "SELECT 1 FROM events WHERE id = $1", sibling):
-            duplicate_of = sibling or event_id
-            await _sighting(conn, candidate, duplicate_of, "duplicate", received_at)
-            return IngestResult("duplicate", duplicate_of)
-        event_id = sibling
-    newest = None if stored[2] is None else int(stored[2])
-    late = rules.is_late(candidate, newest)
-    if rules.is_stale(candidate, late):
-        await _sighting(conn, candidate, None, "stale", received_at)
-        return IngestResult("stale", event_id)
-    envelope = envelope_dict(
-        event_id=event_id, candidate=candidate, received_at=received_at,
-        changed_line_ids=changed_lines(candidate, newest), late=late,
-        sibling=sibling is not None,
-    )
-    routes = list(route(envelope))
-    seq = await conn.fetchval(
-        _STORE_SQL, envelope["id"], candidate.kind, candidate.entity_id, candidate.version_key,
-        candidate.last_updated_at, candidate.instant_us, candidate.event_name,
-        candidate.source, received_at, int(late),
-        envelope_json(envelope, candidate.payload_text), int(recovered),
-        rules.moves_newest(candidate, late), time.time(), routes)
-    if seq is None:  # stored meanwhile under the unique key: the other one is the event
-        await _sighting(conn, candidate, event_id, "duplicate", received_at)
-        return IngestResult("duplicate", event_id)
-    return IngestResult("stored", event_id, late=late, deliveries=len(routes),
-                        recovered=recovered)
+    return (await ingest_many(conn, [IngestOp(candidate, received_at, route,
+                                              recovered=recovered)]))[0]
+
+
+# The batch's event ids, their sibling ids and entities, in one round trip: the stored
+# event (if any), whether the sibling id is taken, the entity's newest instant. Run after
+# the batch's entity locks, so it sees what other replicas committed before.
+_LOOKUP_SQL = (
+    "SELECT u.i, e.source, e.envelope, e.id IS NOT NULL, s.id IS NOT NULL, n.newest_us"
+    " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])"
+    "  WITH ORDINALITY AS u (id, sibling, kind, entity_id, i)"
+    " LEFT JOIN events e ON e.id = u.id"
+    " LEFT JOIN events s ON s.id = u.sibling"
+    " LEFT JOIN entities n ON n.kind = u.kind AND n.entity_id = u.entity_id"
+    " WHERE e.id IS NOT NULL OR s.id IS NOT NULL OR n.newest_us IS NOT NULL"
+)
+
+# Everything the batch decided in one statement (one round trip): the events in order,
+# the entities' newest instants, the outbox rows (joined to the new events' seq) and the
+# sightings. The count of events written comes back: fewer than decided means an id was
+# taken meanwhile (only a writer without the entity lock could do that), and the batch
+# is rolled back and runs op by op.
+_WRITE_SQL = (
+    "WITH ev AS (INSERT INTO events (id, kind, entity_id, version_key, last_updated_at,"
+    "  instant_us, event_name, source, received_at, late, envelope, recovered)"
+    "  SELECT id, kind, entity_id, version_key, last_updated_at, instant_us, event_name,"
+    "   source, received_at, late, envelope, recovered FROM unnest($1::text[], $2::text[],"
+    "   $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[], $8::text[], $9::text[],"
+    "   $10::int[], $11::text[], $12::int[]) WITH ORDINALITY AS r (id, kind, entity_id,"
+    "   version_key, last_updated_at, instant_us, event_name, source, received_at, late,"
+    "   envelope, recovered, i) ORDER BY i"
+    "  ON CONFLICT (id) DO NOTHING RETURNING id, seq, entity_id),"
+    " ent AS (INSERT INTO entities (kind, entity_id, newest_us, newest_last_updated_at)"
+    "  SELECT * FROM unnest($13::text[], $14::text[], $15::bigint[], $16::text[])"
+    # the newest instant only ever moves forward, even if the entity lock were bypassed
+    "  ON CONFLICT (kind, entity_id) DO UPDATE SET newest_us = excluded.newest_us,"
+    "  newest_last_updated_at = excluded.newest_last_updated_at"
+    "  WHERE entities.newest_us <= excluded.newest_us),"
+    " dl AS (INSERT INTO deliveries (event_seq, event_id, handler, entity_id,"
+    "  next_attempt_at, created_at, replay)"
+    "  SELECT ev.seq, ev.id, d.handler, ev.entity_id, $17, d.created_at, 0"
+    "  FROM unnest($18::text[], $19::text[], $20::text[]) WITH ORDINALITY"
+    "   AS d (event_id, handler, created_at, i) JOIN ev ON ev.id = d.event_id ORDER BY d.i),"
+    " si AS (INSERT INTO sightings (event_id, kind, entity_id, last_updated_at, source,"
+    "  reason, received_at) SELECT event_id, kind, entity_id, last_updated_at, source,"
+    "  reason, received_at FROM unnest($21::text[], $22::text[], $23::text[], $24::text[],"
+    "   $25::text[], $26::text[], $27::text[]) WITH ORDINALITY AS g (event_id, kind,"
+    "   entity_id, last_updated_at, source, reason, received_at, i) ORDER BY i)"
+    " SELECT count(*) FROM ev"
+)
+
+
+async def ingest_many(conn: Conn, ops: Sequence[IngestOp]) -> list[IngestResult]:
+    """Ingest candidates as one by one would (rules.decide against the batch's own view:
+    the same answers, the same rows in the same order), in two statements: one look-up,
+    one write. The caller holds the batch's entity locks."""
+    if not ops:
+        return []
+    view, taken = await _look_up(conn, ops)
+    sightings: list[list[str | None]] = []
+
+    def sighting(candidate: Candidate, event_id: str | None, reason: str,
+                 received_at: str) -> None:
+        sightings.append([event_id, candidate.kind, candidate.entity_id,
+                          candidate.last_updated_at, candidate.source, reason, received_at])
+
+    results = [rules.decide(op.candidate, op.received_at, op.route, view,
+                            exists=taken.__contains__, sighting=sighting,
+                            recovered=op.recovered) for op in ops]
+    written = await conn.fetchval(_WRITE_SQL, *_columns(view.events, 12),
+                                  *_columns(list(view.entities.values()), 4), time.time(),
+                                  *_columns(view.deliveries, 3), *_columns(sightings, 7))
+    if written != len(view.events):
+        raise StoreUnavailable("an event id was taken by another writer meanwhile; retry")
+    return results
+
+
+async def _look_up(conn: Conn, ops: Sequence[IngestOp]) -> tuple[rules.BatchView, set[str]]:
+    """The batch's view of the database: stored events by id, the entities' newest
+    instants, and which sibling ids are taken."""
+    candidates = [op.candidate for op in ops]
+    ids = [c.event_id for c in candidates]
+    siblings = [make_event_id(c.kind, c.entity_id, sibling_version_key(c)) for c in candidates]
+    rows = {row[0] - 1: row for row in await conn.fetch(
+        _LOOKUP_SQL, ids, siblings, [c.kind for c in candidates],
+        [c.entity_id for c in candidates])}
+    view, taken = rules.BatchView(), set()
+    for k, c in enumerate(candidates):
+        row = rows.get(k)
+        if row is not None and row[3]:
+            view.stored.setdefault(ids[k], (row[1], row[2]))
+        if row is not None and row[4]:
+            taken.add(siblings[k])
+        newest = None if row is None or row[5] is None else int(row[5])
+        view.newest.setdefault((c.kind, c.entity_id), newest)
+    return view, taken
+
+
+def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    """Rows as ``width`` column lists (unnest's arrays)."""
+    if not rows:
+        return [[] for _ in range(width)]
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 async def _sighting(
@@ -1195,9 +1268,14 @@ _CLAIM_SQL = (
     " WHERE d.handler = $1 AND ((d.status = 'pending' AND d.next_attempt_at <= $2)"
     # a running delivery whose lease ran out: its replica died or was cut off
     "   OR (d.status = 'running' AND (d.claimed_until IS NULL OR d.claimed_until < $2)))"
-    # in order per entity: an earlier open delivery of the same entity blocks this one
-    " AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.handler = d.handler"
-    "   AND p.entity_id = d.entity_id AND p.id < d.id AND p.status IN ('pending', 'running'))"
+    # in order per entity: only the entity's oldest open delivery (its head) is claimable.
+    # Asked as a probe of deliveries_open per row, not as NOT EXISTS: before the table's
+    # first ANALYZE (a new database filling with a backlog) the planner makes NOT EXISTS a
+    # nested loop that walks every open delivery for each one (a claim of 9,000 took 50-77
+    # s, the writer held up behind it); a LIMIT subquery stays the index probe.
+    " AND d.id = (SELECT p.id FROM deliveries p WHERE p.handler = d.handler"
+    "   AND p.entity_id = d.entity_id AND p.status IN ('pending', 'running')"
+    "   ORDER BY p.id LIMIT 1)"
     " ORDER BY d.id LIMIT $3 FOR UPDATE OF d SKIP LOCKED)"
     " UPDATE deliveries d SET status = 'running', claimed_until = $4, claimed_by = $5,"
     # the attempt cut off by the lost lease counts

@@ -122,11 +122,10 @@ def decide(
     candidate: Candidate, received_at: str, route: Route, view: BatchView, *,
     exists: Callable[[str], bool], sighting: Sighting, recovered: bool,
 ) -> IngestResult:
-    """The dedup rules for one candidate of a batch, against the batch's view (SQLite's
-    batch; the PostgreSQL store still decides one by one: its batch was reverted).
-    ``exists`` answers whether the database holds an event id (asked only for a
-    sibling's); ``sighting`` records a duplicate or stale sighting; the event, entity and
-    delivery rows to write are appended to ``view``."""
+    """The dedup rules for one candidate of a batch, against the batch's view: one
+    decision procedure for both backends. ``exists`` answers whether the database holds
+    an event id (asked only for a sibling's); ``sighting`` records a duplicate or stale
+    sighting; the event, entity and delivery rows to write are appended to ``view``."""
     event_id, sibling = candidate.event_id, None
     stored = view.stored.get(event_id)
     if stored is not None:
