@@ -8,6 +8,7 @@ import asyncio
 import io
 import os
 import stat
+import textwrap
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,40 +28,31 @@ from tcbridge.files import (
 from tcbridge.filewriter import FolderWriter, WriteFailed
 from tests.support import writer_argv
 
+
+def before_each_batch(code: str) -> str:
+    """A prelude for the child that runs ``code`` (with ``batch``, its (name, body) pairs,
+    in scope; os and time imported) before each batch is written."""
+    return ("import os, time, tcbridge.files as f\nreal = f.write_batch\n"
+            "def write_batch(directory, batch, pool=None):\n"
+            f"{textwrap.indent(code, '    ')}\n"
+            "    return real(directory, batch, pool)\n"
+            "f.write_batch = write_batch\n")
+
+
 # The child records each batch's size in a file, so a test can see how files were grouped.
-RECORD_BATCHES = """
-import os, tcbridge.files as f
-real = f.write_batch
-def write_batch(directory, batch, pool=None):
-    with open(os.environ["TCB_BATCHES"], "a") as log:
-        log.write(f"{len(batch)}\\n")
-    return real(directory, batch, pool)
-f.write_batch = write_batch
-"""
+RECORD_BATCHES = before_each_batch('with open(os.environ["TCB_BATCHES"], "a") as log:\n'
+                                   '    log.write(f"{len(batch)}\\n")')
 # A batch with a file named "hang*" never ends (a hung disk); others are written.
-HANG = """
-import time, tcbridge.files as f
-real = f.write_batch
-def write_batch(directory, batch, pool=None):
-    if any(name.startswith("hang") for name, _ in batch):
-        time.sleep(3600)
-    return real(directory, batch, pool)
-f.write_batch = write_batch
-"""
+HANG = before_each_batch('if any(name.startswith("hang") for name, _ in batch):\n'
+                         '    time.sleep(3600)')
 # A batch with a file named "die*" ends the process before it answers.
-DIE = """
-import os, tcbridge.files as f
-real = f.write_batch
-def write_batch(directory, batch, pool=None):
-    if any(name.startswith("die") for name, _ in batch):
-        os._exit(3)
-    return real(directory, batch, pool)
-f.write_batch = write_batch
-"""
-# Every answer is garbage.
+DIE = before_each_batch('if any(name.startswith("die") for name, _ in batch):\n'
+                        '    os._exit(3)')
+# Every answer to a batch is garbage (the child still says it is ready).
 NONSENSE = """
 import tcbridge.files as f
-f.encode_answer = lambda errors: b"\\x00\\x00\\x00\\x05hello"
+real = f.encode_answer
+f.encode_answer = lambda errors: real(errors) if not errors else b"\\x00\\x00\\x00\\x05hello"
 """
 # The folder's fsync fails (EIO), the files' own fsyncs do not.
 FAILING_DIRECTORY_FSYNC = """
@@ -92,9 +84,9 @@ async def writer_factory() -> AsyncIterator[Callable[..., FolderWriter]]:
 # --- primitives and the batch -----------------------------------------------------------------
 
 
-def test_the_file_is_fsynced_then_renamed_then_the_directory_fsynced(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def disk_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The fsyncs (of a file or a directory) and renames of tcbridge.files, in order."""
     calls: list[str] = []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -108,28 +100,22 @@ def test_the_file_is_fsynced_then_renamed_then_the_directory_fsynced(
 
     monkeypatch.setattr(files.os, "fsync", fsync)
     monkeypatch.setattr(files.os, "replace", replace)
+    return calls
+
+
+def test_the_file_is_fsynced_then_renamed_then_the_directory_fsynced(
+    tmp_path: Path, disk_calls: list[str]
+) -> None:
     write_atomically(tmp_path, "e1.json", b"{}")
-    assert calls == ["fsync file", "rename", "fsync dir"]
+    assert disk_calls == ["fsync file", "rename", "fsync dir"]
     assert (tmp_path / "e1.json").read_bytes() == b"{}"
 
 
 @pytest.mark.parametrize("threads", [0, 4])
 def test_a_batch_renames_every_file_before_its_one_directory_fsync(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int
+    tmp_path: Path, disk_calls: list[str], threads: int
 ) -> None:
-    calls: list[str] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        calls.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
-        real_fsync(fd)
-
-    def replace(src: Path, dst: Path) -> None:
-        calls.append("rename")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(files.os, "fsync", fsync)
-    monkeypatch.setattr(files.os, "replace", replace)
+    calls = disk_calls
     batch = [(f"e{i}.json", f"body {i}".encode()) for i in range(6)]
     with ThreadPoolExecutor(threads or 1) as pool:
         errors = write_batch(tmp_path / "new", batch, pool if threads else None)
@@ -323,13 +309,19 @@ async def test_a_writer_that_cannot_start_says_so(
         await writer.write("a.json", b"1")
 
 
+async def hang_a_batch(writer: FolderWriter) -> asyncio.Task[None]:
+    """A first file written (the child is up), then a batch that hangs in the child."""
+    await writer.write("a.json", b"1")
+    hung = asyncio.create_task(writer.write("hang.json", b"2"))
+    await asyncio.sleep(0.1)
+    return hung
+
+
 async def test_a_write_given_up_before_its_batch_is_sent_is_never_written(
     tmp_path: Path, writer_factory: Callable[..., FolderWriter]
 ) -> None:
     writer = writer_factory(tmp_path, HANG, hung_after_s=1.0)
-    await writer.write("a.json", b"1")
-    hung = asyncio.create_task(writer.write("hang.json", b"2"))
-    await asyncio.sleep(0.1)  # the hanging batch is in the child; the next one waits
+    hung = await hang_a_batch(writer)  # the next batch waits behind it
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.1):
             await writer.write("late.json", b"3")
@@ -356,11 +348,9 @@ async def test_close_with_a_hung_batch_is_bounded_and_kills_the_child(
     tmp_path: Path, writer_factory: Callable[..., FolderWriter]
 ) -> None:
     writer = writer_factory(tmp_path, HANG, hung_after_s=30)
-    await writer.write("a.json", b"1")
+    hung = await hang_a_batch(writer)
     child = writer._child
     assert child is not None
-    hung = asyncio.create_task(writer.write("hang.json", b"2"))
-    await asyncio.sleep(0.1)
     with capture_logs() as logs:
         await asyncio.wait_for(writer.close(0.3), 10)
     assert [e["event"] for e in logs] == ["files.writer_abandoned", "files.writer_killed"]
