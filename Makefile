@@ -59,7 +59,7 @@ bench-long: $(STAMP)
 
 ## mutation testing (mutmut 3) of the core modules with the in-process tests, one module
 ## at a time: `make mutation MUTATE=poller`; results in mutants/, `mutmut browse` to read
-MUTATE ?= envelope poller store.sqlite store.rules dispatch
+MUTATE ?= envelope poller store.sqlite store.rules dispatch files filewriter
 MUTATION_CHILDREN ?= 1
 mutation: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,mutation]'

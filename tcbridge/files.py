@@ -167,7 +167,7 @@ def serve(directory: Path, requests: BinaryIO, answers: BinaryIO,
             raise EOFError("input ended inside a request")
         files = []
         for name, size in orjson.loads(header):
-            body = _read_exactly(requests, size) if size else b""
+            body = _read_exactly(requests, size)  # b"" for an empty file
             if body is None:
                 raise EOFError("input ended inside a request")
             files.append((name, body))

@@ -118,11 +118,50 @@ def test_a_batch_renames_every_file_before_its_one_directory_fsync(
     calls = disk_calls
     batch = [(f"e{i}.json", f"body {i}".encode()) for i in range(6)]
     with ThreadPoolExecutor(threads or 1) as pool:
-        errors = write_batch(tmp_path / "new", batch, pool if threads else None)
+        errors = write_batch(tmp_path / "new" / "deeper", batch, pool if threads else None)
     assert errors == [None] * 6
     assert calls.count("fsync file") == 6 and calls.count("rename") == 6
     assert calls[-1] == "fsync dir" and calls.count("fsync dir") == 1
-    assert {p.name: p.read_bytes() for p in (tmp_path / "new").iterdir()} == dict(batch)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "new" / "deeper").iterdir()} == dict(batch)
+
+
+def test_the_temp_file_has_the_name_the_stale_cleanup_knows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    temps: list[str] = []
+    real_replace = os.replace
+
+    def replace(src: Path, dst: Path) -> None:
+        temps.append(Path(src).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    write_atomically(tmp_path, "e1.json", b"{}")
+    (temp,) = temps
+    assert files.TEMP_FILE.match(temp) and temp.startswith(".e1.json.")
+    assert len(temp) == len(".e1.json.") + files.TEMP_RANDOM_HEX + len(".tmp")
+
+
+def test_a_file_follows_the_umask_so_importers_can_read_it(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        write_batch(tmp_path, [("e1.json", b"{}")])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "e1.json").stat().st_mode) == 0o644
+
+
+def test_only_our_stale_temp_files_are_removed_and_counted(tmp_path: Path) -> None:
+    ours = [".o1.json.0123456789ab.tmp", ".o2.json.abcdef012345.tmp", ".o3.json.0000000000ff.tmp"]
+    for name in ours:
+        (tmp_path / name).write_text("{}")
+    (tmp_path / ".d.json.0123456789ab.tmp").mkdir()  # not a file: kept
+    (tmp_path / "target").write_text("the importer's")
+    (tmp_path / ".l.json.0123456789ab.tmp").symlink_to(tmp_path / "target")  # kept
+    assert files.remove_stale_temp_files(tmp_path) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".d.json.0123456789ab.tmp", ".l.json.0123456789ab.tmp", "target"]
+    assert files.remove_stale_temp_files(tmp_path / "missing") == 0
 
 
 def test_a_file_that_cannot_be_written_fails_alone_and_leaves_no_temp_file(
@@ -133,6 +172,7 @@ def test_a_file_that_cannot_be_written_fails_alone_and_leaves_no_temp_file(
     errors = write_batch(tmp_path, [("e1.json", b"1"), ("e2.json", b"2"), ("e3.json", b"3")])
     assert errors[0] is None and errors[2] is None
     assert errors[1] is not None and errors[1].startswith("cannot write 'e2.json': ")
+    assert "IsADirectoryError" in errors[1] or "OSError: [Errno 39]" in errors[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e1.json", "e2.json", "e3.json"]
 
 
@@ -184,10 +224,18 @@ def test_the_child_answers_each_batch_in_turn(tmp_path: Path) -> None:
     assert (tmp_path / "empty.json").read_bytes() == b""
 
 
-@pytest.mark.parametrize("cut", [2, 6, -1])
-def test_input_that_ends_inside_a_request_is_an_error(tmp_path: Path, cut: int) -> None:
+@pytest.mark.parametrize(("cut", "message"), [
+    (2, "input ended 2 bytes short"),  # inside the length
+    (4, "input ended inside a request"),  # after the length, before the header
+    (6, r"input ended \d+ bytes short"),  # inside the header
+    (-4, "input ended inside a request"),  # after the header, before the body
+    (-1, "input ended 1 bytes short"),  # inside the body
+])
+def test_input_that_ends_inside_a_request_is_an_error(
+    tmp_path: Path, cut: int, message: str
+) -> None:
     request = encode_request([("a.json", b"body")])
-    with pytest.raises(EOFError):
+    with pytest.raises(EOFError, match=f"^{message}$"):
         serve(tmp_path, io.BytesIO(request[:cut]), io.BytesIO())
     assert not (tmp_path / "a.json").exists()
 
