@@ -645,6 +645,9 @@ def service_manager_environ() -> dict[str, str]:
 
 
 CHILD_BASE_VARIABLES = ("PATH", "LANG", "HOME")
+# What the file handler's writer process (``python -m tcbridge.files``) gets besides those:
+# where Python finds tcbridge when it is not installed in the interpreter's own site-packages.
+WRITER_VARIABLES = ("PYTHONPATH", "PYTHONHOME")
 
 
 def child_environ(inherit: Sequence[str]) -> dict[str, str]:

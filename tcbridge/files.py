@@ -42,6 +42,10 @@ from tcbridge.errors import describe
 TEMP_RANDOM_HEX = 12
 TEMP_FILE = re.compile(rf"^\..+\.[0-9a-f]{{{TEMP_RANDOM_HEX}}}\.tmp$")
 BATCH_MAX = 256  # files per batch: a bound on one request's size, not a tuning knob
+# Bytes of bodies per batch: a batch takes files until it holds this much (always at least
+# one file, whatever its size), so a run of large bodies is never one request of gigabytes
+# in both processes' memory.
+BATCH_MAX_BYTES = 16 * 1024 * 1024
 # The child's threads: concurrent fsyncs share the file system's journal commits (on this
 # machine 1 thread wrote 3,530 files/s, 4 threads 7,036, 16 threads 9,910).
 WRITER_THREADS = 8

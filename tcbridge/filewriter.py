@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from tcbridge.errors import describe
-from tcbridge.files import BATCH_MAX, LENGTH_BYTES, decode_answer, encode_request
+from tcbridge.files import BATCH_MAX, BATCH_MAX_BYTES, LENGTH_BYTES, decode_answer, encode_request
 
 log = structlog.get_logger(__name__)
 
@@ -48,9 +48,11 @@ class FolderWriter:
     hung processes never pile up."""
 
     def __init__(self, directory: Path, *, name: str, hung_after_s: float,
-                 argv: Sequence[str] | None = None) -> None:
+                 argv: Sequence[str] | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         self.name = name
         self._argv = [*(argv or [sys.executable, "-m", "tcbridge.files"]), str(directory)]
+        self._env = None if env is None else dict(env)  # None: the daemon's own
         self._hung_after_s = hung_after_s
         self._pending: list[_File] = []
         self._rounds: asyncio.Task[None] | None = None
@@ -100,8 +102,7 @@ class FolderWriter:
     async def _run_rounds(self) -> None:
         try:
             while self._pending:
-                batch = [f for f in self._pending[:BATCH_MAX] if not f.future.done()]
-                del self._pending[:BATCH_MAX]
+                batch = self._take_batch()
                 if batch:
                     await self._round(batch)
         except BaseException as e:  # cancelled at close: nobody is left waiting in silence
@@ -111,6 +112,19 @@ class FolderWriter:
             raise
         finally:
             self._rounds = None
+
+    def _take_batch(self) -> list[_File]:
+        """The next batch off the pending files: up to BATCH_MAX files and BATCH_MAX_BYTES
+        of bodies (at least one file); those given up meanwhile are dropped."""
+        taken = size = 0
+        for f in self._pending[:BATCH_MAX]:
+            if taken and size + len(f.body) > BATCH_MAX_BYTES:
+                break
+            taken += 1
+            size += len(f.body)
+        batch = [f for f in self._pending[:taken] if not f.future.done()]
+        del self._pending[:taken]
+        return batch
 
     async def _round(self, batch: list[_File]) -> None:
         try:
@@ -176,7 +190,8 @@ class FolderWriter:
             self._killed = None
         try:
             child = await asyncio.create_subprocess_exec(
-                *self._argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+                *self._argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                env=self._env)
         except OSError as e:
             raise WriteFailed(f"cannot start the file writer {self._argv[0]!r}: "
                               f"{describe(e)}") from e

@@ -31,6 +31,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from tcbridge.config import (
+    WRITER_VARIABLES,
     AmqpHandlerSettings,
     CommandHandlerSettings,
     FileHandlerSettings,
@@ -141,8 +142,11 @@ class FileHandler:
         if removed:
             log.warning("handler.stale_temp_files_removed", handler=self.name, files=removed,
                         directory=str(settings.directory))
+        # Not the daemon's environment, which may hold secrets (TCBRIDGE_*): the child
+        # needs none of them.
         self._writer = FolderWriter(settings.directory, name=settings.name,
-                                    hung_after_s=settings.timeout_s, argv=writer_argv)
+                                    hung_after_s=settings.timeout_s, argv=writer_argv,
+                                    env=child_environ(WRITER_VARIABLES))
 
     async def deliver(self, envelope: Mapping[str, Any], body: bytes, attempt: int) -> Outcome:
         """Write ``body`` to ``directory/filename``; done only once the rename is durable,

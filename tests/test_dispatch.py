@@ -35,7 +35,7 @@ from tcbridge.store import Finished, Store
 from tests.backends import query
 from tests.conftest import order_event_body, order_obj, until
 from tests.support import writer_argv
-from tests.test_files import FAILING_DIRECTORY_FSYNC, RECORD_BATCHES
+from tests.test_files import FAILING_DIRECTORY_FSYNC, record_batches
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 import tcb_dispatch_target as target
@@ -1135,16 +1135,16 @@ async def test_a_batch_the_store_refuses_is_written_row_by_row(store: Store) -> 
 
 
 async def test_a_failed_directory_fsync_retries_every_delivery_of_its_batch(
-    rig: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    rig: Callable[..., Any], tmp_path: Path,
 ) -> None:
     batches = tmp_path / "batches"
-    monkeypatch.setenv("TCB_BATCHES", str(batches))
     settings = FileHandlerSettings(name="drop", type="file", directory=tmp_path / "drop",
                                    concurrency=3, retry_initial_s=60, retry_max_s=60)
     store, dispatcher = await rig(settings)
     (lane,) = dispatcher.lanes
     await lane.handler.close()
-    lane.handler = FileHandler(settings, writer_argv(RECORD_BATCHES + FAILING_DIRECTORY_FSYNC))
+    lane.handler = FileHandler(settings,
+                               writer_argv(record_batches(batches) + FAILING_DIRECTORY_FSYNC))
     for entity in ("o1", "o2", "o3"):
         await ingest(store, entity, "2024-05-01T00:00:00Z")
     with capture_logs():

@@ -39,9 +39,13 @@ def before_each_batch(code: str) -> str:
             "f.write_batch = write_batch\n")
 
 
-# The child records each batch's size in a file, so a test can see how files were grouped.
-RECORD_BATCHES = before_each_batch('with open(os.environ["TCB_BATCHES"], "a") as log:\n'
-                                   '    log.write(f"{len(batch)}\\n")')
+def record_batches(path: Path) -> str:
+    """A prelude by which the child records each batch's size in ``path``, a line each, so
+    a test can see how files were grouped."""
+    return before_each_batch(f"with open({str(path)!r}, 'a') as log:\n"
+                             "    log.write(f'{len(batch)}\\n')")
+
+
 # A batch with a file named "hang*" never ends (a hung disk); others are written.
 HANG = before_each_batch('if any(name.startswith("hang") for name, _ in batch):\n'
                          '    time.sleep(3600)')
@@ -256,16 +260,30 @@ def test_answers_round_trip() -> None:
 
 
 async def test_files_handed_in_together_share_a_batch(
-    tmp_path: Path, writer_factory: Callable[..., FolderWriter], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, writer_factory: Callable[..., FolderWriter]
 ) -> None:
     batches = tmp_path / "batches"
-    monkeypatch.setenv("TCB_BATCHES", str(batches))
-    writer = writer_factory(tmp_path / "drop", RECORD_BATCHES)
+    writer = writer_factory(tmp_path / "drop", record_batches(batches))
     await writer.write("first.json", b"1")  # the child starts: one batch of one
     await asyncio.gather(*(writer.write(f"e{i}.json", b"x" * i) for i in range(20)))
     assert batches.read_text().split() == ["1", "20"]
     assert len(list((tmp_path / "drop").iterdir())) == 21
     assert (tmp_path / "drop" / "e7.json").read_bytes() == b"x" * 7
+
+
+async def test_a_batch_is_bounded_by_the_bytes_of_its_bodies(
+    tmp_path: Path, writer_factory: Callable[..., FolderWriter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tcbridge.filewriter.BATCH_MAX_BYTES", 10)
+    batches = tmp_path / "batches"
+    writer = writer_factory(tmp_path / "drop", record_batches(batches))
+    await writer.write("first.json", b"1")
+    # 4 + 4 fit in 10 bytes, a third 4 does not; 30 bytes go alone though over the bound,
+    # and the 2 bytes after them in a batch of their own.
+    sizes = [4, 4, 4, 30, 2]
+    await asyncio.gather(*(writer.write(f"e{i}.json", b"x" * n) for i, n in enumerate(sizes)))
+    assert batches.read_text().split() == ["1", "2", "1", "1", "1"]
+    assert sorted(p.stat().st_size for p in (tmp_path / "drop").iterdir()) == [1, 2, 4, 4, 4, 30]
 
 
 async def test_one_bad_file_fails_only_its_own_write(

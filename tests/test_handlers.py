@@ -41,7 +41,7 @@ from tcbridge.handlers import (
     parse_retry_after,
 )
 from tests.support import writer_argv
-from tests.test_files import FAILING_DIRECTORY_FSYNC, RECORD_BATCHES
+from tests.test_files import FAILING_DIRECTORY_FSYNC, record_batches
 
 HELPERS = Path(__file__).parent / "helpers"
 EVENT_ID = "0123456789abcdef0123456789abcdef"
@@ -789,13 +789,12 @@ def test_python_bad_callable_is_a_config_error(
 
 
 async def test_concurrent_file_deliveries_share_one_batch_of_the_writer(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     batches = tmp_path / "batches"
-    monkeypatch.setenv("TCB_BATCHES", str(batches))
     settings = FileHandlerSettings(name="drop", type="file", directory=tmp_path / "drop",
                                    concurrency=8, filename="{id}.json")
-    handler = FileHandler(settings, writer_argv(RECORD_BATCHES))
+    handler = FileHandler(settings, writer_argv(record_batches(batches)))
     outcomes = await asyncio.gather(*(handler.deliver({"id": f"e{i}"}, f"{i}".encode(), 1)
                                       for i in range(8)))
     await handler.close()
@@ -803,6 +802,25 @@ async def test_concurrent_file_deliveries_share_one_batch_of_the_writer(
     assert batches.read_text().split() == ["8"]
     assert {p.name: p.read_text() for p in (tmp_path / "drop").iterdir()} == {
         f"e{i}.json": str(i) for i in range(8)}
+
+
+async def test_the_writer_process_gets_none_of_the_daemons_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TCBRIDGE_TRADECLOUD__PASSWORD", "s3cret")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "also-secret")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "lib"))
+    seen = tmp_path / "environ.json"
+    settings = FileHandlerSettings(name="drop", type="file", directory=tmp_path / "drop")
+    handler = FileHandler(settings, writer_argv(
+        f"import json, os\nopen({str(seen)!r}, 'w').write(json.dumps(dict(os.environ)))"))
+    outcome = await handler.deliver({"id": "e1"}, b"{}", 1)
+    await handler.close()
+    assert outcome.status == "done"
+    environ = json.loads(seen.read_text())
+    assert "s3cret" not in environ.values() and "also-secret" not in environ.values()
+    assert environ["PYTHONPATH"] == str(tmp_path / "lib")  # where tcbridge may be found
+    assert environ["PATH"] == os.environ["PATH"]
 
 
 async def test_a_writer_that_fails_is_a_retry_with_its_reason(tmp_path: Path) -> None:
