@@ -11,7 +11,8 @@ start. Each page's items and the cursor it makes safe are committed in one trans
 
 The next query follows from a page's raw stamps alone (``next_step``), so a cycle fetches
 ahead of its commits: one request in flight, up to ``AHEAD_PAGES`` pages waiting, the
-commits one at a time and in order. A failed commit drops what was fetched after it.
+next page normalised while the one before it commits, the commits one at a time and in
+order. A failed commit drops what was fetched after it.
 
 The item asked for again must come back with the same id *and* the same ``lastUpdatedAt``:
 an item updated between two pages moves to the end, and when it is the newest item it
@@ -250,6 +251,15 @@ AHEAD_PAGES = 4
 NORMALISE_SLICE = 20  # items normalised between two yields to the event loop (~0.3 ms)
 
 
+@dataclass(frozen=True, slots=True)
+class _Ready:
+    """A fetched page, normalised: what its commit stores."""
+
+    step: Step
+    candidates: list[Candidate]
+    rejects: list[Rejected]
+
+
 class Poller:
     """Polls each configured kind every ``interval_s`` and stores what it finds."""
 
@@ -315,20 +325,33 @@ class Poller:
         recover = (self._hybrid and not self._cursor_prefix
                    and await self._store.poll_succeeded(name))
         stats = CycleStats(cursor=committed)
-        pages: asyncio.Queue[Step | Exception | None] = asyncio.Queue(maxsize=AHEAD_PAGES)
+        # Three stages, each page handed on in order: fetched, normalised, committed (the
+        # pages ready when a commit starts go in it together). The pages waiting their turn
+        # are at most AHEAD_PAGES (those in the two queues and the one the normaliser
+        # holds), and one more the fetcher holds until there is room.
+        fetched: asyncio.Queue[Step | Exception | None] = asyncio.Queue(maxsize=1)
+        ready: asyncio.Queue[_Ready | Exception | None] = asyncio.Queue(
+            maxsize=AHEAD_PAGES - 2)
         log.info("poll.started", kind=kind, cursor=start)
         fetcher = asyncio.create_task(
-            self._fetch_ahead(kind, Query(start, 0, None), committed, pages, stats))
+            self._fetch_ahead(kind, Query(start, 0, None), committed, fetched, stats))
+        normaliser = asyncio.create_task(self._normalise_ahead(kind, fetched, ready))
         try:
-            while (step := await pages.get()) is not None:
-                if isinstance(step, Exception):
-                    raise step
-                await self._commit(kind, stats, step, recover)
-                # On shutdown, or when another replica took the kind over: stop between pages.
-                if self._stop.is_set() or not self._gate.active(kind):
+            while True:
+                group, error, ended = _take_ready(await ready.get(), ready)
+                if group:
+                    await self._commit(kind, stats, group, recover)
+                    # On shutdown, or when another replica took the kind over: stop between
+                    # commits.
+                    if self._stop.is_set() or not self._gate.active(kind):
+                        break
+                if error is not None:
+                    raise error
+                if ended:
                     break
             return stats
         finally:
+            await _discard(normaliser)
             await _discard(fetcher)
 
     async def _fetch_ahead(
@@ -373,9 +396,24 @@ class Poller:
         stats.complete = False
         return True
 
-    async def _commit(self, kind: PollKind, stats: CycleStats, step: Step, recover: bool
-                      ) -> None:
-        """Normalise a page and store it with the cursor it makes safe, in one transaction."""
+    async def _normalise_ahead(
+        self, kind: PollKind, fetched: asyncio.Queue[Step | Exception | None],
+        ready: asyncio.Queue[_Ready | Exception | None],
+    ) -> None:
+        """Normalise the fetched pages in order while the page before commits, and put each,
+        then None (the end) or the error that ended the fetching or the normalising."""
+        try:
+            while (step := await fetched.get()) is not None:
+                if isinstance(step, Exception):
+                    await ready.put(step)
+                    return
+                await ready.put(await self._normalise_page(kind, step))
+        except Exception as e:  # a page that could not be normalised: those before it commit
+            await ready.put(e)
+            return
+        await ready.put(None)
+
+    async def _normalise_page(self, kind: PollKind, step: Step) -> _Ready:
         candidates: list[Candidate] = []
         rejects: list[Rejected] = []
         items = step.page.items
@@ -387,10 +425,24 @@ class Poller:
             more, bad = self._normalise(kind, part, step.since)
             candidates += more
             rejects += bad
+        return _Ready(step, candidates, rejects)
+
+    async def _commit(self, kind: PollKind, stats: CycleStats, group: Sequence[_Ready],
+                      recover: bool) -> None:
+        """Store normalised pages, in order, with the cursor the last of them makes safe, in
+        one transaction: all of them or none."""
+        commit = next((p.step.commit for p in reversed(group) if p.step.commit is not None),
+                      None)
         results = await self._store.ingest_page(
-            self._cursor_prefix + kind, candidates, rejects, step.commit, recovered=recover,
+            self._cursor_prefix + kind, [c for p in group for c in p.candidates],
+            [r for p in group for r in p.rejects], commit, recovered=recover,
             fence=self._fence(kind))
-        self._account(kind, stats, step.page, candidates, results, rejects, step.commit)
+        at = 0
+        for page in group:
+            mine = results[at:at + len(page.candidates)]
+            at += len(page.candidates)
+            self._account(kind, stats, page.step.page, page.candidates, mine, page.rejects,
+                          page.step.commit)
 
     def _fence(self, kind: str) -> Fence | None:
         """The fence for a page of ``kind``; raises when this process may not poll it."""
@@ -547,6 +599,23 @@ class _Overlap:
     """The previous page's last item, as it must come back when asked for again."""
 
     identity: tuple[object, object]
+
+
+def _take_ready(
+    first: _Ready | Exception | None, ready: asyncio.Queue[_Ready | Exception | None]
+) -> tuple[list[_Ready], Exception | None, bool]:
+    """The pages to commit together, ``first`` and those ready behind it (at most the
+    queue's size: one fsync and one hand-over to the store's thread for them all), with
+    the error that ended the cycle and whether it ended, when that came among them."""
+    group: list[_Ready] = []
+    item = first
+    while True:
+        if item is None or isinstance(item, Exception):
+            return group, item, True
+        group.append(item)
+        if ready.empty():
+            return group, None, False
+        item = ready.get_nowait()
 
 
 def _identity(item: object) -> tuple[object, object]:

@@ -809,6 +809,7 @@ class Commits:
                  fail_at: int | None = None) -> None:
         self.cursors: list[str | None] = []
         self.sent_at_start: list[int] = []
+        self.entities: list[list[str]] = []  # each commit's candidates, in order
         self.hold: asyncio.Event | None = None
         self.on_commit: Callable[[int], None] | None = None
         self.open = self.peak_open = 0  # commits under way at once
@@ -818,6 +819,7 @@ class Commits:
                               **kw: Any) -> Any:
             number = len(self.sent_at_start)
             self.sent_at_start.append(len(api.requests))
+            self.entities.append([c.entity_id for c in candidates])
             if self.on_commit is not None:
                 self.on_commit(number)
             self.open += 1
@@ -853,9 +855,12 @@ async def test_pages_commit_in_order_while_the_next_page_is_being_fetched(
     assert {e for e, _ in stored_versions(store)} == set("abcdefghi")
     assert await store.get_cursor("order") == api.versions[-1].stamp
     moved = [instant_us(c) for c in commits.cursors if c is not None]
-    assert moved == sorted(set(moved)) and len(moved) == stats.pages
-    # Each page but the last began its commit with the next page's request already sent.
-    assert all(sent >= page + 2 for page, sent in enumerate(commits.sent_at_start[:-1]))
+    assert moved == sorted(set(moved)) and len(moved) == len(commits.cursors)
+    # The pages' items in order, each once (a commit holds one page or several).
+    assert [e for entities in commits.entities for e in entities] == list("abcdefghi")
+    assert stats.pages == 5
+    # Each commit but the last began with the next page's request already sent.
+    assert all(sent >= number + 2 for number, sent in enumerate(commits.sent_at_start[:-1]))
     assert api.peak_in_flight == 1 and api.in_flight == 0
     assert commits.peak_open == 1  # one commit at a time: none passes one that may fail
 
@@ -873,10 +878,34 @@ async def test_a_failed_commit_stops_the_pipeline_and_keeps_the_cursor_of_the_pa
     assert 4 <= len(api.requests) <= 3 + poller_module.AHEAD_PAGES + 1
     assert api.in_flight == 0 and len(commits.sent_at_start) == 3
     assert await store.get_cursor("order") == commits.cursors[1]
-    assert {e for e, _ in stored_versions(store)} == set("abcde")  # pages 1 and 2 only
+    # What the first two commits held and nothing of the failed one (all of it or none).
+    kept = set(commits.entities[0] + commits.entities[1])
+    assert {e for e, _ in stored_versions(store)} == kept
+    assert kept.isdisjoint(commits.entities[2]) and commits.entities[2]
     monkeypatch.undo()
     await poller.run_once("order")
     assert {e for e, _ in stored_versions(store)} == set("abcdefghi")
+
+
+async def test_a_page_that_cannot_be_normalised_fails_the_cycle_after_the_pages_before_it(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = _orders("abcdefghi", answer_yields=3)
+    commits = Commits(store, api, monkeypatch)
+    poller = _scripted(store, api, page_size=3)
+    real = poller._normalise
+
+    def normalise(kind: Any, page: PollPage, since: str) -> Any:
+        if any(item["id"] == "e" for item in page.items):  # a bug, not a bad item
+            raise RuntimeError("normaliser bug")
+        return real(kind, page, since)
+
+    monkeypatch.setattr(poller, "_normalise", normalise)
+    with pytest.raises(RuntimeError, match="normaliser bug"):
+        await poller.run_once("order")
+    assert {e for e, _ in stored_versions(store)} == set("abc")  # page 1; page 2 holds "e"
+    assert await store.get_cursor("order") == commits.cursors[-1] == api.versions[1].stamp
+    assert api.in_flight == 0
 
 
 async def test_a_failed_fetch_of_the_next_page_keeps_the_cursor_of_the_page_committing(
@@ -927,6 +956,12 @@ async def test_the_fetches_run_ahead_of_a_slow_commit_by_at_most_ahead_pages(
     stats = await asyncio.wait_for(cycle, timeout=10)
     assert len(stored_versions(store)) == 40 and stats.complete
     assert await store.get_cursor("order") == api.versions[-1].stamp
+    # The pages that were ready when page 1's commit ended went into the next one together
+    # (a page holds at most 3 items), and every item once, in order.
+    assert len(commits.entities[1]) > 3
+    assert len(commits.entities) < stats.pages
+    assert [e for entities in commits.entities for e in entities] == [
+        f"o{i:02}" for i in range(40)]
 
 
 async def test_a_cancelled_cycle_leaves_no_request_in_flight(
