@@ -410,6 +410,40 @@ async def test_close_ends_the_child_and_refuses_later_writes(
         await writer.write("b.json", b"2")
 
 
+async def test_close_gives_a_child_slow_to_end_its_timeout_before_killing_it(
+    tmp_path: Path, writer_factory: Callable[..., FolderWriter]
+) -> None:
+    # After its input ends the child takes 0.5 s to exit (a slow disk flushing, say).
+    slow_exit = ("import time, tcbridge.files as f\nreal = f.serve\n"
+                 "f.serve = lambda *a, **k: (real(*a, **k), time.sleep(0.5))[0]\n")
+    writer = writer_factory(tmp_path, slow_exit)
+    await writer.write("a.json", b"1")
+    child = writer._child
+    assert child is not None
+    await writer.close(5.0)
+    assert child.returncode == 0  # it ended on its own, within the 5 s
+
+
+class _Unkillable:
+    """What a killed child in uninterruptible sleep looks like: it never exits."""
+
+    pid = 4242424
+    returncode = None
+
+    async def wait(self) -> int:
+        await asyncio.Event().wait()
+        return 0
+
+
+async def test_close_waits_a_bounded_time_for_a_killed_child_that_does_not_exit(
+    tmp_path: Path, writer_factory: Callable[..., FolderWriter]
+) -> None:
+    writer = writer_factory(tmp_path)
+    writer._killed = _Unkillable()  # type: ignore[assignment]
+    await asyncio.wait_for(writer.close(0.3), 5)  # neither raises nor hangs
+    assert writer._killed is not None  # still there: it is not forgotten
+
+
 async def test_close_with_a_hung_batch_is_bounded_and_kills_the_child(
     tmp_path: Path, writer_factory: Callable[..., FolderWriter]
 ) -> None:
