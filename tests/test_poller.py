@@ -908,6 +908,22 @@ async def test_a_page_that_cannot_be_normalised_fails_the_cycle_after_the_pages_
     assert api.in_flight == 0
 
 
+async def test_a_group_commit_counts_each_pages_own_results(store: Store) -> None:
+    poller = _scripted(store, FakeApi("poll"), page_size=3)
+
+    def step(*items: tuple[str, str]) -> Step:
+        page = PollPage([{"id": i, "lastUpdatedAt": t} for i, t in items], 9, None)
+        return Step(page, items[-1][1], None, START)
+
+    # One transaction for three pages: a, a again (a duplicate), then b, then c.
+    group = [await poller._normalise_page("order", s)
+             for s in (step(("a", T1), ("a", T1)), step(("b", T2)), step(("c", T3)))]
+    stats = CycleStats()
+    await poller._commit("order", stats, group, False)
+    assert (stats.pages, stats.items, stats.stored, stats.duplicates) == (3, 4, 3, 1)
+    assert await store.get_cursor("order") == T3  # the last page's cursor
+
+
 async def test_a_failed_fetch_of_the_next_page_keeps_the_cursor_of_the_page_committing(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
