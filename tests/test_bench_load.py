@@ -1,0 +1,111 @@
+"""The benchmarks' open-loop client (bench/load.py fixed_rate) against small aiohttp apps on
+127.0.0.1. No speed is asserted: these check that every request is sent, answered, timed
+and matched with its event id, and that failures are counted as failures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from bench.bodies import make_templates, write_templates
+from bench.load import fixed_rate
+
+
+class _App:
+    """An aiohttp app in a thread of its own; ``answer`` decides each reply."""
+
+    def __init__(self, answer: str) -> None:
+        self.answer = answer
+        self.bodies: list[bytes] = []
+        self.port = 0
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.bodies.append(body)
+        number = len(self.bodies)
+        if self.answer == "silent" and number > 5:
+            assert self._stop is not None
+            await self._stop.wait()  # answers only when the app stops
+        if self.answer == "flaky" and number % 4 == 0:
+            return web.json_response({"error": "busy"}, status=503)
+        response = web.json_response({"eventId": f"e{number}"})
+        if self.answer == "close":
+            response.force_close()  # Connection: close after every answer
+        return response
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        app = web.Application()
+        app.router.add_post("/webhook/order", self._handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._ready.set()
+        await self._stop.wait()
+        await runner.cleanup()
+
+    def __enter__(self) -> _App:
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+@pytest.fixture
+def templates(tmp_path: Path) -> Iterator[Path]:
+    yield write_templates(tmp_path / "templates.txt", make_templates())
+
+
+@pytest.mark.parametrize("answer", ["keep-alive", "close"])
+def test_every_request_is_sent_once_answered_and_matched(templates: Path, answer: str) -> None:
+    with _App(answer) as app:
+        run = fixed_rate(f"http://127.0.0.1:{app.port}/webhook/order", templates, "abcd0001",
+                         rate_per_s=200, duration_s=0.5)
+    assert len(run.sent) == 100 == len(app.bodies)
+    assert len({s.order_id for s in run.sent}) == 100  # every body unique
+    for sent in run.sent:  # each body arrived once
+        assert sum(sent.order_id.encode() in body for body in app.bodies) == 1
+    assert {s.status for s in run.sent} == {200}
+    assert sorted(s.event_id or "" for s in run.ok) == sorted(f"e{i}" for i in range(1, 101))
+    assert all(s.ack_ms > 0 for s in run.sent)
+    # Due every 5 ms: the schedule, not the answers, sets the send times.
+    gaps = [b.sent_at - a.sent_at for a, b in zip(run.sent, run.sent[1:], strict=False)]
+    assert min(gaps) == pytest.approx(0.005, abs=1e-6)
+
+
+def test_a_refused_request_is_counted_and_has_no_event_id(templates: Path) -> None:
+    with _App("flaky") as app:
+        run = fixed_rate(f"http://127.0.0.1:{app.port}/webhook/order", templates, "abcd0002",
+                         rate_per_s=200, duration_s=0.2)
+    assert len(run.sent) == 40
+    assert sorted(s.status for s in run.sent) == [200] * 30 + [503] * 10
+    assert len(run.ok) == 30 and all(s.event_id for s in run.ok)
+    assert all(s.event_id is None for s in run.sent if s.status == 503)
+
+
+def test_requests_never_answered_count_as_failed_after_the_timeout(
+    templates: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("bench.load.RATE_TIMEOUT_S", 0.5)
+    with _App("silent") as app:
+        run = fixed_rate(f"http://127.0.0.1:{app.port}/webhook/order", templates, "abcd0003",
+                         rate_per_s=100, duration_s=0.2)
+    assert len(run.sent) == 20
+    assert [s.status for s in run.sent].count(200) == 5
+    assert [s.status for s in run.sent].count(0) == 15 and len(run.ok) == 5
