@@ -908,6 +908,7 @@ async def test_a_page_that_cannot_be_normalised_fails_the_cycle_after_the_pages_
     assert api.in_flight == 0
 
 
+@pytest.mark.backends()
 async def test_a_group_commit_counts_each_pages_own_results(store: Store) -> None:
     poller = _scripted(store, FakeApi("poll"), page_size=3)
 
