@@ -286,6 +286,17 @@ async def test_a_batch_is_bounded_by_the_bytes_of_its_bodies(
     assert sorted(p.stat().st_size for p in (tmp_path / "drop").iterdir()) == [1, 2, 4, 4, 4, 30]
 
 
+async def test_files_that_fill_the_byte_bound_exactly_share_a_batch(
+    tmp_path: Path, writer_factory: Callable[..., FolderWriter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tcbridge.filewriter.BATCH_MAX_BYTES", 8)
+    batches = tmp_path / "batches"
+    writer = writer_factory(tmp_path / "drop", record_batches(batches))
+    await writer.write("first.json", b"1")
+    await asyncio.gather(*(writer.write(f"e{i}.json", b"x" * 4) for i in range(2)))
+    assert batches.read_text().split() == ["1", "2"]  # 4 + 4 bytes: at the bound, not over
+
+
 async def test_one_bad_file_fails_only_its_own_write(
     tmp_path: Path, writer_factory: Callable[..., FolderWriter]
 ) -> None:
@@ -457,3 +468,18 @@ async def test_close_with_a_hung_batch_is_bounded_and_kills_the_child(
     with pytest.raises(WriteFailed, match="stopped"):
         await hung
     assert await asyncio.wait_for(child.wait(), 10) == -9
+
+
+async def test_close_fails_the_files_still_waiting_behind_a_hung_batch(
+    tmp_path: Path, writer_factory: Callable[..., FolderWriter]
+) -> None:
+    writer = writer_factory(tmp_path, HANG, hung_after_s=30)
+    hung = await hang_a_batch(writer)
+    waiting = asyncio.create_task(writer.write("b.json", b"3"))  # the next batch's
+    await asyncio.sleep(0.05)
+    with capture_logs():
+        await asyncio.wait_for(writer.close(0.3), 10)
+    for write in (hung, waiting):
+        with pytest.raises(WriteFailed, match=r"^the writer of 'drop' stopped: "):
+            await write
+    assert not (tmp_path / "b.json").exists()
