@@ -271,30 +271,24 @@ async def test_files_handed_in_together_share_a_batch(
     assert (tmp_path / "drop" / "e7.json").read_bytes() == b"x" * 7
 
 
-async def test_a_batch_is_bounded_by_the_bytes_of_its_bodies(
-    tmp_path: Path, writer_factory: Callable[..., FolderWriter], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("tcbridge.filewriter.BATCH_MAX_BYTES", 10)
-    batches = tmp_path / "batches"
-    writer = writer_factory(tmp_path / "drop", record_batches(batches))
-    await writer.write("first.json", b"1")
+@pytest.mark.parametrize(("bound", "sizes", "batches"), [
     # 4 + 4 fit in 10 bytes, a third 4 does not; 30 bytes go alone though over the bound,
     # and the 2 bytes after them in a batch of their own.
-    sizes = [4, 4, 4, 30, 2]
-    await asyncio.gather(*(writer.write(f"e{i}.json", b"x" * n) for i, n in enumerate(sizes)))
-    assert batches.read_text().split() == ["1", "2", "1", "1", "1"]
-    assert sorted(p.stat().st_size for p in (tmp_path / "drop").iterdir()) == [1, 2, 4, 4, 4, 30]
-
-
-async def test_files_that_fill_the_byte_bound_exactly_share_a_batch(
-    tmp_path: Path, writer_factory: Callable[..., FolderWriter], monkeypatch: pytest.MonkeyPatch
+    (10, [4, 4, 4, 30, 2], ["2", "1", "1", "1"]),
+    (8, [4, 4], ["2"]),  # 4 + 4 bytes: at the bound, not over it
+])
+async def test_a_batch_is_bounded_by_the_bytes_of_its_bodies(
+    tmp_path: Path, writer_factory: Callable[..., FolderWriter], monkeypatch: pytest.MonkeyPatch,
+    bound: int, sizes: list[int], batches: list[str],
 ) -> None:
-    monkeypatch.setattr("tcbridge.filewriter.BATCH_MAX_BYTES", 8)
-    batches = tmp_path / "batches"
-    writer = writer_factory(tmp_path / "drop", record_batches(batches))
-    await writer.write("first.json", b"1")
-    await asyncio.gather(*(writer.write(f"e{i}.json", b"x" * 4) for i in range(2)))
-    assert batches.read_text().split() == ["1", "2"]  # 4 + 4 bytes: at the bound, not over
+    monkeypatch.setattr("tcbridge.filewriter.BATCH_MAX_BYTES", bound)
+    recorded = tmp_path / "batches"
+    writer = writer_factory(tmp_path / "drop", record_batches(recorded))
+    await writer.write("first.json", b"1")  # the child starts: one batch of one
+    await asyncio.gather(*(writer.write(f"e{i}.json", b"x" * n) for i, n in enumerate(sizes)))
+    assert recorded.read_text().split() == ["1", *batches]
+    assert sorted(p.stat().st_size for p in (tmp_path / "drop").iterdir()) == sorted(
+        [1, *sizes])
 
 
 async def test_one_bad_file_fails_only_its_own_write(
