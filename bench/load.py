@@ -291,8 +291,8 @@ class _RateClient:
         self._idle: list[_RateConnection] = []
         self._all: set[_RateConnection] = set()
         self._waiting: collections.deque[tuple[Sent, float, bytes]] = collections.deque()
-        self._connections = 0
         self._opening = 0
+        self._growing: set[asyncio.Task[None]] = set()  # referenced until done
         self.open_requests = 0
         self.done = asyncio.Event()
 
@@ -306,7 +306,6 @@ class _RateClient:
                 lambda: _RateConnection(self), self._host, self._port)
         finally:
             self._opening -= 1
-        self._connections += 1
         self._all.add(conn)
         self.free(conn)
 
@@ -318,8 +317,20 @@ class _RateClient:
             self._idle.pop().send(sent, due, request)
             return
         self._waiting.append((sent, due, request))
-        if self._connections + self._opening < RATE_MAX_CONNECTIONS:
-            asyncio.get_running_loop().create_task(self._open())
+        self._grow()
+
+    def _grow(self) -> None:
+        """One more connection for the requests waiting, while under the limit."""
+        if len(self._all) + self._opening < RATE_MAX_CONNECTIONS:
+            task = asyncio.get_running_loop().create_task(self._open_more())
+            self._growing.add(task)
+            task.add_done_callback(self._growing.discard)
+
+    async def _open_more(self) -> None:
+        # A server that refuses more connections leaves the requests waiting for the ones
+        # open; those it never answers count as failed at the end.
+        with contextlib.suppress(OSError):
+            await self._open()
 
     def free(self, conn: _RateConnection) -> None:
         if self._waiting:
@@ -337,12 +348,13 @@ class _RateClient:
 
     def lost(self, conn: _RateConnection, sent: Sent | None) -> None:
         """A connection closed (by the server, or at the end): its request failed."""
-        self._connections -= 1
         self._all.discard(conn)
         if conn in self._idle:
             self._idle.remove(conn)
         if sent is not None:
             self._settled()
+        if self._waiting:  # a server closing connections must not strand the requests
+            self._grow()
 
     def _settled(self) -> None:
         self.open_requests -= 1
@@ -351,6 +363,8 @@ class _RateClient:
 
     def close(self) -> None:
         """Close every connection; a request still unanswered keeps status 0 (failed)."""
+        for task in self._growing:
+            task.cancel()
         for conn in list(self._all):
             conn.current = None
             if conn.transport is not None:
