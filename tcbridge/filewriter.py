@@ -23,6 +23,7 @@ from tcbridge.files import BATCH_MAX, BATCH_MAX_BYTES, LENGTH_BYTES, decode_answ
 log = structlog.get_logger(__name__)
 
 START_TIMEOUT_S = 30.0  # the child's interpreter and imports, on a slow or busy machine
+REAP_TIMEOUT_S = 1.0  # a killed (or failed) child is gone by then unless its I/O hangs
 
 
 class WriteFailed(Exception):
@@ -96,8 +97,7 @@ class FolderWriter:
         if child is not None:
             await _end(child, max(0.1, deadline - loop.time()))
         if self._killed is not None:  # reaped, if its I/O lets it go in time
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._killed.wait(), max(0.1, deadline - loop.time()))
+            await _exit_code(self._killed, max(REAP_TIMEOUT_S, deadline - loop.time()))
 
     async def _run_rounds(self) -> None:
         try:
@@ -223,21 +223,27 @@ def _close_input(child: asyncio.subprocess.Process) -> None:
         child.stdin.close()
 
 
-async def _exit_code(child: asyncio.subprocess.Process) -> int | None:
+async def _exit_code(child: asyncio.subprocess.Process,
+                     within_s: float = REAP_TIMEOUT_S) -> int | None:
+    """The child's exit code once it has exited and its pipes are closed (``wait`` waits
+    for both), or None if that takes longer than ``within_s``."""
     with contextlib.suppress(TimeoutError):
-        return await asyncio.wait_for(child.wait(), 1.0)
+        return await asyncio.wait_for(child.wait(), within_s)
     return None
 
 
 async def _end(child: asyncio.subprocess.Process, timeout_s: float) -> None:
-    """Close the child's input (it ends on its own); kill it if it is still there."""
+    """Close the child's input (it ends on its own); kill it if it is still there, and
+    reap it (bounded: a process in uninterruptible sleep exits only once its I/O returns)."""
     _close_input(child)
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(child.wait(), timeout_s)
+    if await _exit_code(child, timeout_s) is not None:
         return
     log.error("files.writer_killed", pid=child.pid, why="did not end at shutdown")
     with contextlib.suppress(ProcessLookupError):
         child.kill()
+    if await _exit_code(child) is None:
+        log.error("files.writer_unreaped", pid=child.pid,
+                  message=f"killed, but not gone after {REAP_TIMEOUT_S:g} s: its disk may hang")
 
 
 def _settle(f: _File, error: BaseException | None) -> None:

@@ -461,6 +461,27 @@ async def test_close_with_a_hung_batch_is_bounded_and_kills_the_child(
     assert [e["event"] for e in logs] == ["files.writer_abandoned", "files.writer_killed"]
     with pytest.raises(WriteFailed, match="stopped"):
         await hung
+    assert child.returncode == -9  # reaped by close itself: no process or pipe left behind
+
+
+async def test_close_says_so_when_the_child_it_killed_does_not_go(
+    tmp_path: Path, writer_factory: Callable[..., FolderWriter],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    writer = writer_factory(tmp_path, HANG, hung_after_s=30)
+    hung = await hang_a_batch(writer)
+    child = writer._child
+    assert child is not None
+    monkeypatch.setattr(asyncio.subprocess.Process, "kill", lambda self: None)  # unkillable
+    with capture_logs() as logs:
+        await asyncio.wait_for(writer.close(0.3), 10)  # bounded all the same
+    assert [e["event"] for e in logs] == [
+        "files.writer_abandoned", "files.writer_killed", "files.writer_unreaped"]
+    assert logs[-1]["pid"] == child.pid
+    with pytest.raises(WriteFailed, match="stopped"):
+        await hung
+    monkeypatch.undo()
+    child.kill()
     assert await asyncio.wait_for(child.wait(), 10) == -9
 
 
