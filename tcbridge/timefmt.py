@@ -10,6 +10,9 @@ from tcbridge.errors import InvalidEvent
 
 _DELTA_SECONDS = re.compile(r"\d{1,10}(\.\d{1,6})?")  # RFC 9110 allows digits; we allow a fraction
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The instants a UTC datetime can hold, in microseconds since the epoch.
+_MIN_US = -62_135_596_800_000_000  # 0001-01-01T00:00:00Z
+_MAX_US = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z
 
 
 def parse_instant(value: object) -> datetime:
@@ -32,7 +35,24 @@ def parse_instant(value: object) -> datetime:
 
 
 def instant_us(value: object) -> int:
-    """Microseconds since the epoch of a Tradecloud timestamp: the key for comparing instants."""
+    """Microseconds since the epoch of a Tradecloud timestamp: the key for comparing instants.
+
+    Tradecloud's own form (``2026-12-03T11:51:56.005Z``) is read by ``fromisoformat``
+    alone (Python 3.11 reads the ``Z``) and subtracted as is, about 0.6 against 1.4 us (an
+    order of a poll page has a stamp per line); anything else, and any instant outside what
+    :func:`parse_instant` can convert to UTC, goes through it, for the same answer or error.
+    """
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            if parsed.tzinfo is not None:
+                delta = parsed - _EPOCH
+                us = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+                if _MIN_US <= us <= _MAX_US:
+                    return us
     delta = parse_instant(value) - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
