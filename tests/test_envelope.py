@@ -513,3 +513,15 @@ def test_an_order_events_lines_are_its_changed_lines_whatever_their_stamps() -> 
     body["orderEvent"]["lines"][0]["lastUpdatedAt"] = "2024-05-01T10:00:00.000Z"
     body["orderEvent"]["lines"][1]["lastUpdatedAt"] = "not a time"  # [2] has none
     assert parse_order_webhook(body).line_ids == ("l1", "l2", "l3")
+
+
+def test_a_copy_of_a_candidate_has_the_event_id_of_what_it_says() -> None:
+    """The event id is kept once computed; a copy made with replace() computes its own."""
+    candidate = parse_snapshot("order", order_obj("o1", "2024-05-01T10:00:00Z"), "poll")
+    first = candidate.event_id
+    assert candidate.event_id == first == event_id("order", "o1", candidate.version_key)
+    for changes in ({"entity_id": "o2"}, {"version_key": "t:1"}, {"kind": "shipment"}):
+        copy_ = replace(candidate, **changes)  # type: ignore[arg-type]
+        assert copy_.event_id == event_id(copy_.kind, copy_.entity_id, copy_.version_key)
+        assert copy_.event_id != first
+    assert replace(candidate) == candidate  # the kept id is no part of equality
