@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +116,16 @@ async def test_a_standby_replica_is_ready_and_says_so(tmp_path: Path) -> None:
         assert app.poller_role(webhook_only, parts) == "disabled"
     finally:
         await parts.store.close()
+
+
+def test_tune_gc_sets_the_thresholds_and_freezes_what_exists() -> None:
+    thresholds = gc.get_threshold()
+    try:
+        kept = object.__new__(type("Kept", (), {}))  # a tracked object made before the call
+        app.tune_gc()
+        assert gc.get_threshold() == app.GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+        assert not any(o is kept for o in gc.get_objects())  # frozen: no longer collected
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)

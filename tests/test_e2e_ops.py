@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tcbridge.app import GC_THRESHOLDS
 from tests.conftest import (
     DAEMON_ENV,
     PG_PASSWORD,
@@ -63,6 +64,9 @@ async def test_admin_endpoints_and_metrics(
     daemon = daemon_factory({"handlers": [
         {"name": "drop", "type": "file", "directory": str(tmp_path / "out")}]})
     await daemon.start()
+    [started] = await daemon.wait_for_log("tcbridge.started")
+    assert started["gc_thresholds"] == list(GC_THRESHOLDS)  # the collector tuned (app.tune_gc)
+    assert started["gc_frozen"] > 10_000  # the start's objects kept out of full collections
     assert (await get(f"{daemon.admin_url}/healthz"))[0] == 200
     status, document = await get(f"{daemon.admin_url}/openapi.json")
     assert status == 200 and "/webhook/order" in json.loads(document)["paths"]
