@@ -48,12 +48,15 @@ def instant_us(value: object) -> int:
         except ValueError:
             pass
         else:
-            if parsed.tzinfo is not None:
-                delta = parsed - _EPOCH
-                us = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+            if parsed.tzinfo is not None:  # aware: it subtracts from the epoch as it is
+                us = _since_epoch_us(parsed)
                 if _MIN_US <= us <= _MAX_US:
                     return us
-    delta = parse_instant(value) - _EPOCH
+    return _since_epoch_us(parse_instant(value))
+
+
+def _since_epoch_us(moment: datetime) -> int:
+    delta = moment - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
