@@ -448,7 +448,7 @@ GC_THRESHOLDS = (50_000, 20, 10)
 
 def tune_gc() -> None:
     """Set the collector's thresholds for this daemon and freeze what the start made."""
-    gc.collect()
+    gc.collect()  # first, so garbage of the start is freed, not frozen for good
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
 

@@ -121,7 +121,7 @@ async def test_a_standby_replica_is_ready_and_says_so(tmp_path: Path) -> None:
 def test_tune_gc_sets_the_thresholds_and_freezes_what_exists() -> None:
     thresholds = gc.get_threshold()
     try:
-        kept = object.__new__(type("Kept", (), {}))  # a tracked object made before the call
+        kept = type("Kept", (), {})()  # a tracked object made before the call
         app.tune_gc()
         assert gc.get_threshold() == app.GC_THRESHOLDS
         assert gc.get_freeze_count() > 0

@@ -59,6 +59,12 @@ def stamps(draw: st.DrawFn) -> str:
 @example("0001-01-01T00:00:00Z")
 @example("9999-12-31T23:59:59.999999Z")
 @example("9999-12-31T23:59:59-01:00")  # after year 9999 in UTC
+@example("9999-12-31T23:59:59.999999-23:59")  # the widest offsets at both ends
+@example("0001-01-01T00:00:00+23:59")
+@example("2024-01-01T00:00:00+05:30:15.5")  # an offset with seconds
+@example("2024-01-01T00:00:00.1234567890123Z")  # more digits than microseconds
+@example("2024-W01-1T00:00Z")  # an ISO week date
+@example("2024-01-01T00:00:00\ud800Z")  # a lone surrogate
 @example("2024-05-01T12:00:00.000+02:00")
 @example("2024-05-01T10:00:00.000z")
 @example("20240501T100000Z")
