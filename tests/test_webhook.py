@@ -150,6 +150,47 @@ async def test_body_over_limit_gets_413(client_factory: Client, store: Store) ->
     assert "max_body_bytes" in reason
 
 
+async def _send_in_two(port: int, body: bytes, pause_s: float | None) -> bytes:
+    """POST ``body`` with its head and first byte at once, the rest after ``pause_s`` (never,
+    when None); everything the server said before it closed the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /webhook/order HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 + f"Authorization: Bearer {TOKEN_VALUE}\r\n".encode()
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:1])
+    try:
+        if pause_s is not None:
+            await asyncio.sleep(pause_s)
+            writer.write(body[1:])
+        return await asyncio.wait_for(reader.read(), timeout=30)
+    finally:
+        writer.close()
+
+
+async def test_a_body_that_comes_after_its_head_is_read_within_the_body_timeout(
+    client_factory: Client, store: Store,
+) -> None:
+    client, _, _ = await client_factory(body_timeout_s=10)
+    body = json.dumps(order_event_body("o-later")).encode()
+    answer = await _send_in_two(client.port, body, pause_s=0.3)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert (await store.counts())["events"] == 1
+
+
+async def test_a_body_that_stops_coming_is_cut_off_with_a_503(
+    client_factory: Client, store: Store,
+) -> None:
+    client, _, _ = await client_factory(body_timeout_s=0.3)
+    body = json.dumps(order_event_body("o-never")).encode()
+    answer = await _send_in_two(client.port, body, pause_s=None)
+    assert answer.startswith(b"HTTP/1.1 503"), answer
+    assert b"Retry-After: 7" in answer
+    assert (await store.counts())["events"] == 0
+    # and a whole body still is stored at once
+    response = await client.post("/webhook/order", json=order_event_body("o-whole"),
+                                 headers=TOKEN)
+    assert response.status == 200
+
+
 async def test_store_that_cannot_commit_gives_503(client_factory: Client, store: Store) -> None:
     client, _, _ = await client_factory()
     blocker = sqlite3.connect(store.path, isolation_level=None, timeout=0)
