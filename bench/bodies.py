@@ -13,6 +13,7 @@ import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 from tcbridge.simulator import Simulator
 
@@ -73,13 +74,40 @@ def stamp_of(epoch_ms: int) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{epoch_ms % 1000:03d}Z"
 
 
+IdScheme = Literal["sequential", "random"]
+ID_SCHEMES: tuple[IdScheme, ...] = ("sequential", "random")
+_SCATTER = 2_654_435_761  # Knuth's multiplicative hash: consecutive n far apart in 32 bits
+
+
+def order_id(prefix: str, worker: int, n: int, ids: IdScheme = "sequential") -> str:
+    """The order id of request ``n`` of ``worker``, as post.lua makes it. "sequential" ids
+    count up, so the store's indexes keyed by the entity take each new one at their right
+    edge; "random" ones begin with 8 scattered hex digits, so each lands anywhere, as
+    Tradecloud's UUIDs do (bench/README.md, round 8). Both are unique by (prefix, worker, n)."""
+    if ids == "random":
+        head = f"{(n * _SCATTER + worker * 40_503 + prefix_hash(prefix)) % 2**32:08x}"
+        return f"{head}-{worker:04x}-4000-8000-{n:012d}"
+    return f"{prefix}-{worker:04x}-4000-8000-{n:012d}"
+
+
+def prefix_hash(prefix: str) -> int:
+    """A 32-bit hash of the run's prefix (h * 31 + byte, as post.lua computes it), so two
+    runs' random ids differ as their sequential ones do."""
+    h = 0
+    for byte in prefix.encode():
+        h = (h * 31 + byte) % 2**32
+    return h
+
+
 class BodyMaker:
     """Unique bodies for the Python load clients, in the same scheme as post.lua."""
 
-    def __init__(self, templates: list[str], prefix: str, worker: int = 0) -> None:
+    def __init__(self, templates: list[str], prefix: str, worker: int = 0,
+                 ids: IdScheme = "sequential") -> None:
         self._templates = templates
         self._prefix = prefix
         self._worker = worker
+        self._ids = ids
         self._counter = 0
         self._base_ms = int(time.time() * 1000) - 86_400_000
 
@@ -87,11 +115,11 @@ class BodyMaker:
         """(order id, body) of the next request."""
         self._counter += 1
         n = self._counter
-        order_id = f"{self._prefix}-{self._worker:04x}-4000-8000-{n:012d}"
+        order_id_ = order_id(self._prefix, self._worker, n, self._ids)
         stamp = stamp_of(self._base_ms + n * 16 + self._worker % 16)
         message_id = f"{self._prefix}-{self._worker:04x}-4000-9000-{n:012d}"
         template = self._templates[n % len(self._templates)]
-        return order_id, fill(template, order_id, stamp, message_id).encode()
+        return order_id_, fill(template, order_id_, stamp, message_id).encode()
 
 
 def sizes(templates: list[str]) -> tuple[int, float, int]:

@@ -26,7 +26,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from bench.bodies import BodyMaker
+from bench.bodies import BodyMaker, IdScheme
 from bench.common import BENCH, TOKEN, CpuCost, CpuMeter
 
 WRK_TIMEOUT_S = 10
@@ -94,13 +94,13 @@ def closed_loop(url: str, templates_path: Path, prefix: str, *, connections: int
 
 def closed_until(url: str, templates_path: Path, prefix: str, *, connections: int,
                  stop: threading.Event, max_s: float, token: str | None = TOKEN,
-                 force_python: bool = False) -> LoadResult:
+                 force_python: bool = False, ids: IdScheme = "sequential") -> LoadResult:
     """``closed_loop`` that ends when ``stop`` is set (or after ``max_s``): wrk gets SIGINT,
     which makes it stop and print its summary as at the end of its duration."""
     wrk = wrk_path()
     if wrk and not force_python:
         proc = subprocess.Popen(_wrk_argv(wrk, url, templates_path, prefix, connections,
-                                          max_s, token),
+                                          max_s, token, ids),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         while proc.poll() is None and not stop.wait(0.1):
             pass
@@ -113,14 +113,16 @@ def closed_until(url: str, templates_path: Path, prefix: str, *, connections: in
             stdout, stderr = proc.communicate()
         return _wrk_result(proc.returncode, stdout, stderr)
     templates = templates_path.read_text(encoding="utf-8").splitlines()
-    return asyncio.run(_python_closed(url, templates, prefix, connections, max_s, token, stop))
+    return asyncio.run(_python_closed(url, templates, prefix, connections, max_s, token, stop,
+                                      ids))
 
 
 def _wrk_argv(wrk: str, url: str, templates_path: Path, prefix: str, connections: int,
-              duration_s: float, token: str | None) -> list[str]:
+              duration_s: float, token: str | None,
+              ids: IdScheme = "sequential") -> list[str]:
     return [wrk, "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
             f"--timeout={WRK_TIMEOUT_S}s", "--latency", "-s", str(BENCH / "post.lua"), url,
-            "--", str(templates_path), token or "", prefix]
+            "--", str(templates_path), token or "", prefix, ids]
 
 
 def _run_wrk(wrk: str, url: str, templates_path: Path, prefix: str, connections: int,
@@ -161,7 +163,8 @@ def _headers(token: str | None) -> dict[str, str]:
 
 async def _python_closed(url: str, templates: list[str], prefix: str, connections: int,
                          duration_s: float, token: str | None,
-                         stop: threading.Event | None = None) -> LoadResult:
+                         stop: threading.Event | None = None,
+                         ids: IdScheme = "sequential") -> LoadResult:
     latencies: list[float] = []
     errors = 0
     headers = _headers(token)
@@ -170,7 +173,7 @@ async def _python_closed(url: str, templates: list[str], prefix: str, connection
 
     async def worker(number: int, session: aiohttp.ClientSession, end: float) -> None:
         nonlocal errors
-        maker = BodyMaker(templates, prefix, number + 1)
+        maker = BodyMaker(templates, prefix, number + 1, ids)
         while time.monotonic() < end and not (stop is not None and stop.is_set()):
             _, body = maker.next()
             started = time.monotonic()

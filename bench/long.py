@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.bodies import make_templates, sizes, write_templates
+from bench.bodies import ID_SCHEMES, IdScheme, make_templates, sizes, write_templates
 from bench.common import ROOT, CpuCost, CpuMeter, Daemon, db_query, file_size, rss_kb
 from bench.load import LoadResult, closed_until, tool_name
 from bench.run import _clean, _row_dict, describe_machine, format_table
@@ -172,7 +172,8 @@ def _sample_until(daemon: Daemon, target: int, interval_s: float, load: threadin
 
 
 def run_long(workdir: Path, events: int, *, connections: int, interval_s: float,
-             max_s: float, force_python: bool) -> tuple[list[Row], dict[str, Any]]:
+             max_s: float, force_python: bool,
+             ids: IdScheme = "sequential") -> tuple[list[Row], dict[str, Any]]:
     """Push ``events`` webhooks through a fresh daemon and compare its start and end."""
     templates_path = write_templates(workdir / "templates.txt", make_templates())
     daemon = Daemon(workdir, "long", {"handlers": [PARKED]})
@@ -183,7 +184,8 @@ def run_long(workdir: Path, events: int, *, connections: int, interval_s: float,
         try:
             outcome["load"] = closed_until(
                 daemon.url + "/webhook/order", templates_path, "10ad0001",
-                connections=connections, stop=stop, max_s=max_s, force_python=force_python)
+                connections=connections, stop=stop, max_s=max_s, force_python=force_python,
+                ids=ids)
         except BaseException as e:  # reported by the main thread
             outcome["load"] = e
 
@@ -225,17 +227,19 @@ def main(argv: list[str] | None = None) -> int:
     workdir = (args.workdir or ROOT / "var" / "bench" / f"{stamp}-long").resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     tool = tool_name(args.python_load)
-    print(f"tcbridge long run: {events:,} events, {args.connections} connections, load from "
-          f"{tool}, sampled every {interval_s:g} s, in {workdir}", flush=True)
+    print(f"tcbridge long run: {events:,} events, {args.connections} connections, {args.ids} "
+          f"order ids, load from {tool}, sampled every {interval_s:g} s, in {workdir}",
+          flush=True)
     machine = describe_machine(workdir)
     started = time.monotonic()
     table_rows, data = run_long(workdir, events, connections=args.connections,
                                 interval_s=interval_s, max_s=max_s,
-                                force_python=args.python_load)
+                                force_python=args.python_load, ids=args.ids)
     elapsed = time.monotonic() - started
     print("\n" + format_table(table_rows))
     print(f"\n{data['stored']:,} events stored in {elapsed:.0f} s (with start and checks)")
     results = {"when": stamp, "benchmark": "long", "smoke": args.smoke, "load_tool": tool,
+               "ids": args.ids,
                "machine": machine, "elapsed_s": round(elapsed),
                "rows": [_row_dict(r) for r in table_rows], "data": data}
     (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str))
@@ -257,6 +261,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="give up the load after this long (default events / 100 s)")
     parser.add_argument("--python-load", action="store_true",
                         help="use the aiohttp load client even if wrk is installed")
+    parser.add_argument("--ids", choices=ID_SCHEMES, default="sequential",
+                        help="order ids: counting up (the suite's) or random, as Tradecloud's"
+                        " UUIDs (bench/README.md, round 8)")
     parser.add_argument("--workdir", type=Path, help="default: var/bench/<time>-long")
     parser.add_argument("--keep", action="store_true",
                         help="keep the store (about 5 GB for a million events)")

@@ -1,13 +1,15 @@
 -- wrk script: POST a unique, realistic order event on every request.
 --
 --   wrk -t1 -c64 -d10s -s bench/post.lua http://127.0.0.1:PORT/webhook/order -- \
---       TEMPLATES_FILE BEARER_TOKEN PREFIX
+--       TEMPLATES_FILE BEARER_TOKEN PREFIX [IDS]
 --
 -- TEMPLATES_FILE holds one JSON body per line (bench/bodies.py writes it) with the
 -- placeholders @@ORDER@@, @@STAMP@@ and @@MSG@@. Each request fills them from a per-thread
 -- counter and the thread number, so every body is a new order (distinct orderId) with its
 -- own lastUpdatedAt and messageId: nothing the daemon sees is a duplicate. PREFIX is
--- random per run, so runs never collide either. done() prints one line of JSON after
+-- random per run, so runs never collide either. IDS "random" begins each order id with 8
+-- scattered hex digits instead of PREFIX, so the ids land anywhere in the store's indexes
+-- as Tradecloud's UUIDs do (bench/bodies.py order_id makes the same ids). done() prints one line of JSON after
 -- "BENCH_JSON " for bench/load.py to read (latencies in microseconds).
 
 local threads = {}
@@ -42,6 +44,9 @@ end
 function init(args)
   local path, token = args[1], args[2]
   prefix = args[3] or "bench000"
+  random_ids = args[4] == "random"
+  prefix_hash = 0
+  for i = 1, #prefix do prefix_hash = (prefix_hash * 31 + string.byte(prefix, i)) % 4294967296 end
   for line in io.lines(path) do
     if #line > 0 then table.insert(templates, compile(line)) end
   end
@@ -56,8 +61,12 @@ function request()
   counter = counter + 1
   local stamp_ms = base_ms + counter * 16 + (tid % 16)
   local secs = math.floor(stamp_ms / 1000)
+  local head = prefix
+  if random_ids then
+    head = string.format("%08x", (counter * 2654435761 + tid * 40503 + prefix_hash) % 4294967296)
+  end
   local values = {
-    string.format("%s-%04x-4000-8000-%012d", prefix, tid, counter),
+    string.format("%s-%04x-4000-8000-%012d", head, tid, counter),
     os.date("!%Y-%m-%dT%H:%M:%S", secs) .. string.format(".%03dZ", stamp_ms % 1000),
     string.format("%s-%04x-4000-9000-%012d", prefix, tid, counter),
   }

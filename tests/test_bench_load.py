@@ -5,6 +5,9 @@ and matched with its event id, and that failures are counted as failures."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,8 +15,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from bench.bodies import make_templates, write_templates
-from bench.load import fixed_rate
+from bench.bodies import BodyMaker, IdScheme, make_templates, order_id, prefix_hash, write_templates
+from bench.load import _wrk_argv, fixed_rate, wrk_path
 
 
 class _App:
@@ -109,3 +112,39 @@ def test_requests_never_answered_count_as_failed_after_the_timeout(
     assert len(run.sent) == 20
     assert [s.status for s in run.sent].count(200) == 5
     assert [s.status for s in run.sent].count(0) == 15 and len(run.ok) == 5
+
+
+@pytest.mark.parametrize("ids", ["sequential", "random"])
+def test_wrk_script_makes_the_order_ids_python_makes(templates: Path, ids: IdScheme) -> None:
+    wrk = wrk_path()
+    if wrk is None:
+        pytest.skip("wrk is not installed (.ci/run installs it)")
+    with _App("keep-alive") as app:
+        argv = _wrk_argv(wrk, f"http://127.0.0.1:{app.port}/webhook/order", templates,
+                         "10ad0001", 2, 1, None, ids)
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    sent = [json.loads(body)["orderEvent"]["orderId"] for body in app.bodies]
+    assert len(sent) >= 10
+    made = {order_id("10ad0001", 1, n, ids) for n in range(1, len(sent) + 65)}
+    assert set(sent) <= made  # the same ids, whichever connection carried which
+    assert len(set(sent)) == len(sent)
+    assert (sorted(sent) == sent) == (ids == "sequential")
+
+
+def test_random_order_ids_are_scattered_unique_and_differ_by_prefix() -> None:
+    ids = [order_id("10ad0001", 3, n, "random") for n in range(1, 5001)]
+    assert len(set(ids)) == len(ids)
+    heads = [i[:8] for i in ids]
+    rises = sum(a < b for a, b in itertools.pairwise(heads))
+    assert 1500 < rises < 3500  # neither counting up nor down: about half the steps rise
+    assert order_id("10ad0002", 3, 1, "random") != ids[0]
+    assert order_id("10ad0001", 3, 7) == "10ad0001-0003-4000-8000-000000000007"
+    assert prefix_hash("ab") == (ord("a") * 31 + ord("b"))
+
+
+def test_body_maker_uses_the_scheme_it_is_given() -> None:
+    maker = BodyMaker(make_templates(2), "10ad0001", 5, "random")
+    order, body = maker.next()
+    assert order == order_id("10ad0001", 5, 1, "random")
+    assert json.loads(body)["orderEvent"]["orderId"] == order
