@@ -239,6 +239,7 @@ RATE_CONNECTIONS = 64  # opened before the first request; more (up to 256) when 
 RATE_MAX_CONNECTIONS = 256
 RATE_TIMEOUT_S = 30.0  # an answer later than this after the last request counts as failed
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
+_CONNECTION_CLOSE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
 
 
 class _RateConnection(asyncio.Protocol):
@@ -276,7 +277,14 @@ class _RateConnection(asyncio.Protocol):
         current, self.current = self.current, None
         if current is not None:
             self._client.answered(current[0], current[1], int(head[9:12]), body)
-        self._client.free(self)
+        if _CONNECTION_CLOSE.search(head):
+            # The server closes it after this answer: a request written on it now would be
+            # lost unread, and counted as failed.
+            self._client.retire(self)
+            if self.transport is not None:
+                self.transport.close()
+        else:
+            self._client.free(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         current, self.current = self.current, None
@@ -349,14 +357,22 @@ class _RateClient:
                 sent.event_id = orjson.loads(body).get("eventId")
         self._settled()
 
+    def retire(self, conn: _RateConnection) -> None:
+        """Forget a connection the server has said it closes; another for those waiting."""
+        if conn in self._all:
+            self._all.discard(conn)
+            if self._waiting:
+                self._grow()
+
     def lost(self, conn: _RateConnection, sent: Sent | None) -> None:
         """A connection closed (by the server, or at the end): its request failed."""
+        known = conn in self._all
         self._all.discard(conn)
         if conn in self._idle:
             self._idle.remove(conn)
         if sent is not None:
             self._settled()
-        if self._waiting:  # a server closing connections must not strand the requests
+        if known and self._waiting:  # a server closing connections must not strand them
             self._grow()
 
     def _settled(self) -> None:

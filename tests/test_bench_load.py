@@ -5,6 +5,7 @@ and matched with its event id, and that failures are counted as failures."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import subprocess
@@ -68,6 +69,49 @@ class _App:
         assert self._loop is not None and self._stop is not None
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
+
+
+class _LingeringCloser(_App):
+    """A bare HTTP/1.1 server that answers each connection's first request with
+    ``Connection: close`` and only closes it 0.3 s later, reading nothing more: a request
+    written on it meanwhile is never seen."""
+
+    LINGER_S = 0.3
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            self.bodies.append(await reader.readexactly(length))
+            answer = b'{"eventId": "e%d"}' % len(self.bodies)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(answer), answer))
+            await writer.drain()
+            await asyncio.sleep(self.LINGER_S)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        await self._stop.wait()
+        server.close()
+        await asyncio.sleep(self.LINGER_S + 0.2)  # every connection has closed by then
+
+
+def test_a_connection_the_server_closes_is_not_used_again(templates: Path) -> None:
+    with _LingeringCloser("close") as app:
+        run = fixed_rate(f"http://127.0.0.1:{app.port}/webhook/order", templates, "abcd0003",
+                         rate_per_s=200, duration_s=0.5)
+    assert len(run.sent) == 100 == len(app.bodies)
+    assert {s.status for s in run.sent} == {200}
 
 
 @pytest.fixture
