@@ -115,11 +115,11 @@ class BodyMaker:
         """(order id, body) of the next request."""
         self._counter += 1
         n = self._counter
-        order_id_ = order_id(self._prefix, self._worker, n, self._ids)
+        order = order_id(self._prefix, self._worker, n, self._ids)
         stamp = stamp_of(self._base_ms + n * 16 + self._worker % 16)
         message_id = f"{self._prefix}-{self._worker:04x}-4000-9000-{n:012d}"
         template = self._templates[n % len(self._templates)]
-        return order_id_, fill(template, order_id_, stamp, message_id).encode()
+        return order, fill(template, order, stamp, message_id).encode()
 
 
 def sizes(templates: list[str]) -> tuple[int, float, int]:

@@ -358,22 +358,21 @@ class _RateClient:
         self._settled()
 
     def retire(self, conn: _RateConnection) -> None:
-        """Forget a connection the server has said it closes; another for those waiting."""
-        if conn in self._all:
-            self._all.discard(conn)
-            if self._waiting:
-                self._grow()
-
-    def lost(self, conn: _RateConnection, sent: Sent | None) -> None:
-        """A connection closed (by the server, or at the end): its request failed."""
-        known = conn in self._all
+        """Forget a connection that is closing (the server said so, or it is gone), once;
+        a server closing connections must not strand the requests waiting for one."""
+        if conn not in self._all:
+            return
         self._all.discard(conn)
         if conn in self._idle:
             self._idle.remove(conn)
+        if self._waiting:
+            self._grow()
+
+    def lost(self, conn: _RateConnection, sent: Sent | None) -> None:
+        """A connection closed (by the server, or at the end): its request failed."""
+        self.retire(conn)
         if sent is not None:
             self._settled()
-        if known and self._waiting:  # a server closing connections must not strand them
-            self._grow()
 
     def _settled(self) -> None:
         self.open_requests -= 1

@@ -9,8 +9,9 @@
 -- own lastUpdatedAt and messageId: nothing the daemon sees is a duplicate. PREFIX is
 -- random per run, so runs never collide either. IDS "random" begins each order id with 8
 -- scattered hex digits instead of PREFIX, so the ids land anywhere in the store's indexes
--- as Tradecloud's UUIDs do (bench/bodies.py order_id makes the same ids). done() prints one line of JSON after
--- "BENCH_JSON " for bench/load.py to read (latencies in microseconds).
+-- as Tradecloud's UUIDs do (bench/bodies.py order_id makes the same ids). done() prints
+-- one line of JSON after "BENCH_JSON " for bench/load.py to read (latencies in
+-- microseconds).
 
 local threads = {}
 local counter = 0
@@ -46,7 +47,9 @@ function init(args)
   prefix = args[3] or "bench000"
   random_ids = args[4] == "random"
   prefix_hash = 0
-  for i = 1, #prefix do prefix_hash = (prefix_hash * 31 + string.byte(prefix, i)) % 4294967296 end
+  for i = 1, #prefix do
+    prefix_hash = (prefix_hash * 31 + string.byte(prefix, i)) % 4294967296
+  end
   for line in io.lines(path) do
     if #line > 0 then table.insert(templates, compile(line)) end
   end

@@ -24,12 +24,12 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.bodies import ID_SCHEMES, IdScheme, fill, make_templates, order_id, stamp_of
+from bench.bodies import ID_SCHEMES, BodyMaker, IdScheme, make_templates
 from bench.common import parse_stat_cpu_ticks
 from tcbridge.config import StoreSettings
 from tcbridge.envelope import Candidate, parse_order_webhook
@@ -39,7 +39,6 @@ from tcbridge.webhook import decode_body
 TENTHS = 10
 CHUNK = 5_000  # events parsed at a time between timed stretches (a few MB of candidates)
 FEEDERS = 64  # tasks awaiting ingest at once, as wrk's 64 connections
-BASE_MS = 1_714_557_600_000  # 2024-05-01T10:00:00Z: every stamp distinct and increasing
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,17 +51,9 @@ class Tenth:
     read_b: float
 
 
-def order_ids(ids: IdScheme) -> Callable[[int], str]:
-    """The order id of the i-th event, as the load clients make them (bench/bodies.py)."""
-    return lambda i: order_id("writer00", 1, i, ids)
-
-
-def candidates(templates: Sequence[str], ids: Callable[[int], str], start: int,
-               count: int) -> list[Candidate]:
-    """``count`` webhook candidates from event number ``start``: each a new change."""
-    return [parse_order_webhook(decode_body(fill(
-        templates[i % len(templates)], ids(i), stamp_of(BASE_MS + i), f"msg-{i:012d}").encode()))
-        for i in range(start, start + count)]
+def candidates(maker: BodyMaker, count: int) -> list[Candidate]:
+    """The next ``count`` bodies of the load clients' ``maker``, parsed: each a new change."""
+    return [parse_order_webhook(decode_body(maker.next()[1])) for _ in range(count)]
 
 
 def io_bytes() -> tuple[int, int]:
@@ -104,9 +95,10 @@ def _parked(_envelope: Mapping[str, Any]) -> Sequence[str]:
     return ("parked",)  # one outbox row per event, as the long run's parked handler
 
 
-async def measure(path: Path, events: int, ids: Callable[[int], str]) -> list[Tenth]:
-    """Store ``events`` new events in a new file at ``path``; the cost of each tenth."""
-    templates = make_templates()
+async def measure(path: Path, events: int, ids: IdScheme) -> list[Tenth]:
+    """Store ``events`` new events (rounded down to tenths) in a new file at ``path``; the
+    cost of each tenth."""
+    maker = BodyMaker(make_templates(), "writer00", 1, ids)
     tenth = max(1, events // TENTHS)
     out: list[Tenth] = []
     async with Store(path, StoreSettings(path=path), route=_parked) as store:
@@ -114,7 +106,7 @@ async def measure(path: Path, events: int, ids: Callable[[int], str]) -> list[Te
         for first in range(0, tenth * TENTHS, tenth):
             cpu = wall = written = read = 0.0
             for start in range(first, first + tenth, CHUNK):
-                batch = candidates(templates, ids, start, min(CHUNK, first + tenth - start))
+                batch = candidates(maker, min(CHUNK, first + tenth - start))
                 cpu0, wall0, (w0, r0) = thread_cpu_s(writer), time.perf_counter(), io_bytes()
                 await feed(store, batch)
                 w1, r1 = io_bytes()
@@ -133,11 +125,14 @@ def report(tenths: Sequence[Tenth]) -> str:
     lines += [f"| {n} | {t.cpu_us:.0f} | {t.wall_us:.0f} | {t.written_b:,.0f} | {t.read_b:,.0f} |"
               for n, t in enumerate(tenths, 1)]
     first, last = tenths[0], tenths[-1]
-    if first.wall_us > 0 and last.cpu_us > 0:
-        lines.append(f"\nlast tenth / first: rate {first.wall_us / last.wall_us:.2f}, CPU per "
-                     f"event {last.cpu_us / max(first.cpu_us, 1e-9):.2f}, bytes written per "
-                     f"event {last.written_b / max(first.written_b, 1e-9):.2f}")
+    lines.append(f"\nlast tenth / first: rate {_ratio(first.wall_us, last.wall_us)}, CPU per "
+                 f"event {_ratio(last.cpu_us, first.cpu_us)}, bytes written per event "
+                 f"{_ratio(last.written_b, first.written_b)}")
     return "\n".join(lines)
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b > 0 else "-"  # a tenth too short for the clock has 0 CPU
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
         print(f"writer alone: {args.events:,} events, {args.ids} order ids, in {scratch}",
               flush=True)
-        tenths = asyncio.run(measure(Path(scratch) / "writer.db", args.events,
-                                     order_ids(args.ids)))
+        tenths = asyncio.run(measure(Path(scratch) / "writer.db", args.events, args.ids))
     print(report(tenths))
     return 0
 

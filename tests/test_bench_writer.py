@@ -12,18 +12,22 @@ from pathlib import Path
 
 import pytest
 
-from bench.bodies import make_templates, order_id
-from bench.writer import Tenth, candidates, io_bytes, main, measure, order_ids, report
+from bench.bodies import BodyMaker, make_templates, order_id
+from bench.writer import Tenth, candidates, io_bytes, main, measure, report
 
 
 def test_ids_are_the_load_clients_ids() -> None:
-    assert [order_ids("sequential")(n) for n in (1, 2)] == [
+    sequential = candidates(BodyMaker(make_templates(2), "writer00", 1), 2)
+    assert [c.entity_id for c in sequential] == [
         order_id("writer00", 1, n, "sequential") for n in (1, 2)]
-    assert order_ids("random")(9) == order_id("writer00", 1, 9, "random")
+    scattered = candidates(BodyMaker(make_templates(2), "writer00", 1, "random"), 9)
+    assert scattered[-1].entity_id == order_id("writer00", 1, 9, "random")
 
 
 def test_candidates_are_distinct_new_changes() -> None:
-    made = candidates(make_templates(4), order_ids("sequential"), 100, 8)
+    maker = BodyMaker(make_templates(4), "writer00", 1)
+    candidates(maker, 99)
+    made = candidates(maker, 8)
     assert len(made) == 8
     assert len({c.event_id for c in made}) == 8
     assert len({c.entity_id for c in made}) == 8
@@ -40,7 +44,7 @@ def test_io_bytes_count_a_write() -> None:
 
 async def test_every_event_fed_is_stored_with_its_outbox_row(tmp_path: Path) -> None:
     path = tmp_path / "writer.db"
-    tenths = await measure(path, 300, order_ids("random"))
+    tenths = await measure(path, 300, "random")
     assert len(tenths) == 10
     assert all(t.wall_us > 0 and t.written_b > 0 for t in tenths)
     with sqlite3.connect(path) as conn:
@@ -64,3 +68,8 @@ def test_main_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "100 events, sequential order ids" in out
     assert len(re.findall(r"^\| \d+ \|", out, flags=re.MULTILINE)) == 10
     assert list(tmp_path.iterdir()) == []  # its scratch directory is gone
+
+
+def test_report_of_tenths_without_cpu_ticks_gives_no_ratio() -> None:
+    text = report([Tenth(0, 100, 20_000, 5_000), Tenth(0, 125, 25_000, 9_000)])
+    assert "rate 0.80, CPU per event -, bytes written per event 1.25" in text
